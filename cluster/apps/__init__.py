@@ -1,0 +1,1 @@
+"""Built-in demo apps: ``echo`` (stream and datagram echo) and ``http-hello``."""

@@ -1,0 +1,89 @@
+"""``http-hello``: a minimal HTTP/1.1 responder that honours keep-alive and pipelining.
+
+It answers every request with ``Hello, world!``. It reads raw bytes rather than going through
+``http.server`` because it is the benchmark's handler: what it measures is the cluster's own cost
+between ``accept()`` and the handler, not a request parser's.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from workers import BaseRequestHandler
+
+BODY = b"Hello, world!\n"
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n" % len(BODY)
+KEEP_ALIVE_REPLY = _HEAD + b"\r\n" + BODY
+CLOSE_REPLY = _HEAD + b"Connection: close\r\n\r\n" + BODY
+BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+MAX_HEAD = 65536
+IDLE_TIMEOUT = 5  # seconds a kept-alive connection may sit idle before we close it
+# A kernel receive timeout rather than ``settimeout``: the socket stays blocking, so each recv is
+# one system call instead of a poll plus a recv.
+_IDLE_TIMEVAL = struct.pack("ll", IDLE_TIMEOUT, 0)
+
+
+def wants_close(head: bytes) -> bool:
+    """Whether the request ends its connection: HTTP/1.0 without keep-alive, or Connection: close."""
+    first_line, _, headers = head.partition(b"\r\n")
+    lowered = headers.lower()
+    if b"connection:" in lowered:
+        for line in lowered.split(b"\r\n"):
+            if line.startswith(b"connection:"):
+                value = line[len(b"connection:") :]
+                if b"close" in value:
+                    return True
+                if b"keep-alive" in value:
+                    return False
+    return not first_line.endswith(b"HTTP/1.1")
+
+
+def body_length(head: bytes) -> int:
+    """Content-Length of the request (bodies are read and ignored), 0 when absent."""
+    lowered = head.lower()
+    at = lowered.find(b"\r\ncontent-length:")
+    if at < 0:
+        return 0
+    end = lowered.find(b"\r\n", at + 2)
+    value = lowered[at + len(b"\r\ncontent-length:") : end if end >= 0 else None]
+    return int(value.strip() or 0)
+
+
+class HelloHandler(BaseRequestHandler):
+    """Serve requests on one connection until the client closes, asks to close, or idles."""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _IDLE_TIMEVAL)
+        buffer = b""
+        try:
+            while True:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_HEAD:
+                        sock.sendall(BAD_REQUEST)
+                        return
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                    continue
+                head, buffer = buffer[:end], buffer[end + 4 :]
+                try:
+                    skip = body_length(head)
+                except ValueError:
+                    sock.sendall(BAD_REQUEST)
+                    return
+                while len(buffer) < skip:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                buffer = buffer[skip:]
+                if wants_close(head):
+                    sock.sendall(CLOSE_REPLY)
+                    return
+                sock.sendall(KEEP_ALIVE_REPLY)
+        except (BlockingIOError, TimeoutError, ConnectionError):
+            return  # idle past IDLE_TIMEOUT (EAGAIN from SO_RCVTIMEO), or the client went away

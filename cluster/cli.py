@@ -1,0 +1,106 @@
+"""``cluster``: the command line. Parses flags into a Config and runs the master.
+
+Errors the user can fix print one line and exit with the contract's code (2 usage, 3 app,
+4 bind); only a bug in us may print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import NoReturn
+
+from cluster import config as config_module
+from cluster.app import BUILTIN_APPS
+from cluster.errors import EXIT_USAGE, ClusterError
+
+LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print just the error, naming the bad value."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="cluster", description="A prefork socket-server cluster.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    run = sub.add_parser(
+        "run",
+        help="serve an app",
+        description="Bind the listeners once, prefork a pool of workers, and supervise them.",
+        argument_default=argparse.SUPPRESS,  # only flags the user gave override the config file
+    )
+    run.add_argument(
+        "app", nargs="?",
+        help=f"module:Class (a request handler class) or a built-in demo: {', '.join(BUILTIN_APPS)} "
+        "(default: echo)",
+    )  # fmt: skip
+    run.add_argument(
+        "-b", "--bind", action="append", metavar="URI",
+        help="listener, repeatable (default tcp://127.0.0.1:8000): tcp://HOST:PORT, HOST:PORT, "
+        "[IPV6]:PORT, udp://HOST:PORT, unix:PATH, unix-dgram:PATH, fd://N; "
+        "append =module:Class to serve that listener with its own handler",
+    )  # fmt: skip
+    run.add_argument(
+        "-w", "--workers", type=int, metavar="N", help="initial pool size (default: CPUs)"
+    )
+    run.add_argument("--max-workers", type=int, metavar="N",
+                     help="upper bound of the pool for scaling (default: 4 per CPU)")  # fmt: skip
+    run.add_argument("-k", "--worker-class", choices=config_module.WORKER_CLASSES,
+                     help="sync (default): handle inline; thread: bounded thread pool; "
+                     "fork: one child per request")  # fmt: skip
+    run.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="thread mode: handler threads per worker (default 8)",
+    )
+    run.add_argument("--max-children", type=int, metavar="N",
+                     help="fork mode: concurrent children per worker (default 40)")  # fmt: skip
+    run.add_argument("--backlog", type=int, metavar="N", help="listen() backlog (default 2048)")
+    run.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT on inet listeners")
+    run.add_argument("--graceful-timeout", type=float, metavar="S",
+                     help="how long a stop waits for in-flight requests (default 30)")  # fmt: skip
+    run.add_argument(
+        "--pidfile", metavar="PATH", help="write the master's pid here; removed on exit"
+    )
+    run.add_argument("--name", metavar="NAME", help="shown in process titles (default: the app)")
+    run.add_argument("--log-level", metavar="LEVEL", help="debug, info (default), warning, error")
+    run.add_argument("--preload", action="store_true",
+                     help="import the app in the master only; workers use that copy")  # fmt: skip
+    run.add_argument("--config", metavar="FILE", help="TOML file with the long flags as keys")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> config_module.Config:
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    path = flags.get("config")
+    file_values = config_module.read_toml(path) if path else {}
+    return config_module.build(file_values, flags)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        setup_logging(config.log_level)
+        from cluster.master import Master  # after validation: `--help` and bad flags stay fast
+
+        return Master(config).run()
+    except ClusterError as err:
+        print(f"cluster: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

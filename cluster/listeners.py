@@ -1,0 +1,227 @@
+"""Bind URIs: parsing them (pure) and binding them once, in the master.
+
+Grammar (DESIGN section 2)::
+
+    tcp://HOST:PORT   HOST:PORT   [IPV6]:PORT   tcp://[IPV6]:PORT
+    udp://HOST:PORT   udp://[IPV6]:PORT
+    unix:PATH         unix-dgram:PATH
+    fd://N            (a socket inherited from whoever started us)
+    ANY-OF-THE-ABOVE=module:Class     serve this listener with its own handler
+
+Every listening socket is put in non-blocking mode once, here. The flag lives on the shared open
+file description, so all workers see the same mode: they try ``accept()`` first and only wait in
+``epoll`` (with ``EPOLLEXCLUSIVE``) when nothing is queued, which avoids both the thundering herd
+and a blocking ``accept()`` that a stop signal could not interrupt without losing a connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from cluster.errors import BindError, ConfigError
+
+STREAM_KINDS = frozenset({"tcp", "unix"})
+DATAGRAM_KINDS = frozenset({"udp", "unix-dgram"})
+
+
+@dataclass(frozen=True)
+class BindSpec:
+    """One parsed ``--bind`` value; ``handler`` is the optional ``=module:Class`` suffix."""
+
+    kind: str  # "tcp" | "udp" | "unix" | "unix-dgram" | "fd"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+    handler: str | None = None
+    text: str = ""
+
+
+def parse_bind(text: str) -> BindSpec:
+    """Parse one bind URI; raise ConfigError naming ``text`` when it does not fit the grammar."""
+    raw = text.strip()
+    address, sep, handler = raw.partition("=")
+    if sep and (":" not in handler or handler.startswith(":") or handler.endswith(":")):
+        raise ConfigError(f"bad bind {text!r}: handler must be module:Class, got {handler!r}")
+    handler_or_none = handler if sep else None
+
+    def spec(**kw: object) -> BindSpec:
+        return BindSpec(handler=handler_or_none, text=raw, **kw)  # type: ignore[arg-type]
+
+    if address.startswith("unix-dgram:"):
+        return spec(kind="unix-dgram", path=_unix_path(address[len("unix-dgram:") :], text))
+    if address.startswith("unix:"):
+        return spec(kind="unix", path=_unix_path(address[len("unix:") :], text))
+    if address.startswith("fd://"):
+        number = address[len("fd://") :]
+        if not number.isdigit():
+            raise ConfigError(f"bad bind {text!r}: fd:// needs a file descriptor number")
+        return spec(kind="fd", fd=int(number))
+    kind = "tcp"
+    for scheme in ("tcp", "udp"):
+        if address.startswith(scheme + "://"):
+            kind, address = scheme, address[len(scheme) + 3 :]
+            break
+    else:
+        if "://" in address:
+            raise ConfigError(
+                f"bad bind {text!r}: unknown scheme (use tcp, udp, unix, unix-dgram, fd)"
+            )
+    host, port = _host_port(address, text)
+    return spec(kind=kind, host=host, port=port)
+
+
+def _unix_path(path: str, text: str) -> str:
+    if path.startswith("//"):  # unix:///run/x.sock
+        path = path[2:]
+    if not path:
+        raise ConfigError(f"bad bind {text!r}: empty socket path")
+    return path
+
+
+def _host_port(address: str, text: str) -> tuple[str, int]:
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ConfigError(f"bad bind {text!r}: IPv6 needs the form [ADDR]:PORT")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = address.rpartition(":")
+        if not colon or ":" in host:
+            raise ConfigError(f"bad bind {text!r}: expected HOST:PORT")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"bad bind {text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def format_uri(kind: str, address: object) -> str:
+    """The URI of a bound socket's real address, in the same grammar ``parse_bind`` reads."""
+    if kind in ("unix", "unix-dgram"):
+        path = address.decode() if isinstance(address, bytes) else str(address)
+        return f"{kind}:{path}"
+    host, port = address[0], address[1]  # type: ignore[index]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{kind}://{shown}:{port}"
+
+
+@dataclass
+class Listener:
+    """A socket the master bound (or inherited) and every worker accepts on."""
+
+    spec: BindSpec
+    sock: socket.socket
+    kind: str  # resolved: "tcp" | "udp" | "unix" | "unix-dgram"
+    owns_path: bool = False  # we created the Unix socket file, so we unlink it at exit
+
+    @property
+    def is_stream(self) -> bool:
+        return self.kind in STREAM_KINDS
+
+    @property
+    def uri(self) -> str:
+        return format_uri(self.kind, self.sock.getsockname())
+
+    def close(self, unlink: bool = True) -> None:
+        """Close our copy; remove the socket file we created unless it was replaced since."""
+        path = self.sock.getsockname() if self.kind in ("unix", "unix-dgram") else None
+        self.sock.close()
+        if unlink and self.owns_path and path:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def bind(spec: BindSpec, backlog: int = 2048, reuse_port: bool = False) -> Listener:
+    """Bind and listen per ``spec``; raise BindError naming the URI when the kernel refuses."""
+    try:
+        if spec.kind == "fd":
+            return _adopt_fd(spec)
+        if spec.kind in ("unix", "unix-dgram"):
+            return _bind_unix(spec, backlog)
+        return _bind_inet(spec, backlog, reuse_port)
+    except BindError:
+        raise
+    except OSError as err:
+        raise BindError(f"cannot bind {spec.text}: {err.strerror or err}") from None
+
+
+def _bind_inet(spec: BindSpec, backlog: int, reuse_port: bool) -> Listener:
+    sock_type = socket.SOCK_STREAM if spec.kind == "tcp" else socket.SOCK_DGRAM
+    try:
+        infos = socket.getaddrinfo(
+            spec.host or None, spec.port, socket.AF_UNSPEC, sock_type, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as err:
+        raise BindError(
+            f"cannot bind {spec.text}: cannot resolve {spec.host!r}: {err.strerror}"
+        ) from None
+    family, _, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, sock_type, proto)
+    try:
+        if spec.kind == "tcp":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        if spec.kind == "tcp":
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(spec=spec, sock=sock, kind=spec.kind)
+
+
+def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
+    sock_type = socket.SOCK_STREAM if spec.kind == "unix" else socket.SOCK_DGRAM
+    _clear_stale_unix_socket(spec, sock_type)
+    sock = socket.socket(socket.AF_UNIX, sock_type)
+    try:
+        sock.bind(spec.path)
+        if spec.kind == "unix":
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(spec=spec, sock=sock, kind=spec.kind, owns_path=True)
+
+
+def _clear_stale_unix_socket(spec: BindSpec, sock_type: int) -> None:
+    """Remove a socket file nobody listens on; refuse a live one and never touch other files."""
+    try:
+        mode = os.lstat(spec.path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise BindError(f"cannot bind {spec.text}: {spec.path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, sock_type)
+    try:
+        probe.connect(spec.path)
+    except ConnectionRefusedError:
+        os.unlink(spec.path)  # stale: left by a process that died without cleaning up
+        return
+    except OSError as err:
+        if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return
+        raise
+    finally:
+        probe.close()
+    raise BindError(f"cannot bind {spec.text}: a live server is listening on {spec.path}")
+
+
+def _adopt_fd(spec: BindSpec) -> Listener:
+    sock = socket.socket(fileno=spec.fd)
+    if sock.family == socket.AF_UNIX:
+        kind = "unix" if sock.type == socket.SOCK_STREAM else "unix-dgram"
+    else:
+        kind = "tcp" if sock.type == socket.SOCK_STREAM else "udp"
+    sock.setblocking(False)
+    return Listener(spec=spec, sock=sock, kind=kind)

@@ -1,0 +1,435 @@
+"""The master: binds the listeners once, forks the workers, and supervises them in one loop.
+
+Read ``Master.run`` top to bottom; it is the whole life of the process:
+
+    bind -> fork the pool -> loop { sleep until something happens; read what workers said;
+                                    act on queued signals; reap the dead; fix the pool size }
+         -> stop: signal the workers, wait (bounded), close listeners, exit
+
+Signal handlers do nothing but queue the signal number; ``signal.set_wakeup_fd`` writes a byte
+to our wakeup pipe, which is one of the things the loop sleeps on. The others are each worker's
+``sentinel`` (readable once that worker exits) and the notify pipe the workers write ``PID
+ready`` to. So the idle master wakes only for signals, exits, messages and its own timers.
+
+Who owns what: the master owns the listening sockets (closed at exit, Unix socket files
+unlinked), the wakeup pipe, the notify pipe's read end, and one multiprocess ``Process`` per
+worker. A worker closes every one of those it inherited except its listener copies and the
+notify pipe's write end (see ``workers.process``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import multiprocess
+
+from cluster import pool
+from cluster.app import load_handler
+from cluster.config import Config
+from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME
+from cluster.listeners import Listener, bind
+from workers.process import EXIT_BOOT_ERROR, HANDLED_SIGNALS, Endpoint, WorkerSpec
+from workers.process import run as worker_main
+
+log = logging.getLogger("cluster.master")
+
+QUICK_STOP_GRACE = 3.0  # seconds workers get to exit after QUIT before they are killed
+LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
+MAX_BOOT_FAILURES = 3  # consecutive workers dying before ready, with none ready yet: give up
+
+_fork = multiprocess.get_context("fork")
+
+
+@dataclass
+class Worker:
+    """The master's record of one worker process."""
+
+    process: multiprocess.Process
+    pid: int  # kept here: the Process object refuses to answer once closed
+    slot: int
+    generation: int
+    spawned_at: float
+    ready: bool = False
+    retiring: bool = False
+
+    def view(self) -> pool.WorkerView:
+        return pool.WorkerView(
+            self.pid, self.slot, self.generation, self.spawned_at, self.ready, self.retiring
+        )
+
+
+class Master:
+    """One master loop, used by ``cluster run`` and by the library API alike.
+
+    ``listeners`` may be given already bound (the library binds in its constructor, as
+    socketserver does); otherwise ``run`` binds ``config.bind``. ``handler`` overrides
+    ``config.app`` with a class the caller already holds.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        listeners: list[Listener] | None = None,
+        handler: type | None = None,
+        install_signals: bool = True,
+        set_title: bool = True,
+    ) -> None:
+        self.config = config
+        self.listeners = listeners or []
+        self.handler = handler
+        self.install_signals = (
+            install_signals and threading.current_thread() is threading.main_thread()
+        )
+        self.set_title = set_title
+        self.pid = os.getpid()
+        self.name = config.name or config.app
+        self.workers: dict[int, Worker] = {}
+        self.target = config.workers
+        self.generation = 1
+        self.events: collections.deque[int] = collections.deque()
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.selector.register(self.notify_r, selectors.EVENT_READ, "notify")
+        self.notify_buffer = b""
+        self.exited: list[Worker] = []  # workers whose sentinel fired, to be reaped
+        self.announced_ready = False
+        self.boot_failures = 0
+        self.stopping = False
+        self.stop_graceful = True
+        self.stop_deadline = 0.0
+        self.exit_code = EXIT_OK
+        self.started = threading.Event()  # set once listeners are bound and workers forked
+        self.stopped = threading.Event()
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> int:
+        """Serve until stopped; return the exit code (0 clean, 1 workers had to be killed)."""
+        try:
+            self.start()
+            while True:
+                self.sleep()
+                self.read_notifications()
+                self.handle_events()  # before reaping: Ctrl-C kills workers and us at once
+                self.reap_workers()
+                if self.stopping:
+                    if not self.workers:
+                        break
+                    self.enforce_stop_deadline()
+                else:
+                    self.manage_workers()
+        finally:
+            self.cleanup()
+        return self.exit_code
+
+    def start(self) -> None:
+        """Load the app (a bad one fails here, before any fork), bind, and fork the pool."""
+        self.check_app()
+        if not self.listeners:
+            self.listeners = [
+                bind(spec, self.config.backlog, self.config.reuse_port)
+                for spec in self.config.binds
+            ]
+        for listener in self.listeners:
+            log.info("listening on %s", listener.uri)
+        if self.set_title:
+            _set_title(f"cluster: master [{self.name}]")
+        self.write_pidfile()
+        if self.install_signals:
+            self.install_signal_handlers()
+        log.info(
+            "master %d starting %d %s workers", self.pid, self.target, self.config.worker_class
+        )
+        self.manage_workers()
+        self.started.set()
+
+    def sleep(self) -> None:
+        """Wait for a signal, a worker exit, a worker message, or the next timer."""
+        timeout = LOOP_TICK
+        if self.stopping:
+            timeout = max(0.0, min(timeout, self.stop_deadline - time.monotonic()))
+        for key, _ in self.selector.select(timeout):
+            if key.data == "wake":
+                _drain(self.wake_r)
+            elif isinstance(key.data, Worker):
+                self.exited.append(key.data)
+
+    # ----------------------------------------------------------------- signals and requests
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for signum in (*HANDLED_SIGNALS, signal.SIGCHLD):
+            signal.signal(signum, self.queue_signal)
+
+    def queue_signal(self, signum: int, frame: object = None) -> None:
+        """The only thing a signal handler does: remember the signal (the wakeup fd wakes us)."""
+        self.events.append(signum)
+
+    def request(self, signum: int) -> None:
+        """Ask the loop to act as on ``signum``, from any thread (the library's ``shutdown``)."""
+        self.events.append(signum)
+        try:
+            os.write(self.wake_w, b"\0")
+        except OSError:
+            pass
+
+    def handle_events(self) -> None:
+        while self.events:
+            signum = self.events.popleft()
+            if signum == signal.SIGCHLD:
+                continue  # reaping happens every turn of the loop anyway
+            log.info("received %s", signal.Signals(signum).name)
+            if signum == signal.SIGTERM:
+                self.begin_stop(graceful=not self.stopping)
+            elif signum in (signal.SIGINT, signal.SIGQUIT):
+                self.begin_stop(graceful=False)
+            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                self.scale(+1 if signum == signal.SIGTTIN else -1)
+            elif signum == signal.SIGHUP:
+                log.warning("reload (HUP) is not implemented yet; still serving")
+            elif signum == signal.SIGUSR1:
+                log.info("nothing to reopen: logs go to stderr")
+            elif signum == signal.SIGUSR2:
+                log.warning("upgrade (USR2) is not implemented yet; still serving")
+
+    def scale(self, delta: int) -> None:
+        if self.stopping:
+            return
+        self.target, refused = pool.rescale(self.target, delta, self.config.pool_bound)
+        if refused:
+            log.warning("scale %+d %s", delta, refused)
+        else:
+            log.info("pool target is now %d workers", self.target)
+
+    # ----------------------------------------------------------------- workers
+    def manage_workers(self) -> None:
+        """Fork or retire workers until the pool matches its target."""
+        views = [w.view() for w in self.workers.values()]
+        for pid in pool.to_retire(self.target, views):
+            self.retire(self.workers[pid])
+        for _ in range(pool.to_spawn(self.target, views)):
+            self.spawn()
+
+    def spawn(self) -> None:
+        slot = pool.free_slot(w.slot for w in self.workers.values() if not w.retiring)
+        spec = self.worker_spec(slot)
+        process = _fork.Process(target=worker_main, args=(spec,), name=f"worker-{slot}")
+        # Block the worker's signals across the fork: the child unblocks them once its own
+        # handlers are installed, so a TERM sent during boot is neither lost nor run by ours.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        worker = Worker(process, process.pid, slot, self.generation, time.monotonic())
+        self.workers[worker.pid] = worker
+        self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
+        log.debug("spawned worker %d (slot %d)", worker.pid, slot)
+
+    def worker_spec(self, slot: int) -> WorkerSpec:
+        config = self.config
+        endpoints = [Endpoint(lst.sock, lst.kind, lst.spec.handler) for lst in self.listeners]
+        return WorkerSpec(
+            slot=slot,
+            generation=self.generation,
+            mode=config.worker_class,
+            name=self.name,
+            master_pid=os.getpid(),
+            endpoints=endpoints,
+            load_handler=self.worker_loader(),
+            notify_fd=self.notify_w,
+            inherited_fds=self.private_fds(),
+            threads=config.threads,
+            max_children=config.max_children,
+            graceful_timeout=config.graceful_timeout,
+        )
+
+    def worker_loader(self):  # noqa: ANN201  (a closure the worker calls after the fork)
+        default_handler, fresh = self.handler, not self.config.preload
+        default_app = self.config.app
+
+        def load(app: str | None) -> type:
+            if app is None and default_handler is not None:
+                return default_handler
+            return load_handler(app or default_app, fresh=fresh)
+
+        return load
+
+    def private_fds(self) -> list[int]:
+        """The master's own fds a worker inherits and must close (see module docstring)."""
+        fds = [self.wake_r, self.wake_w, self.notify_r, self.selector.fileno()]
+        for worker in self.workers.values():
+            fds.extend(_process_fds(worker.process))
+        return fds
+
+    def retire(self, worker: Worker) -> None:
+        """Ask one worker to finish what it is doing and exit."""
+        worker.retiring = True
+        self.kill(worker, signal.SIGTERM)
+        log.info("retiring worker %d (slot %d)", worker.pid, worker.slot)
+
+    def kill(self, worker: Worker, signum: int) -> None:
+        try:
+            os.kill(worker.pid, signum)
+        except ProcessLookupError:
+            pass  # already dead; reap_workers will collect it
+
+    def read_notifications(self) -> None:
+        """Read ``PID MESSAGE`` lines the workers wrote to the notify pipe."""
+        data = _drain(self.notify_r)
+        if not data:
+            return
+        lines = (self.notify_buffer + data).split(b"\n")
+        self.notify_buffer = lines.pop()
+        for line in lines:
+            pid_text, _, message = line.partition(b" ")
+            worker = self.workers.get(int(pid_text)) if pid_text.isdigit() else None
+            if worker is not None and message == b"ready":
+                self.on_ready(worker)
+
+    def on_ready(self, worker: Worker) -> None:
+        worker.ready = True
+        self.boot_failures = 0
+        log.debug("worker %d (slot %d) ready", worker.pid, worker.slot)
+        if not self.announced_ready and sum(w.ready for w in self.workers.values()) >= self.target:
+            self.announced_ready = True
+            log.info("ready: %d workers (%s)", self.target, self.config.worker_class)
+
+    def reap_workers(self) -> None:
+        """Collect every worker that exited: by its own pid, never ``waitpid(-1)``."""
+        exited, self.exited = self.exited, []
+        for worker in exited:
+            process = worker.process
+            # The sentinel fires as the child's fds close, a moment before the kernel lets it
+            # be reaped: a blocking join here is short and never reports "still running".
+            process.join()
+            exitcode = process.exitcode
+            self.selector.unregister(process.sentinel)
+            del self.workers[worker.pid]
+            process.close()  # closes the master-side pipe ends multiprocess kept for it
+            self.on_exit(worker, exitcode)
+
+    def on_exit(self, worker: Worker, exitcode: int | None) -> None:
+        how = pool.describe_exit(exitcode)
+        if worker.retiring or self.stopping:
+            log.info("worker %d (slot %d) %s", worker.pid, worker.slot, how)
+            return
+        log.warning("worker %d (slot %d) died: %s", worker.pid, worker.slot, how)
+        if not worker.ready:
+            self.boot_failures += 1
+            if exitcode == EXIT_BOOT_ERROR or (
+                not self.announced_ready and self.boot_failures >= MAX_BOOT_FAILURES
+            ):
+                log.error("workers cannot boot (%s); stopping", how)
+                self.exit_code = EXIT_APP
+                self.begin_stop(graceful=False)
+
+    # ----------------------------------------------------------------- stopping
+    def begin_stop(self, graceful: bool) -> None:
+        """Signal every worker: TERM lets in-flight requests finish, QUIT ends them now."""
+        if self.stopping and not self.stop_graceful:
+            return  # a quick stop is already under way
+        self.stopping, self.stop_graceful = True, graceful
+        grace = self.config.graceful_timeout if graceful else QUICK_STOP_GRACE
+        self.stop_deadline = time.monotonic() + grace
+        log.info("%s stop: %d workers, up to %.1fs", "graceful" if graceful else "quick",
+                 len(self.workers), grace)  # fmt: skip
+        for worker in self.workers.values():
+            self.kill(worker, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def enforce_stop_deadline(self) -> None:
+        if time.monotonic() < self.stop_deadline:
+            return
+        pids = sorted(self.workers)
+        log.error("stop timed out: killing workers %s", ", ".join(map(str, pids)))
+        for worker in self.workers.values():
+            self.kill(worker, signal.SIGKILL)
+        if self.stop_graceful and self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_RUNTIME
+        self.stop_deadline = float("inf")  # the kills are sent; now just reap them
+
+    def cleanup(self) -> None:
+        """Whatever happened, leave nothing behind: no worker, no fd, no socket file, no pidfile."""
+        for worker in self.workers.values():
+            self.kill(worker, signal.SIGKILL)
+            worker.process.join()
+        self.workers.clear()
+        if self.install_signals:
+            signal.set_wakeup_fd(-1)
+            for signum in (*HANDLED_SIGNALS, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+        for listener in self.listeners:
+            listener.close()
+        self.selector.close()
+        for fd in (self.wake_r, self.wake_w, self.notify_r, self.notify_w):
+            os.close(fd)
+        self.remove_pidfile()
+        log.info("master %d exiting (code %d)", self.pid, self.exit_code)
+        self.stopped.set()
+
+    # ----------------------------------------------------------------- app and pidfile
+    def check_app(self) -> None:
+        """Import every handler once in the master so that a bad app exits 3 before any fork."""
+        if self.handler is None:
+            load_handler(self.config.app, fresh=True)
+        for spec in (
+            self.config.binds if not self.listeners else [lst.spec for lst in self.listeners]
+        ):
+            if spec.handler:
+                load_handler(spec.handler, fresh=True)
+
+    def write_pidfile(self) -> None:
+        path = self.config.pidfile
+        if path:
+            tmp = f"{path}.{self.pid}.tmp"
+            with open(tmp, "w") as fh:
+                fh.write(f"{self.pid}\n")
+            os.replace(tmp, path)  # readers never see a half-written pidfile
+
+    def remove_pidfile(self) -> None:
+        path = self.config.pidfile
+        if not path:
+            return
+        try:
+            with open(path) as fh:
+                if fh.read().strip() != str(self.pid):
+                    return  # another master's now
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _drain(fd: int) -> bytes:
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    return b"".join(chunks)
+
+
+def _process_fds(process: multiprocess.Process) -> list[int]:
+    """The master-side pipe ends multiprocess keeps for a worker (its sentinel and the pipe the
+    child watches for the parent's death); a sibling forked later inherits and closes them."""
+    fds = [process.sentinel]
+    finalizer = getattr(getattr(process, "_popen", None), "finalizer", None)
+    args = getattr(finalizer, "_args", ())  # multiprocess: Finalize(close_fds, (r, w))
+    fds.extend(fd for fd in args if isinstance(fd, int) and fd not in fds)
+    return fds
+
+
+def _set_title(title: str) -> None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)

@@ -1,0 +1,66 @@
+"""Handlers the integration tests serve. Each makes one behaviour observable from a client."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socketserver
+
+from workers import BaseRequestHandler, StreamRequestHandler
+
+
+class Gate(StreamRequestHandler):
+    """Says ``started PID``, waits for the client's ``finish`` line, then says ``done PID``.
+
+    A slow request whose length the test controls exactly: no sleeps on either side.
+    """
+
+    def handle(self) -> None:
+        self.wfile.write(b"started %d\n" % os.getpid())
+        line = self.rfile.readline()
+        if line.strip() == b"finish":
+            self.wfile.write(b"done %d\n" % os.getpid())
+
+
+class Boom(StreamRequestHandler):
+    """Raises on ``boom``, echoes the line otherwise."""
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        if line.strip() == b"boom":
+            raise RuntimeError("boom requested by the client")
+        self.wfile.write(line)
+
+
+class Pid(BaseRequestHandler):
+    """Replies with the pid of the process that served the request (stream or datagram)."""
+
+    def handle(self) -> None:
+        reply = b"%d\n" % os.getpid()
+        if isinstance(self.request, tuple):
+            self.request[1].sendto(reply, self.client_address)
+        else:
+            self.request.sendall(reply)
+
+
+class StdlibUpper(socketserver.StreamRequestHandler):
+    """Written against the stdlib's socketserver, never against ours."""
+
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.readline().upper())
+
+
+class StdlibHTTP(http.server.BaseHTTPRequestHandler):
+    """A plain http.server handler."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = f"path={self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass

@@ -1,0 +1,200 @@
+"""Shared fixtures: a real cluster master on port 0, clients for each transport, and teardown
+that ends every process a test started, by pid, whether the test passed or not."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import alive, descendants, kill_all, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = ROOT / "tests" / "apps"
+
+
+def cluster_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Cluster:
+    """A ``python -m cluster run`` subprocess whose stderr is read continuously into ``lines``."""
+
+    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+        self.args = [sys.executable, "-m", "cluster", "run", *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=cwd or ROOT,
+            env=cluster_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self.seen_pids: set[int] = set()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_log(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            for line in list(self.lines):
+                if match := regex.search(line):
+                    return match
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(
+                    f"cluster exited {self.proc.returncode} before {pattern!r}:\n{self.log}"
+                )
+            return None
+
+        try:
+            return wait_for(found, timeout, f"log line {pattern!r}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n--- log ---\n{self.log}") from None
+
+    def wait_ready(self, timeout: float = 20.0) -> Cluster:
+        self.wait_log(r"ready: \d+ workers", timeout)
+        return self
+
+    @property
+    def uris(self) -> list[str]:
+        return [m.group(1) for line in self.lines if (m := re.search(r"listening on (\S+)", line))]
+
+    def address(self, kind: str = "tcp") -> tuple[str, int] | str:
+        for uri in self.uris:
+            scheme, _, rest = uri.partition(":")
+            if scheme == kind:
+                if kind in ("unix", "unix-dgram"):
+                    return rest
+                host, _, port = rest[2:].rpartition(":")
+                return host.strip("[]"), int(port)
+        raise AssertionError(f"no {kind} listener in {self.uris}")
+
+    def workers(self) -> list[int]:
+        pids = descendants(self.pid)
+        self.seen_pids.update(pids)
+        return pids
+
+    def signal(self, signum: int) -> None:
+        self.seen_pids.update(descendants(self.pid))
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"cluster did not exit within {timeout}s:\n{self.log}") from None
+
+    def end(self) -> None:
+        """Teardown: kill the master and everything below it, then wait until all are gone."""
+        pids = set(descendants(self.pid)) | self.seen_pids
+        kill_all([self.pid, *pids])
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reader.join(5)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def start_cluster(tmp_path: Path) -> Iterator:
+    """``start_cluster(args...)`` starts a master (not yet waited for); all are ended at teardown."""
+    started: list[Cluster] = []
+
+    def start(*args: str, wait: bool = True, cwd: Path | None = None) -> Cluster:
+        cluster = Cluster(list(args), cwd=cwd)
+        started.append(cluster)
+        if wait:
+            cluster.wait_ready()
+            cluster.workers()
+        return cluster
+
+    yield start
+    for cluster in started:
+        cluster.end()
+
+
+# ------------------------------------------------------------------------- clients
+def tcp_connect(address: tuple[str, int], timeout: float = 10.0) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(address)
+    return sock
+
+
+def unix_connect(path: str, timeout: float = 10.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    return sock
+
+
+def stream_roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload``, half-close, and read until the server closes."""
+    with sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def udp_roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 5.0) -> bytes:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(payload, address)
+        return sock.recvfrom(65536)[0]
+
+
+def unix_dgram_roundtrip(
+    path: str, payload: bytes, client_path: str, timeout: float = 5.0
+) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(client_path)
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(payload, path)
+            return sock.recvfrom(65536)[0]
+        finally:
+            os.unlink(client_path)
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data

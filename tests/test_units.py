@@ -1,0 +1,152 @@
+"""Pure functions: bind URI parsing, config validation and files, pool decisions, http-hello parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import pool
+from cluster.apps.http_hello import body_length, wants_close
+from cluster.config import Config, build, read_toml, validate
+from cluster.errors import ConfigError
+from cluster.listeners import BindSpec, format_uri, parse_bind
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tcp://127.0.0.1:8000", BindSpec("tcp", host="127.0.0.1", port=8000)),
+        ("127.0.0.1:0", BindSpec("tcp", host="127.0.0.1", port=0)),
+        ("[::1]:8080", BindSpec("tcp", host="::1", port=8080)),
+        ("tcp://[::1]:80", BindSpec("tcp", host="::1", port=80)),
+        ("udp://127.0.0.1:53", BindSpec("udp", host="127.0.0.1", port=53)),
+        ("udp://[::1]:0", BindSpec("udp", host="::1", port=0)),
+        ("unix:/run/x.sock", BindSpec("unix", path="/run/x.sock")),
+        ("unix:///run/x.sock", BindSpec("unix", path="/run/x.sock")),
+        ("unix:rel/x.sock", BindSpec("unix", path="rel/x.sock")),
+        ("unix-dgram:/run/d.sock", BindSpec("unix-dgram", path="/run/d.sock")),
+        ("fd://3", BindSpec("fd", fd=3)),
+        (
+            "tcp://127.0.0.1:0=pkg.mod:Handler",
+            BindSpec("tcp", host="127.0.0.1", port=0, handler="pkg.mod:Handler"),
+        ),
+        ("[::1]:0=m:H", BindSpec("tcp", host="::1", port=0, handler="m:H")),
+    ],
+)
+def test_parse_bind_accepts_the_grammar(text: str, expected: BindSpec) -> None:
+    parsed = parse_bind(text)
+    assert (parsed.kind, parsed.host, parsed.port, parsed.path, parsed.fd, parsed.handler) == (
+        expected.kind, expected.host, expected.port, expected.path, expected.fd, expected.handler,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["nonsense", "tcp://127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", "ftp://a:1", "::1:80",
+     "[::1]80", "unix:", "fd://x", "127.0.0.1:0=nocolon", "127.0.0.1:0=:Cls"],
+)  # fmt: skip
+def test_parse_bind_rejects_bad_uris_naming_them(text: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_bind(text)
+    assert repr(text) in str(err.value)
+
+
+def test_format_uri_round_trips() -> None:
+    assert format_uri("tcp", ("127.0.0.1", 5)) == "tcp://127.0.0.1:5"
+    assert format_uri("udp", ("::1", 5, 0, 0)) == "udp://[::1]:5"
+    assert format_uri("unix", "/tmp/a") == "unix:/tmp/a"
+    assert parse_bind(format_uri("tcp", ("::1", 7, 0, 0))).port == 7
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [("workers", 0, "--workers"), ("worker_class", "gevent", "gevent"), ("threads", 0, "--threads"),
+     ("max_children", 0, "--max-children"), ("backlog", 0, "--backlog"), ("graceful_timeout", -1, "-1"),
+     ("log_level", "loud", "loud"), ("bind", ["bad"], "'bad'"), ("bind", [], "--bind")],
+)  # fmt: skip
+def test_validate_names_the_bad_value(field: str, value: object, needle: str) -> None:
+    config = Config(workers=2)
+    setattr(config, field, value)
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    assert needle in str(err.value)
+
+
+def test_max_workers_below_workers_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--max-workers 1"):
+        validate(Config(workers=2, max_workers=1))
+
+
+def test_config_file_then_flags(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('workers = 3\nbind = "tcp://127.0.0.1:0"\ngraceful-timeout = 5\n')
+    config = build(read_toml(str(path)), {"workers": 5})
+    assert (config.workers, config.bind, config.graceful_timeout) == (5, ["tcp://127.0.0.1:0"], 5)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("workers = ", "bad config file"),
+        ("colour = 1", "'colour'"),
+        ("workers = 'many'", "workers"),
+    ],
+)
+def test_bad_config_file(tmp_path, text: str, needle: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        build(read_toml(str(path)), {})
+
+
+def test_missing_config_file_is_named(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="nope.toml"):
+        read_toml(str(tmp_path / "nope.toml"))
+
+
+def view(pid: int, ready: bool = True, retiring: bool = False, at: float = 0.0, slot: int = 0):
+    return pool.WorkerView(pid, slot, 1, at, ready, retiring)
+
+
+def test_to_spawn_counts_only_active_workers() -> None:
+    assert pool.to_spawn(3, [view(1), view(2, retiring=True)]) == 2
+    assert pool.to_spawn(1, [view(1), view(2)]) == 0
+
+
+def test_to_retire_prefers_booting_then_youngest() -> None:
+    workers = [view(1, at=1.0), view(2, at=3.0), view(3, ready=False, at=0.5), view(4, at=2.0)]
+    assert pool.to_retire(2, workers) == [3, 2]
+    assert pool.to_retire(4, workers) == []
+    assert pool.to_retire(1, [view(1), view(2, retiring=True)]) == []
+
+
+def test_free_slot_reuses_the_lowest() -> None:
+    assert pool.free_slot([]) == 0
+    assert pool.free_slot([0, 1, 3]) == 2
+
+
+def test_rescale_stays_within_bounds() -> None:
+    assert pool.rescale(2, +1, 4) == (3, None)
+    assert pool.rescale(4, +1, 4)[0] == 4 and "max-workers 4" in pool.rescale(4, +1, 4)[1]
+    assert pool.rescale(1, -1, 4)[0] == 1 and "below 1" in pool.rescale(1, -1, 4)[1]
+
+
+def test_describe_exit() -> None:
+    assert pool.describe_exit(0) == "exited with code 0"
+    assert pool.describe_exit(-9) == "killed by SIGKILL"
+    assert pool.describe_exit(3) == "exited with code 3"
+
+
+@pytest.mark.parametrize(
+    ("head", "close"),
+    [(b"GET / HTTP/1.1\r\nHost: x", False), (b"GET / HTTP/1.1\r\nConnection: close", True),
+     (b"GET / HTTP/1.0\r\nHost: x", True), (b"GET / HTTP/1.0\r\nConnection: Keep-Alive", False)],
+)  # fmt: skip
+def test_http_hello_keep_alive_rules(head: bytes, close: bool) -> None:
+    assert wants_close(head) is close
+
+
+def test_http_hello_body_length() -> None:
+    assert body_length(b"POST / HTTP/1.1\r\nContent-Length: 12") == 12
+    assert body_length(b"GET / HTTP/1.1\r\nHost: x") == 0

@@ -1,0 +1,191 @@
+"""The worker process: what runs between the master's fork and the accept loop, and after it.
+
+A worker owns very little: its copies of the listening sockets, the write end of the master's
+notify pipe, and a wakeup pipe of its own. Everything else it inherited from the master (the
+master's wakeup pipe, the pipes multiprocess keeps for the siblings) is closed first thing, so
+that no fd outlives its owner's intent.
+
+Signals (the master is the only sender that matters):
+
+    TERM        graceful: finish the request at hand, serve what is queued, exit 0
+    INT, QUIT   quick: exit now
+    HUP, TTIN, TTOU, USR1, USR2, WINCH   ignored here: they are the master's, and a signal sent
+                to the whole process group (Ctrl-\\ aside) must not kill workers
+
+The master blocks these signals around the fork and the worker unblocks them only once its own
+handlers are in place, so a TERM sent during boot is never lost nor handled by the master's code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from workers.servers import (
+    BaseServer,
+    TCPServer,
+    UDPServer,
+    UnixDatagramServer,
+    UnixStreamServer,
+)
+
+log = logging.getLogger("cluster.worker")
+
+EXIT_BOOT_ERROR = 3  # the master treats this exit code as "the app cannot boot"
+PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the master still lives
+HANDLED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+    signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH,
+)  # fmt: skip
+_PR_SET_PDEATHSIG = 1
+
+SERVER_CLASSES: dict[str, type[BaseServer]] = {
+    "tcp": TCPServer,
+    "udp": UDPServer,
+    "unix": UnixStreamServer,
+    "unix-dgram": UnixDatagramServer,
+}
+
+
+@dataclass
+class Endpoint:
+    """A listening socket as the worker sees it: the socket, its kind, and its own handler."""
+
+    sock: socket.socket
+    kind: str  # "tcp" | "udp" | "unix" | "unix-dgram"
+    app: str | None = None  # per-listener ``module:Class``; None serves the default app
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, built by the master before the fork (nothing is pickled)."""
+
+    slot: int
+    generation: int
+    mode: str
+    name: str
+    master_pid: int
+    endpoints: list[Endpoint]
+    load_handler: Callable[[str | None], type]  # app spec (None: default) -> handler class
+    notify_fd: int  # write end of the master's notify pipe
+    inherited_fds: list[int] = field(default_factory=list)  # the master's, closed at boot
+    threads: int = 8
+    max_children: int = 40
+    graceful_timeout: float = 30.0
+
+
+class Lifecycle:
+    """What the signal handlers set and the loop reads: a flag and a wakeup pipe, nothing more."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def request_stop(self, signum: int, frame: object) -> None:
+        self.running = False
+
+    def quick_stop(self, signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def make_server(endpoint: Endpoint, handler: type) -> BaseServer:
+    """A socketserver-style server object wrapped around an already bound, shared socket.
+
+    Handlers receive it as ``self.server``, exactly as under the stdlib, so code that reads
+    ``server.server_address`` (or ``server_name``, as http.server does) keeps working.
+    """
+    server_class = SERVER_CLASSES[endpoint.kind]
+    server = server_class(endpoint.sock.getsockname(), handler, bind_and_activate=False)
+    server.socket.close()  # the placeholder the constructor made; we serve the shared one
+    server.socket = endpoint.sock
+    server.server_address = endpoint.sock.getsockname()
+    if endpoint.kind == "tcp":
+        server.server_name, server.server_port = server.server_address[:2]
+    return server
+
+
+def set_parent_death_signal(master_pid: int) -> None:
+    """Have the kernel TERM us if the master dies; exit now if it already has (the fork race)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the loop's parent check still covers us
+        pass
+    if os.getppid() != master_pid:
+        os._exit(0)
+
+
+def master_alive(master_pid: int) -> bool:
+    return os.getppid() == master_pid
+
+
+def run(spec: WorkerSpec) -> None:
+    """The worker's life: boot, tell the master we're ready, serve, exit. Target of the Process."""
+    from workers import modes  # late: modes import this module
+
+    lifecycle = boot(spec)
+    try:
+        servers = [make_server(ep, spec.load_handler(ep.app)) for ep in spec.endpoints]
+    except Exception as err:  # an app that fails to import in the worker: a boot error
+        log.error("worker %d cannot load the app: %s", os.getpid(), err)
+        sys.exit(EXIT_BOOT_ERROR)
+    serve = modes.get(spec.mode)
+    try:
+        serve(servers, lifecycle, spec, lambda: notify(spec.notify_fd, b"ready"))
+    finally:
+        for server in servers:
+            server.server_close()
+
+
+def boot(spec: WorkerSpec) -> Lifecycle:
+    """Undo what the worker inherited from the master and set up its own signals."""
+    for fd in spec.inherited_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    lifecycle = Lifecycle()
+    signal.set_wakeup_fd(lifecycle.wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lifecycle.request_stop)
+    signal.signal(signal.SIGINT, lifecycle.quick_stop)
+    signal.signal(signal.SIGQUIT, lifecycle.quick_stop)
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                   signal.SIGTTOU, signal.SIGWINCH):  # fmt: skip
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+    set_parent_death_signal(spec.master_pid)
+    random.seed()  # each worker its own jitter, not the master's sequence
+    _set_title(spec)
+    return lifecycle
+
+
+def _set_title(spec: WorkerSpec) -> None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:  # a dependency, but titles are cosmetic: never fail a worker for them
+        return
+    name = f" [{spec.name}]" if spec.name else ""
+    setproctitle(f"cluster: worker{name} {spec.mode} slot={spec.slot} gen={spec.generation}")
+
+
+def notify(fd: int, message: bytes) -> None:
+    """One line to the master: ``PID MESSAGE``; shorter than PIPE_BUF, so the write is atomic."""
+    try:
+        os.write(fd, b"%d %s\n" % (os.getpid(), message))
+    except OSError:
+        pass  # the master is gone; the parent check ends us soon
