@@ -116,6 +116,8 @@ class Listener:
     sock: socket.socket
     kind: str  # resolved: "tcp" | "udp" | "unix" | "unix-dgram"
     owns_path: bool = False  # we created the Unix socket file, so we unlink it at exit
+    owns_socket: bool = True  # False: the library API's caller closes it (server_close)
+    server: object = None  # the library API's server object, handed to workers as is
 
     @property
     def is_stream(self) -> bool:
@@ -127,6 +129,8 @@ class Listener:
 
     def close(self, unlink: bool = True) -> None:
         """Close our copy; remove the socket file we created unless it was replaced since."""
+        if not self.owns_socket:
+            return
         path = self.sock.getsockname() if self.kind in ("unix", "unix-dgram") else None
         self.sock.close()
         if unlink and self.owns_path and path:
@@ -217,11 +221,14 @@ def _clear_stale_unix_socket(spec: BindSpec, sock_type: int) -> None:
     raise BindError(f"cannot bind {spec.text}: a live server is listening on {spec.path}")
 
 
+def socket_kind(sock: socket.socket) -> str:
+    """The listener kind of an already bound socket, from its family and type."""
+    if sock.family == socket.AF_UNIX:
+        return "unix" if sock.type == socket.SOCK_STREAM else "unix-dgram"
+    return "tcp" if sock.type == socket.SOCK_STREAM else "udp"
+
+
 def _adopt_fd(spec: BindSpec) -> Listener:
     sock = socket.socket(fileno=spec.fd)
-    if sock.family == socket.AF_UNIX:
-        kind = "unix" if sock.type == socket.SOCK_STREAM else "unix-dgram"
-    else:
-        kind = "tcp" if sock.type == socket.SOCK_STREAM else "udp"
     sock.setblocking(False)
-    return Listener(spec=spec, sock=sock, kind=kind)
+    return Listener(spec=spec, sock=sock, kind=socket_kind(sock))

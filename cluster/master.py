@@ -108,7 +108,7 @@ class Master:
         self.stop_graceful = True
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
-        self.started = threading.Event()  # set once listeners are bound and workers forked
+        self.ready = threading.Event()  # set once the first generation is serving
         self.stopped = threading.Event()
 
     # ----------------------------------------------------------------- the loop
@@ -150,7 +150,6 @@ class Master:
             "master %d starting %d %s workers", self.pid, self.target, self.config.worker_class
         )
         self.manage_workers()
-        self.started.set()
 
     def sleep(self) -> None:
         """Wait for a signal, a worker exit, a worker message, or the next timer."""
@@ -236,7 +235,9 @@ class Master:
 
     def worker_spec(self, slot: int) -> WorkerSpec:
         config = self.config
-        endpoints = [Endpoint(lst.sock, lst.kind, lst.spec.handler) for lst in self.listeners]
+        endpoints = [
+            Endpoint(lst.sock, lst.kind, lst.spec.handler, lst.server) for lst in self.listeners
+        ]
         return WorkerSpec(
             slot=slot,
             generation=self.generation,
@@ -302,6 +303,7 @@ class Master:
         if not self.announced_ready and sum(w.ready for w in self.workers.values()) >= self.target:
             self.announced_ready = True
             log.info("ready: %d workers (%s)", self.target, self.config.worker_class)
+            self.ready.set()
 
     def reap_workers(self) -> None:
         """Collect every worker that exited: by its own pid, never ``waitpid(-1)``."""

@@ -15,9 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import alive, descendants, kill_all, wait_for
+from tests.procs import (
+    alive,
+    become_subreaper,
+    children,
+    descendants,
+    kill_all,
+    reap_if_ours,
+    state,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
+become_subreaper()
 APPS = ROOT / "tests" / "apps"
 
 
@@ -122,6 +132,18 @@ class Cluster:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.02)
+        for pid in pids:  # orphans reparented to us (we are their subreaper)
+            reap_if_ours(pid)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reap_adopted_orphans() -> Iterator[None]:
+    """At the end, collect orphans reparented to us that no test collected (we are their
+    subreaper: left alone they would linger as zombies until this process exits)."""
+    yield
+    for pid in children(os.getpid()):
+        if state(pid) == "Z":
+            reap_if_ours(pid)
 
 
 @pytest.fixture

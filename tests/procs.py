@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
@@ -75,3 +76,32 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphans of the processes we start get reparented to us rather than to PID 1.
+
+    Some sandboxes run an init that never reaps: there an orphaned fork-mode child would stay
+    a zombie for good. As their subreaper, the tests reap them (``reap_orphans``).
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reap_if_ours(pid: int) -> None:
+    """Collect ``pid`` if it was reparented to us and has exited; never touch other pids."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def gone(pid: int) -> bool:
+    """Exited and reaped (by its parent, or by us as the subreaper of orphans)."""
+    reap_if_ours(pid)
+    return state(pid) is None

@@ -28,13 +28,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workers.servers import (
-    BaseServer,
-    TCPServer,
-    UDPServer,
-    UnixDatagramServer,
-    UnixStreamServer,
-)
+from workers.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 
 log = logging.getLogger("cluster.worker")
 
@@ -61,6 +55,7 @@ class Endpoint:
     sock: socket.socket
     kind: str  # "tcp" | "udp" | "unix" | "unix-dgram"
     app: str | None = None  # per-listener ``module:Class``; None serves the default app
+    server: BaseServer | None = None  # the library API's own server object, reused as is
 
 
 @dataclass
@@ -82,17 +77,23 @@ class WorkerSpec:
 
 
 class Lifecycle:
-    """What the signal handlers set and the loop reads: a flag and a wakeup pipe, nothing more."""
+    """What the signal handlers set and the loop reads: flags and a wakeup pipe, nothing more."""
 
     def __init__(self) -> None:
         self.running = True
+        self.quick = False  # a quick stop is under way: do not wait for anything on the way out
+        self.children_exited = True  # fork mode: a SIGCHLD came since we last reaped
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def request_stop(self, signum: int, frame: object) -> None:
         self.running = False
 
     def quick_stop(self, signum: int, frame: object) -> None:
+        self.running, self.quick = False, True
         raise SystemExit(0)
+
+    def child_exited(self, signum: int, frame: object) -> None:
+        self.children_exited = True
 
     def drain_wakeups(self) -> None:
         try:
@@ -102,13 +103,24 @@ class Lifecycle:
             pass
 
 
-def make_server(endpoint: Endpoint, handler: type) -> BaseServer:
+def make_server(endpoint: Endpoint, handler: type, mixin: type | None = None) -> BaseServer:
     """A socketserver-style server object wrapped around an already bound, shared socket.
 
     Handlers receive it as ``self.server``, exactly as under the stdlib, so code that reads
     ``server.server_address`` (or ``server_name``, as http.server does) keeps working.
     """
+    if endpoint.server is not None:
+        # The library API: the user's own server object (a PreforkTCPServer subclass, say),
+        # forked along with us, so that its overrides and attributes reach the handlers.
+        server = endpoint.server
+        if mixin is not None:
+            server.__class__ = type(
+                f"{mixin.__name__}{type(server).__name__}", (mixin, type(server)), {}
+            )
+        return server
     server_class = SERVER_CLASSES[endpoint.kind]
+    if mixin is not None:
+        server_class = type(f"{mixin.__name__}{server_class.__name__}", (mixin, server_class), {})
     server = server_class(endpoint.sock.getsockname(), handler, bind_and_activate=False)
     server.socket.close()  # the placeholder the constructor made; we serve the shared one
     server.socket = endpoint.sock
@@ -118,14 +130,18 @@ def make_server(endpoint: Endpoint, handler: type) -> BaseServer:
     return server
 
 
-def set_parent_death_signal(master_pid: int) -> None:
-    """Have the kernel TERM us if the master dies; exit now if it already has (the fork race)."""
+def set_parent_death_signal(signum: int, parent_pid: int) -> None:
+    """Have the kernel send ``signum`` when our parent dies; exit now if it already has.
+
+    The check after ``prctl`` closes the race where the parent died between our fork and the
+    call: the kernel would then never send the signal.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the loop's parent check still covers us
         pass
-    if os.getppid() != master_pid:
+    if os.getppid() != parent_pid:
         os._exit(0)
 
 
@@ -139,16 +155,17 @@ def run(spec: WorkerSpec) -> None:
 
     lifecycle = boot(spec)
     try:
-        servers = [make_server(ep, spec.load_handler(ep.app)) for ep in spec.endpoints]
+        handlers = [spec.load_handler(ep.app) for ep in spec.endpoints]
     except Exception as err:  # an app that fails to import in the worker: a boot error
         log.error("worker %d cannot load the app: %s", os.getpid(), err)
         sys.exit(EXIT_BOOT_ERROR)
     serve = modes.get(spec.mode)
-    try:
-        serve(servers, lifecycle, spec, lambda: notify(spec.notify_fd, b"ready"))
-    finally:
-        for server in servers:
-            server.server_close()
+    serve(
+        list(zip(spec.endpoints, handlers, strict=True)),
+        lifecycle,
+        spec,
+        lambda: notify(spec.notify_fd, b"ready"),
+    )
 
 
 def boot(spec: WorkerSpec) -> Lifecycle:
@@ -166,21 +183,22 @@ def boot(spec: WorkerSpec) -> Lifecycle:
     for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
                    signal.SIGTTOU, signal.SIGWINCH):  # fmt: skip
         signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, lifecycle.child_exited)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-    set_parent_death_signal(spec.master_pid)
+    set_parent_death_signal(signal.SIGQUIT, spec.master_pid)  # master gone: a quick stop
     random.seed()  # each worker its own jitter, not the master's sequence
-    _set_title(spec)
+    name = f" [{spec.name}]" if spec.name else ""
+    set_title(f"cluster: worker{name} {spec.mode} slot={spec.slot} gen={spec.generation}")
     return lifecycle
 
 
-def _set_title(spec: WorkerSpec) -> None:
+def set_title(title: str) -> None:
+    """Set the process title; titles are cosmetic, so a missing setproctitle never fails us."""
     try:
         from setproctitle import setproctitle
-    except ImportError:  # a dependency, but titles are cosmetic: never fail a worker for them
+    except ImportError:
         return
-    name = f" [{spec.name}]" if spec.name else ""
-    setproctitle(f"cluster: worker{name} {spec.mode} slot={spec.slot} gen={spec.generation}")
+    setproctitle(title)
 
 
 def notify(fd: int, message: bytes) -> None:

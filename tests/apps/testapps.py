@@ -64,3 +64,15 @@ class StdlibHTTP(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+class Exit(StreamRequestHandler):
+    """Calls ``sys.exit()`` on ``exit``, echoes the line otherwise."""
+
+    def handle(self) -> None:
+        import sys
+
+        line = self.rfile.readline()
+        if line.strip() == b"exit":
+            sys.exit(7)
+        self.wfile.write(line)

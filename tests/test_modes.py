@@ -1,0 +1,243 @@
+"""Thread and fork modes: their bounds, reaping, errors and stops; and the library API."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.apps.testapps import Gate, Pid
+from tests.conftest import read_line, stream_roundtrip, tcp_connect
+from tests.procs import alive, children, descendants, gone, kill_all, state, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def accept_queue_length(port: int) -> int:
+    """Connections the kernel holds in the accept queue of our listener on 127.0.0.1:``port``."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        local, st, queues = fields[1], fields[3], fields[4]
+        if st == "0A" and local == f"0100007F:{port:04X}":
+            return int(queues.split(":")[1], 16)
+    raise AssertionError(f"no listener on port {port}")
+
+
+def started_pid(sock: socket.socket) -> int:
+    line = read_line(sock)
+    assert line.startswith(b"started"), line
+    return int(line.split()[1])
+
+
+def finish(sock: socket.socket) -> None:
+    sock.sendall(b"finish\n")
+    assert read_line(sock).startswith(b"done")
+
+
+# ------------------------------------------------------------------------------- thread mode
+def test_thread_mode_never_accepts_past_its_threads(start_cluster) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-k", "thread", "--threads", "2",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    address = cluster.address()
+    first, second = tcp_connect(address), tcp_connect(address)
+    assert started_pid(first) == started_pid(second)  # both run, in the one worker
+    third = tcp_connect(address)
+    # The third connection stays in the kernel's queue: the full worker did not accept it...
+    wait_for(lambda: accept_queue_length(address[1]) == 1, 5, "the 3rd connection queued")
+    readable, _, _ = select.select([third], [], [], 0.3)
+    assert not readable  # ...and no handler started for it
+    assert accept_queue_length(address[1]) == 1
+    finish(first)  # a thread frees: now, and only now, the third is accepted and handled
+    started_pid(third)
+    assert accept_queue_length(address[1]) == 0
+    for sock in (second, third):
+        finish(sock)
+        sock.close()
+    first.close()
+
+
+def test_thread_mode_leaves_the_third_to_another_worker(start_cluster) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "2", "-k", "thread", "--threads", "2",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    address = cluster.address()
+    socks = [tcp_connect(address) for _ in range(4)]
+    pids = [started_pid(sock) for sock in socks]
+    # 4 concurrent requests over 2 workers of 2 threads: each worker took exactly 2.
+    assert sorted(pids.count(pid) for pid in set(pids)) == [2, 2]
+    for sock in socks:
+        finish(sock)
+        sock.close()
+
+
+# ------------------------------------------------------------------------------- fork mode
+def test_fork_mode_bounds_children_per_worker(start_cluster) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "2", "-k", "fork", "--max-children", "3",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    workers = cluster.workers()
+    most = {pid: 0 for pid in workers}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for pid in workers:
+                most[pid] = max(most[pid], len(children(pid)))
+            time.sleep(0.001)  # the sampling period, not a wait for an event
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        socks = [tcp_connect(cluster.address()) for _ in range(10)]
+        pending = set(socks)
+        finished = 0
+        while pending:
+            readable, _, _ = select.select(list(pending), [], [], 10)
+            assert readable, "no request started within 10 s"
+            for sock in readable:
+                started_pid(sock)
+                finish(sock)
+                sock.close()
+                pending.discard(sock)
+                finished += 1
+    finally:
+        done.set()
+        sampler.join()
+    assert finished == 10
+    assert max(most.values()) <= 3, most
+    assert max(most.values()) >= 2, most  # the sampler did see concurrent children
+
+
+def test_fork_mode_leaves_no_zombie_after_1000_requests(start_cluster) -> None:
+    cluster = start_cluster("echo", "-w", "2", "-k", "fork", "-b", "127.0.0.1:0")
+    workers = cluster.workers()
+    address = cluster.address()
+    for n in range(1000):
+        payload = b"%d" % n
+        assert stream_roundtrip(tcp_connect(address), payload) == payload
+    wait_for(lambda: all(not children(pid) for pid in workers), 10, "every child reaped")
+    assert all(state(pid) != "Z" for pid in descendants(cluster.pid))
+    assert sorted(children(cluster.pid)) == sorted(workers)
+
+
+def test_fork_child_error_is_logged_and_the_next_request_served(start_cluster) -> None:
+    cluster = start_cluster("testapps:Boom", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0")
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"boom\n") == b""
+    cluster.wait_log("RuntimeError: boom requested by the client")
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"next\n") == b"next\n"
+
+
+def test_sys_exit_in_a_fork_child_ends_only_that_child(start_cluster) -> None:
+    cluster = start_cluster("testapps:Exit", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0")
+    (worker,) = cluster.workers()
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"exit\n") == b""
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"alive\n") == b"alive\n"
+    assert children(cluster.pid) == [worker] and alive(worker)
+    assert "died" not in cluster.log
+
+
+def test_killed_fork_worker_takes_its_children_with_it(start_cluster) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0")
+    with tcp_connect(cluster.address()) as sock:
+        child = started_pid(sock)
+        (worker,) = cluster.workers()[:1]
+        assert child in children(worker)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: gone(child), 5, "the orphaned request child to die")
+
+
+# ------------------------------------------------------------------------------- library API
+@pytest.fixture
+def served():
+    """Run a library server in a thread of this process; end its workers by pid at teardown."""
+    started: list = []
+
+    def serve(server):
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        started.append((server, thread))
+        assert server.wait_ready(20)
+        return server
+
+    yield serve
+    for server, thread in started:
+        pids = server.worker_pids
+        if thread.is_alive():
+            server.shutdown()
+        thread.join(20)
+        kill_all(pids)
+        server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread", "fork"])
+def test_library_tcp_server_serves_and_shuts_down(served, mode: str) -> None:
+    from cluster import PreforkTCPServer
+
+    server = served(
+        PreforkTCPServer(("127.0.0.1", 0), Pid, workers=2, worker_class=mode, threads=2)
+    )
+    host, port = server.server_address
+    assert port != 0
+    workers = server.worker_pids
+    assert len(workers) == 2 and all(pid in children(os.getpid()) for pid in workers)
+    seen = {int(stream_roundtrip(tcp_connect((host, port)), b"")) for _ in range(20)}
+    assert seen and seen <= set(workers) | set(descendants(os.getpid())) | seen
+    if mode != "fork":
+        assert seen <= set(workers)
+    server.shutdown()  # returns only once every worker is gone
+    assert not any(alive(pid) for pid in workers)
+    assert server.worker_pids == []
+
+
+def test_library_shutdown_drains_the_in_flight_request(served) -> None:
+    from cluster import PreforkTCPServer
+
+    server = served(PreforkTCPServer(("127.0.0.1", 0), Gate, workers=1))
+    sock = tcp_connect(server.server_address)
+    started_pid(sock)
+    stopper = threading.Thread(target=server.shutdown)
+    stopper.start()
+    finish(sock)  # still answered after shutdown() began
+    sock.close()
+    stopper.join(20)
+    assert not stopper.is_alive()
+
+
+def test_library_subclass_overrides_reach_the_workers(served) -> None:
+    from cluster import PreforkTCPServer
+
+    class Picky(PreforkTCPServer):
+        greeting = b"hello from a subclass\n"
+
+        def verify_request(self, request, client_address) -> bool:
+            request.sendall(self.greeting)
+            return False
+
+    server = served(Picky(("127.0.0.1", 0), Pid, workers=1))
+    assert stream_roundtrip(tcp_connect(server.server_address), b"") == Picky.greeting
+
+
+def test_library_udp_and_unix_servers(served, tmp_path) -> None:
+    from cluster import PreforkUDPServer, PreforkUnixStreamServer
+
+    udp = served(PreforkUDPServer(("127.0.0.1", 0), Pid, workers=1))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(b"x", udp.server_address)
+        assert int(sock.recv(100)) in udp.worker_pids
+    path = str(tmp_path / "lib.sock")
+    unix = served(PreforkUnixStreamServer(path, Pid, workers=1))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        assert int(read_line(sock)) in unix.worker_pids
+
+
+def test_library_rejects_unknown_options() -> None:
+    from cluster import PreforkTCPServer
+
+    with pytest.raises(TypeError, match="wrokers"):
+        PreforkTCPServer(("127.0.0.1", 0), Pid, wrokers=2)
