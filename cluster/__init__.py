@@ -1,15 +1,14 @@
 """prefork-cluster, master side: ``cluster run`` on the command line, or the library API.
 
-from cluster import PreforkTCPServer
+    from cluster import PreforkTCPServer
+
+The library classes load on first use, so that importing a submodule (``cluster.apps``, say)
+stays as light as the module itself: every import here is paid again by each fork.
 """
 
-from cluster.library import (
-    PreforkMixIn,
-    PreforkTCPServer,
-    PreforkUDPServer,
-    PreforkUnixDatagramServer,
-    PreforkUnixStreamServer,
-)
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "PreforkMixIn",
@@ -18,3 +17,11 @@ __all__ = [
     "PreforkUnixStreamServer",
     "PreforkUnixDatagramServer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from cluster import library
+
+        return getattr(library, name)
+    raise AttributeError(f"module 'cluster' has no attribute {name!r}")

@@ -8,7 +8,6 @@ a key of the ``--config`` TOML file; flags given on the command line win over th
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 
 from cluster.errors import ConfigError
@@ -78,6 +77,8 @@ def validate(config: Config) -> Config:
 
 def read_toml(path: str) -> dict[str, object]:
     """Read a config file into {field: value}; unknown keys and bad TOML are ConfigErrors."""
+    import tomllib  # here, not at the top: every import of the master is paid by each fork
+
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)

@@ -8,13 +8,13 @@ Read ``Master.run`` top to bottom; it is the whole life of the process:
 
 Signal handlers do nothing but queue the signal number; ``signal.set_wakeup_fd`` writes a byte
 to our wakeup pipe, which is one of the things the loop sleeps on. The others are each worker's
-``sentinel`` (readable once that worker exits) and the notify pipe the workers write ``PID
-ready`` to. So the idle master wakes only for signals, exits, messages and its own timers.
+``sentinel`` (a pidfd, readable once that worker exits) and the notify pipe the workers write
+``PID ready`` to. So the idle master wakes only for signals, exits, messages and its own timers.
 
 Who owns what: the master owns the listening sockets (closed at exit, Unix socket files
-unlinked), the wakeup pipe, the notify pipe's read end, and one multiprocess ``Process`` per
-worker. A worker closes every one of those it inherited except its listener copies and the
-notify pipe's write end (see ``workers.process``).
+unlinked), the wakeup pipe, the notify pipe's read end, its selector, and one
+``WorkerProcess`` (with its pidfd) per worker. A worker closes every one of those it inherited
+except its listener copies and the notify pipe's write end (see ``workers.process``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-import multiprocess
-
 from cluster import pool
 from cluster.app import load_handler
 from cluster.config import Config
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME
 from cluster.listeners import Listener, bind
+from cluster.spawn import WorkerProcess
 from workers.process import EXIT_BOOT_ERROR, HANDLED_SIGNALS, Endpoint, WorkerSpec
 from workers.process import run as worker_main
 
@@ -44,15 +43,13 @@ QUICK_STOP_GRACE = 3.0  # seconds workers get to exit after QUIT before they are
 LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
 MAX_BOOT_FAILURES = 3  # consecutive workers dying before ready, with none ready yet: give up
 
-_fork = multiprocess.get_context("fork")
-
 
 @dataclass
 class Worker:
     """The master's record of one worker process."""
 
-    process: multiprocess.Process
-    pid: int  # kept here: the Process object refuses to answer once closed
+    process: WorkerProcess
+    pid: int
     slot: int
     generation: int
     spawned_at: float
@@ -220,7 +217,7 @@ class Master:
     def spawn(self) -> None:
         slot = pool.free_slot(w.slot for w in self.workers.values() if not w.retiring)
         spec = self.worker_spec(slot)
-        process = _fork.Process(target=worker_main, args=(spec,), name=f"worker-{slot}")
+        process = WorkerProcess(worker_main, (spec,))
         # Block the worker's signals across the fork: the child unblocks them once its own
         # handlers are installed, so a TERM sent during boot is neither lost nor run by ours.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -267,8 +264,7 @@ class Master:
     def private_fds(self) -> list[int]:
         """The master's own fds a worker inherits and must close (see module docstring)."""
         fds = [self.wake_r, self.wake_w, self.notify_r, self.selector.fileno()]
-        for worker in self.workers.values():
-            fds.extend(_process_fds(worker.process))
+        fds.extend(worker.process.sentinel for worker in self.workers.values())
         return fds
 
     def retire(self, worker: Worker) -> None:
@@ -310,13 +306,10 @@ class Master:
         exited, self.exited = self.exited, []
         for worker in exited:
             process = worker.process
-            # The sentinel fires as the child's fds close, a moment before the kernel lets it
-            # be reaped: a blocking join here is short and never reports "still running".
-            process.join()
-            exitcode = process.exitcode
+            exitcode = process.join()  # by pid; the pidfd fired, so this does not block
             self.selector.unregister(process.sentinel)
             del self.workers[worker.pid]
-            process.close()  # closes the master-side pipe ends multiprocess kept for it
+            process.close()
             self.on_exit(worker, exitcode)
 
     def on_exit(self, worker: Worker, exitcode: int | None) -> None:
@@ -363,6 +356,7 @@ class Master:
         for worker in self.workers.values():
             self.kill(worker, signal.SIGKILL)
             worker.process.join()
+            worker.process.close()
         self.workers.clear()
         if self.install_signals:
             signal.set_wakeup_fd(-1)
@@ -417,16 +411,6 @@ def _drain(fd: int) -> bytes:
     except BlockingIOError:
         pass
     return b"".join(chunks)
-
-
-def _process_fds(process: multiprocess.Process) -> list[int]:
-    """The master-side pipe ends multiprocess keeps for a worker (its sentinel and the pipe the
-    child watches for the parent's death); a sibling forked later inherits and closes them."""
-    fds = [process.sentinel]
-    finalizer = getattr(getattr(process, "_popen", None), "finalizer", None)
-    args = getattr(finalizer, "_args", ())  # multiprocess: Finalize(close_fds, (r, w))
-    fds.extend(fd for fd in args if isinstance(fd, int) and fd not in fds)
-    return fds
 
 
 def _set_title(title: str) -> None:

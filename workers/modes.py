@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import select
 import signal
 import threading
@@ -150,8 +149,10 @@ class ThreadPool:
     """
 
     def __init__(self, size: int) -> None:
+        from queue import SimpleQueue  # thread mode only: a fork-mode worker stays smaller
+
         self.free = threading.Semaphore(size)
-        self.jobs: queue.SimpleQueue[Taken | None] = queue.SimpleQueue()
+        self.jobs: SimpleQueue[Taken | None] = SimpleQueue()
         # Daemon threads: a quick stop must not wait for them; a graceful one joins them.
         self.threads = [
             threading.Thread(target=self._work, name=f"handler-{n}", daemon=True)
@@ -215,38 +216,16 @@ def serve_thread(
 
 # --------------------------------------------------------------------------------- fork
 class WorkerForkingMixIn(ForkingMixIn):
-    """``ForkingMixIn`` whose children shed the worker's state before running the handler."""
-
-    worker_fds: tuple[int, ...] = ()  # the worker's epoll and wakeup pipe, closed in children
-    listener_sockets: tuple = ()  # every listener of the worker, closed in children
+    """``ForkingMixIn`` whose children die with the worker that forked them."""
 
     def finish_request(self, request: object, client_address: object) -> None:
-        # A datagram's reply goes out through the listener itself: that one stays open.
-        keep = request[1] if isinstance(request, tuple) else None
-        others = tuple(sock for sock in self.listener_sockets if sock is not keep)
-        become_request_child(self.worker_fds, others)
+        # In the child. Everything a child touches first costs it a copy-on-write page fault,
+        # so it does the one thing it must: ask to die with the worker (a worker killed -9
+        # would otherwise leave its children running). The worker's inherited signal
+        # handlers already do the right thing here: INT and QUIT raise SystemExit, which
+        # ForkingMixIn turns into _exit(1); TERM lets the request finish, as for a worker.
+        set_parent_death_signal(signal.SIGKILL, os.getppid())
         super().finish_request(request, client_address)
-
-
-def become_request_child(worker_fds: tuple[int, ...], listener_sockets: tuple) -> None:
-    """In a fork-mode child: default signals, die with the worker, hold no listener.
-
-    The child inherits the worker's signal handlers, which only set the worker's flags; with
-    the defaults, TERM and INT end the child as a user expects. The listener copies are
-    closed so that a long request cannot keep a listener the master closed alive.
-    """
-    parent = os.getppid()
-    signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
-    set_parent_death_signal(signal.SIGKILL, parent)
-    for fd in worker_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    for sock in listener_sockets:
-        sock.close()
 
 
 def serve_fork(
@@ -264,8 +243,6 @@ def serve_fork(
             servers[0].collect_children()
 
     loop = AcceptLoop(servers, lifecycle, spec.master_pid, on_wake=reap)
-    mixin.worker_fds = (loop.poller.fileno(), lifecycle.wake_r, lifecycle.wake_w)
-    mixin.listener_sockets = tuple(server.socket for server in servers)
     for server in servers:
         server.active_children = children
 
@@ -282,8 +259,18 @@ def serve_fork(
         loop.close()
         for server in servers:
             server.socket.close()
-        if not lifecycle.quick:  # graceful: wait for every child; quick: they die with us
+        if lifecycle.quick:  # they would die with us (PDEATHSIG); say so at once
+            kill_children(children)
+        else:  # graceful: every request runs to its end
             servers[0].collect_children(blocking=True)
+
+
+def kill_children(children: set[int]) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 MODES: dict[str, Serve] = {"sync": serve_sync, "thread": serve_thread, "fork": serve_fork}
