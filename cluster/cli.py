@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT on inet listeners")
     run.add_argument("--graceful-timeout", type=float, metavar="S",
                      help="how long a stop waits for in-flight requests (default 30)")  # fmt: skip
+    run.add_argument("--timeout", type=float, metavar="S",
+                     help="kill a worker whose current request runs longer than S seconds, after "
+                     "dumping its stack (default 30; 0: never)")  # fmt: skip
+    run.add_argument("--max-requests", type=int, metavar="N",
+                     help="recycle a worker after N requests (default 0: never)")  # fmt: skip
+    run.add_argument("--max-requests-jitter", type=int, metavar="J",
+                     help="add a random 0..J to each worker's --max-requests")  # fmt: skip
     run.add_argument(
         "--pidfile", metavar="PATH", help="write the master's pid here; removed on exit"
     )

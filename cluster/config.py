@@ -31,6 +31,9 @@ class Config:
     backlog: int = 2048
     reuse_port: bool = False
     graceful_timeout: float = 30.0
+    timeout: float = 30.0  # kill a worker whose request runs longer; 0: never
+    max_requests: int = 0  # recycle a worker after this many requests; 0: never
+    max_requests_jitter: int = 0
     pidfile: str | None = None
     name: str = ""
     log_level: str = "info"
@@ -65,6 +68,13 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"--backlog must be at least 1, got {config.backlog}")
     if config.graceful_timeout < 0:
         raise ConfigError(f"--graceful-timeout must not be negative, got {config.graceful_timeout}")
+    if config.timeout < 0:
+        raise ConfigError(f"--timeout must not be negative, got {config.timeout}")
+    if config.max_requests < 0 or config.max_requests_jitter < 0:
+        raise ConfigError(
+            f"--max-requests and --max-requests-jitter must not be negative, got "
+            f"{config.max_requests} and {config.max_requests_jitter}"
+        )
     if config.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(
             f"--log-level must be debug, info, warning, error or critical, got {config.log_level!r}"

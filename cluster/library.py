@@ -101,6 +101,11 @@ class PreforkMixIn:
             master.request(signal.SIGTERM)
         self._serving_done.wait()
 
+    def status(self) -> dict | None:
+        """The master's status (workers with their scoreboard state), or None when not serving."""
+        master = self._master
+        return master.status() if master is not None else None
+
     @property
     def worker_pids(self) -> list[int]:
         """The pids of the live workers (empty when not serving)."""

@@ -34,14 +34,16 @@ from cluster.config import Config
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME
 from cluster.listeners import Listener, bind
 from cluster.spawn import WorkerProcess
-from workers.process import EXIT_BOOT_ERROR, HANDLED_SIGNALS, Endpoint, WorkerSpec
+from workers.process import HANDLED_SIGNALS, STACK_DUMP_SIGNAL, Endpoint, WorkerSpec
 from workers.process import run as worker_main
+from workers.scoreboard import Scoreboard, SlotView
 
 log = logging.getLogger("cluster.master")
 
 QUICK_STOP_GRACE = 3.0  # seconds workers get to exit after QUIT before they are killed
 LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
 MAX_BOOT_FAILURES = 3  # consecutive workers dying before ready, with none ready yet: give up
+KILL_GRACE = 1.0  # after TERM to a hung worker, seconds before KILL
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Worker:
     spawned_at: float
     ready: bool = False
     retiring: bool = False
+    kill_at: float = 0.0  # a hung worker was sent TERM: KILL it at this time
+    why_retired: str = ""  # "recycled after N requests", "scaled down"...
 
     def view(self) -> pool.WorkerView:
         return pool.WorkerView(
@@ -100,7 +104,10 @@ class Master:
         self.notify_buffer = b""
         self.exited: list[Worker] = []  # workers whose sentinel fired, to be reaped
         self.announced_ready = False
-        self.boot_failures = 0
+        self.boot_failures = 0  # consecutive workers that died before they were ready
+        self.crashes = 0  # consecutive workers that died on their own soon after starting
+        self.next_spawn_at = 0.0  # crash-loop backoff: no fork before this time
+        self.scoreboard: Scoreboard | None = None
         self.stopping = False
         self.stop_graceful = True
         self.stop_deadline = 0.0
@@ -123,6 +130,7 @@ class Master:
                         break
                     self.enforce_stop_deadline()
                 else:
+                    self.murder_workers()
                     self.manage_workers()
         finally:
             self.cleanup()
@@ -138,6 +146,7 @@ class Master:
             ]
         for listener in self.listeners:
             log.info("listening on %s", listener.uri)
+        self.scoreboard = Scoreboard(2 * self.config.pool_bound, _lanes(self.config))
         if self.set_title:
             _set_title(f"cluster: master [{self.name}]")
         self.write_pidfile()
@@ -150,9 +159,16 @@ class Master:
 
     def sleep(self) -> None:
         """Wait for a signal, a worker exit, a worker message, or the next timer."""
-        timeout = LOOP_TICK
+        now = time.monotonic()
+        timers = [now + LOOP_TICK]
+        if self.config.timeout:
+            timers.append(now + self.config.timeout / 4)  # hung requests are seen within 1/4
         if self.stopping:
-            timeout = max(0.0, min(timeout, self.stop_deadline - time.monotonic()))
+            timers.append(self.stop_deadline)
+        elif self.next_spawn_at > now:
+            timers.append(self.next_spawn_at)
+        timers.extend(w.kill_at for w in self.workers.values() if w.kill_at)
+        timeout = max(0.0, min(timers) - now)
         for key, _ in self.selector.select(timeout):
             if key.data == "wake":
                 _drain(self.wake_r)
@@ -207,15 +223,23 @@ class Master:
 
     # ----------------------------------------------------------------- workers
     def manage_workers(self) -> None:
-        """Fork or retire workers until the pool matches its target."""
+        """Fork or retire workers until the pool matches its target (forks wait out the
+        crash-loop backoff)."""
         views = [w.view() for w in self.workers.values()]
         for pid in pool.to_retire(self.target, views):
-            self.retire(self.workers[pid])
+            self.retire(self.workers[pid], "scaled down")
+        if time.monotonic() < self.next_spawn_at:
+            return
         for _ in range(pool.to_spawn(self.target, views)):
             self.spawn()
 
     def spawn(self) -> None:
-        slot = pool.free_slot(w.slot for w in self.workers.values() if not w.retiring)
+        assert self.scoreboard is not None
+        slot = pool.free_slot(w.slot for w in self.workers.values())
+        if slot >= self.scoreboard.capacity:
+            log.error("no free scoreboard slot (%d in use): not forking", len(self.workers))
+            return
+        self.scoreboard.claim(slot, 0, self.generation)
         spec = self.worker_spec(slot)
         process = WorkerProcess(worker_main, (spec,))
         # Block the worker's signals across the fork: the child unblocks them once its own
@@ -245,9 +269,14 @@ class Master:
             load_handler=self.worker_loader(),
             notify_fd=self.notify_w,
             inherited_fds=self.private_fds(),
+            scoreboard=self.scoreboard,
             threads=config.threads,
             max_children=config.max_children,
             graceful_timeout=config.graceful_timeout,
+            timeout=config.timeout,
+            max_requests=pool.request_limit(
+                config.max_requests, config.max_requests_jitter, _rand()
+            ),
         )
 
     def worker_loader(self):  # noqa: ANN201  (a closure the worker calls after the fork)
@@ -267,11 +296,11 @@ class Master:
         fds.extend(worker.process.sentinel for worker in self.workers.values())
         return fds
 
-    def retire(self, worker: Worker) -> None:
+    def retire(self, worker: Worker, why: str) -> None:
         """Ask one worker to finish what it is doing and exit."""
-        worker.retiring = True
+        worker.retiring, worker.why_retired = True, why
         self.kill(worker, signal.SIGTERM)
-        log.info("retiring worker %d (slot %d)", worker.pid, worker.slot)
+        log.info("retiring worker %d (slot %d): %s", worker.pid, worker.slot, why)
 
     def kill(self, worker: Worker, signum: int) -> None:
         try:
@@ -289,8 +318,15 @@ class Master:
         for line in lines:
             pid_text, _, message = line.partition(b" ")
             worker = self.workers.get(int(pid_text)) if pid_text.isdigit() else None
-            if worker is not None and message == b"ready":
+            if worker is None:
+                continue
+            if message == b"ready":
                 self.on_ready(worker)
+            elif message.startswith(b"recycle"):
+                # The worker stops taking requests by itself; its replacement forks now.
+                worker.retiring, worker.why_retired = True, "recycled"
+                log.info("worker %d (slot %d) recycling after %s requests (--max-requests)",
+                         worker.pid, worker.slot, message.split()[-1].decode())  # fmt: skip
 
     def on_ready(self, worker: Worker) -> None:
         worker.ready = True
@@ -313,19 +349,79 @@ class Master:
             self.on_exit(worker, exitcode)
 
     def on_exit(self, worker: Worker, exitcode: int | None) -> None:
-        how = pool.describe_exit(exitcode)
+        """Log the death; count crashes and boot failures; free the scoreboard slot."""
+        assert self.scoreboard is not None
+        served = self.scoreboard.view(worker.slot).requests
+        self.scoreboard.release(worker.slot)
+        how = f"{pool.describe_exit(exitcode)} after {served} requests"
         if worker.retiring or self.stopping:
             log.info("worker %d (slot %d) %s", worker.pid, worker.slot, how)
             return
         log.warning("worker %d (slot %d) died: %s", worker.pid, worker.slot, how)
-        if not worker.ready:
-            self.boot_failures += 1
-            if exitcode == EXIT_BOOT_ERROR or (
-                not self.announced_ready and self.boot_failures >= MAX_BOOT_FAILURES
-            ):
-                log.error("workers cannot boot (%s); stopping", how)
-                self.exit_code = EXIT_APP
-                self.begin_stop(graceful=False)
+        lived = time.monotonic() - worker.spawned_at
+        self.crashes = pool.count_crash(self.crashes, lived)
+        self.next_spawn_at = time.monotonic() + pool.respawn_delay(self.crashes, _rand())
+        if worker.ready:
+            return
+        self.boot_failures += 1
+        if not self.announced_ready and self.boot_failures >= MAX_BOOT_FAILURES:
+            log.error("workers cannot boot: %d died before they were ready (last: %s); "
+                      "stopping", self.boot_failures, how)  # fmt: skip
+            self.exit_code = EXIT_APP
+            self.begin_stop(graceful=False)
+
+    def murder_workers(self) -> None:
+        """Kill workers whose request ran past ``--timeout``: stack dump, TERM, then KILL.
+
+        Fork-mode workers are left out: each kills its own overdue children, the requests.
+        """
+        assert self.scoreboard is not None
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.kill_at:
+                if now >= worker.kill_at:
+                    log.error("worker %d (slot %d) still alive %.1fs after TERM: KILL",
+                              worker.pid, worker.slot, KILL_GRACE)  # fmt: skip
+                    self.kill(worker, signal.SIGKILL)
+                    worker.kill_at = float("inf")
+                continue
+            if self.config.worker_class == "fork" or not self.config.timeout:
+                continue
+            lane = self.scoreboard.view(worker.slot).oldest_request()
+            if lane is None or not pool.overdue(lane.started, now, self.config.timeout):
+                continue
+            log.error(
+                "worker %d (slot %d): request from %s has run %.1fs, past --timeout %gs; "
+                "dumping its stack, then TERM", worker.pid, worker.slot, lane.client,
+                now - lane.started, self.config.timeout,
+            )  # fmt: skip
+            self.kill(worker, STACK_DUMP_SIGNAL)  # faulthandler writes it to our shared stderr
+            self.kill(worker, signal.SIGTERM)
+            worker.retiring, worker.why_retired = True, "timed out"
+            worker.kill_at = now + KILL_GRACE
+
+    def status(self) -> dict:
+        """What ``ctl status`` (and the library's ``status()``) report: one place to read."""
+        now = time.monotonic()
+        workers = []
+        for worker in sorted(list(self.workers.values()), key=lambda w: w.slot):  # any thread
+            view: SlotView | None = self.scoreboard.view(worker.slot) if self.scoreboard else None
+            oldest = view.oldest_request() if view else None
+            workers.append({
+                "pid": worker.pid, "slot": worker.slot, "generation": worker.generation,
+                "state": view.state if view else "unknown",
+                "requests": view.requests if view else 0,
+                "request_age": round(now - oldest.started, 3) if oldest else None,
+                "client": oldest.client if oldest else None,
+                "busy_lanes": sum(1 for lane in view.lanes if lane.started > 0) if view else 0,
+                "heartbeat_age": round(now - view.heartbeat, 3) if view else None,
+                "retiring": worker.retiring,
+            })  # fmt: skip
+        return {
+            "pid": self.pid, "name": self.name, "generation": self.generation,
+            "mode": self.config.worker_class, "target": self.target,
+            "listeners": [lst.uri for lst in self.listeners], "workers": workers,
+        }  # fmt: skip
 
     # ----------------------------------------------------------------- stopping
     def begin_stop(self, graceful: bool) -> None:
@@ -367,6 +463,8 @@ class Master:
         self.selector.close()
         for fd in (self.wake_r, self.wake_w, self.notify_r, self.notify_w):
             os.close(fd)
+        if self.scoreboard is not None:
+            self.scoreboard.close()
         self.remove_pidfile()
         log.info("master %d exiting (code %d)", self.pid, self.exit_code)
         self.stopped.set()
@@ -401,6 +499,17 @@ class Master:
             os.unlink(path)
         except OSError:
             pass
+
+
+def _lanes(config: Config) -> int:
+    """Requests one worker can run at once: the lanes of its scoreboard slot."""
+    return {"thread": config.threads, "fork": config.max_children}.get(config.worker_class, 1)
+
+
+def _rand() -> float:
+    """A float in [0, 1) without importing ``random``: that module reseeds itself in every
+    forked child (2.5 kB from the kernel each time), a cost each fork-mode request would pay."""
+    return int.from_bytes(os.urandom(4), "little") / 2**32
 
 
 def _drain(fd: int) -> bytes:

@@ -57,6 +57,39 @@ def rescale(target: int, delta: int, bound: int) -> tuple[int, str | None]:
     return wanted, None
 
 
+def request_limit(max_requests: int, jitter: int, rand: float) -> int:
+    """One worker's ``--max-requests``: N plus a share ``rand`` in [0, 1) of 0..J, so that
+    workers started together do not all recycle at the same moment. 0 means never."""
+    if max_requests <= 0:
+        return 0
+    return max_requests + int(rand * (jitter + 1))
+
+
+CRASH_WINDOW = 10.0  # a worker that lived shorter than this and died on its own "crashed"
+BACKOFF_BASE, BACKOFF_CAP = 0.1, 5.0
+
+
+def respawn_delay(crashes: int, rand: float) -> float:
+    """Seconds to wait before forking again after ``crashes`` crashes in a row.
+
+    The first respawn is immediate; then 0.1 s doubling up to 5 s, each scaled by a jitter
+    of 0.5..1.5 (``rand`` in [0, 1)) so that many crashing workers do not fork in lock-step.
+    """
+    if crashes <= 1:
+        return 0.0
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (crashes - 2)) * (0.5 + rand)
+
+
+def count_crash(crashes: int, lived: float) -> int:
+    """The crash count after a worker died on its own having lived ``lived`` seconds."""
+    return crashes + 1 if lived < CRASH_WINDOW else 0
+
+
+def overdue(started: float, now: float, timeout: float) -> bool:
+    """Whether a request that began at ``started`` (0: no request) has run past ``timeout``."""
+    return timeout > 0 and started > 0 and now - started > timeout
+
+
 def describe_exit(exitcode: int | None) -> str:
     """How a worker died, for the log: 'exited with code 0' or 'killed by SIGKILL'."""
     import signal

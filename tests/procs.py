@@ -26,6 +26,21 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "con
         delay = min(delay * 2, 0.05)
 
 
+def holds_for(condition: Callable[[], object], seconds: float, what: str = "condition") -> None:
+    """Assert that ``condition`` stays true, checked every 50 ms, for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), f"{what} stopped holding"
+        time.sleep(0.05)  # the checking period; this observes a duration, it waits for nothing
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time ``pid`` has used, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     """Direct children of ``pid``, from /proc (every thread's list)."""
     found: list[int] = []

@@ -150,3 +150,53 @@ def test_http_hello_keep_alive_rules(head: bytes, close: bool) -> None:
 def test_http_hello_body_length() -> None:
     assert body_length(b"POST / HTTP/1.1\r\nContent-Length: 12") == 12
     assert body_length(b"GET / HTTP/1.1\r\nHost: x") == 0
+
+
+def test_request_limit_adds_jitter_within_bounds() -> None:
+    assert pool.request_limit(0, 5, 0.9) == 0
+    assert pool.request_limit(10, 0, 0.99) == 10
+    assert pool.request_limit(10, 5, 0.0) == 10
+    assert pool.request_limit(10, 5, 0.999) == 15
+
+
+def test_respawn_delay_backs_off_and_caps() -> None:
+    assert pool.respawn_delay(0, 0.5) == 0 and pool.respawn_delay(1, 0.5) == 0
+    delays = [pool.respawn_delay(n, 0.5) for n in range(2, 12)]
+    assert delays == sorted(delays) and delays[0] == pytest.approx(0.1)
+    assert max(delays) == pool.BACKOFF_CAP
+    assert pool.respawn_delay(3, 0.0) == pytest.approx(0.1) and pool.respawn_delay(3, 0.99) < 0.3
+
+
+def test_crash_count_resets_after_a_long_life() -> None:
+    assert pool.count_crash(2, 0.5) == 3
+    assert pool.count_crash(7, pool.CRASH_WINDOW + 1) == 0
+
+
+def test_overdue() -> None:
+    assert pool.overdue(100.0, 131.0, 30.0)
+    assert not pool.overdue(100.0, 129.0, 30.0)
+    assert not pool.overdue(0.0, 1e9, 30.0)  # no request running
+    assert not pool.overdue(100.0, 1e9, 0.0)  # timeouts off
+
+
+def test_scoreboard_lanes_and_states() -> None:
+    from workers.scoreboard import IDLE, Scoreboard
+
+    board = Scoreboard(capacity=3, lanes=2)
+    board.claim(2, pid=42, generation=7)
+    assert board.view(2).state == "booting"
+    slot = board.worker_slot(2)
+    slot.set_state(IDLE)
+    slot.begin(1, ("::1", 80))
+    view = board.view(2)
+    assert (view.pid, view.generation, view.state) == (42, 7, "busy")
+    assert view.oldest_request().client == "::1:80"
+    slot.end(1)
+    slot.begin(0, "")
+    slot.end(0)
+    view = board.view(2)
+    assert (view.state, view.requests, view.oldest_request()) == ("idle", 2, None)
+    board.release(2)
+    assert board.view(2).state == "empty"
+    assert board.view(0).pid == 0  # other slots untouched
+    board.close()

@@ -6,10 +6,12 @@ each listener first, and only when every one of them says EAGAIN wait in ``epoll
 Under load a worker goes from one request straight to the next with a single system call;
 idle, it sleeps in the kernel until a connection, a signal, or the parent check is due.
 
-A mode is a function ``serve(bindings, lifecycle, spec, ready)``: it builds its server objects,
-calls ``ready()`` once it can take requests (the master counts the worker as serving from then
-on), serves until the lifecycle says stop, and on a graceful stop serves what the kernel had
-already queued before it returns.
+A mode is a function ``serve(bindings, context)``: it builds its server objects, calls
+``context.ready()`` once it can take requests (the master counts the worker as serving from
+then on), serves until the lifecycle says stop, and on a graceful stop serves what the kernel
+had already queued before it returns. Each request runs in a scoreboard *lane* (begin: start
+time and client; end: back to idle, one more served) so that the master sees what every worker
+is doing and can kill one whose request hangs.
 
 - ``sync``: the handler runs inline, one request at a time.
 - ``thread``: exactly ``threads`` handler threads. The loop accepts only while one of them is
@@ -32,19 +34,21 @@ from collections.abc import Callable
 from workers.mixins import ForkingMixIn
 from workers.process import (
     PARENT_CHECK_INTERVAL,
+    STACK_DUMP_SIGNAL,
+    Context,
     Endpoint,
     Lifecycle,
-    WorkerSpec,
     make_server,
     master_alive,
     set_parent_death_signal,
 )
+from workers.scoreboard import WorkerSlot
 from workers.servers import BaseServer
 
 log = logging.getLogger("cluster.worker")
 
 Binding = tuple[Endpoint, type]  # a listener and the handler class that serves it
-Serve = Callable[[list[Binding], Lifecycle, WorkerSpec, Callable[[], None]], None]
+Serve = Callable[[list[Binding], Context], None]
 Taken = tuple[BaseServer, object, object]  # server, request, client address
 
 
@@ -54,18 +58,18 @@ class AcceptLoop:
     def __init__(
         self,
         servers: list[BaseServer],
-        lifecycle: Lifecycle,
-        master_pid: int,
+        context: Context,
         on_wake: Callable[[], None] | None = None,
     ) -> None:
         self.servers = servers
-        self.lifecycle = lifecycle
-        self.master_pid = master_pid
+        self.lifecycle: Lifecycle = context.lifecycle
+        self.slot = context.slot
+        self.master_pid = context.spec.master_pid
         self.on_wake = on_wake  # runs after every sleep: fork mode reaps its children there
         self.poller = select.epoll()  # owned here; closed by close()
         for server in servers:
             self.poller.register(server.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        self.poller.register(lifecycle.wake_r, select.EPOLLIN)
+        self.poller.register(self.lifecycle.wake_r, select.EPOLLIN)
 
     def take(self) -> Taken | None:
         """One queued request from any listener, or None when all are empty right now."""
@@ -93,6 +97,7 @@ class AcceptLoop:
         """Sleep until a listener is readable, a signal arrives, or the parent check is due."""
         self.poller.poll(PARENT_CHECK_INTERVAL)
         self.lifecycle.drain_wakeups()
+        self.slot.beat()
         if self.on_wake is not None:
             self.on_wake()
         if not master_alive(self.master_pid):
@@ -118,23 +123,39 @@ def dispatch(server: BaseServer, request: object, client_address: object) -> Non
     server._handle_accepted(request, client_address)
 
 
+def in_lane(
+    slot: WorkerSlot, lane: int, server: BaseServer, request: object, client: object
+) -> None:
+    """Dispatch one request with its lane marked busy on the scoreboard meanwhile."""
+    slot.begin(lane, client)
+    try:
+        dispatch(server, request, client)
+    finally:
+        slot.end(lane)
+
+
 def close_all(servers: list[BaseServer]) -> None:
     for server in servers:
         server.server_close()
 
 
 # --------------------------------------------------------------------------------- sync
-def serve_sync(
-    bindings: list[Binding], lifecycle: Lifecycle, spec: WorkerSpec, ready: Callable[[], None]
-) -> None:
+def serve_sync(bindings: list[Binding], context: Context) -> None:
     """Handle each request inline; on TERM, finish it, then serve what is already queued."""
     servers = [make_server(endpoint, handler) for endpoint, handler in bindings]
-    loop = AcceptLoop(servers, lifecycle, spec.master_pid)
-    ready()
+    loop = AcceptLoop(servers, context)
+    slot = context.slot
+
+    def run(server: BaseServer, request: object, client: object) -> None:
+        context.counted()
+        in_lane(slot, 0, server, request, client)
+
+    context.ready()
     try:
         while (taken := loop.next()) is not None:
-            dispatch(*taken)
-        loop.drain(spec.graceful_timeout, dispatch)
+            run(*taken)
+        if context.draining():
+            loop.drain(context.spec.graceful_timeout, run)
     finally:
         loop.close()
         close_all(servers)
@@ -145,26 +166,28 @@ class ThreadPool:
     """Exactly ``size`` handler threads fed through a queue, with a count of free ones.
 
     The accept loop takes a free slot *before* it accepts, so the queue never holds more than
-    one request per idle thread: back-pressure stays in the kernel's listen queue.
+    one request per idle thread: back-pressure stays in the kernel's listen queue. Thread
+    ``n`` runs its requests in scoreboard lane ``n``.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, slot: WorkerSlot) -> None:
         from queue import SimpleQueue  # thread mode only: a fork-mode worker stays smaller
 
         self.free = threading.Semaphore(size)
         self.jobs: SimpleQueue[Taken | None] = SimpleQueue()
+        self.slot = slot
         # Daemon threads: a quick stop must not wait for them; a graceful one joins them.
         self.threads = [
-            threading.Thread(target=self._work, name=f"handler-{n}", daemon=True)
+            threading.Thread(target=self._work, args=(n,), name=f"handler-{n}", daemon=True)
             for n in range(size)
         ]
         for thread in self.threads:
             thread.start()
 
-    def _work(self) -> None:
+    def _work(self, lane: int) -> None:
         while (job := self.jobs.get()) is not None:
             try:
-                dispatch(*job)
+                in_lane(self.slot, lane, *job)
             finally:
                 self.free.release()
 
@@ -188,14 +211,13 @@ class ThreadPool:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def serve_thread(
-    bindings: list[Binding], lifecycle: Lifecycle, spec: WorkerSpec, ready: Callable[[], None]
-) -> None:
+def serve_thread(bindings: list[Binding], context: Context) -> None:
     """Accept only while a handler thread is free; on TERM let the running handlers finish."""
+    spec, lifecycle = context.spec, context.lifecycle
     servers = [make_server(endpoint, handler) for endpoint, handler in bindings]
-    loop = AcceptLoop(servers, lifecycle, spec.master_pid)
-    pool = ThreadPool(spec.threads)
-    ready()
+    loop = AcceptLoop(servers, context)
+    pool = ThreadPool(spec.threads, context.slot)
+    context.ready()
     try:
         while lifecycle.running:
             if not pool.acquire(timeout=PARENT_CHECK_INTERVAL):
@@ -206,8 +228,10 @@ def serve_thread(
             if taken is None:
                 pool.free.release()
                 break
+            context.counted()
             pool.submit(*taken)
-        loop.drain(spec.graceful_timeout, pool.submit_when_free)
+        if context.draining():
+            loop.drain(spec.graceful_timeout, pool.submit_when_free)
         pool.join(spec.graceful_timeout)
     finally:
         loop.close()
@@ -223,18 +247,87 @@ class WorkerForkingMixIn(ForkingMixIn):
         # so it does the one thing it must: ask to die with the worker (a worker killed -9
         # would otherwise leave its children running). The worker's inherited signal
         # handlers already do the right thing here: INT and QUIT raise SystemExit, which
-        # ForkingMixIn turns into _exit(1); TERM lets the request finish, as for a worker.
+        # ForkingMixIn turns into _exit(1); TERM lets the request finish, as for a worker;
+        # USR2 dumps the child's stack (faulthandler survives the fork).
         set_parent_death_signal(signal.SIGKILL, os.getppid())
         super().finish_request(request, client_address)
 
 
-def serve_fork(
-    bindings: list[Binding], lifecycle: Lifecycle, spec: WorkerSpec, ready: Callable[[], None]
-) -> None:
+class Children(set):
+    """The worker's ``active_children``, shared by its listeners, that also keeps the
+    scoreboard: each child gets a lane when ForkingMixIn adds it and frees it when reaped.
+
+    It also kills children that run past ``--timeout``: a dump of the child's stack first,
+    then TERM, then KILL after a grace.
+    """
+
+    KILL_GRACE = 1.0
+
+    def __init__(self, slot: WorkerSlot, lanes: int, timeout: float) -> None:
+        super().__init__()
+        self.slot = slot
+        self.free_lanes = list(range(lanes - 1, -1, -1))
+        self.lane_of: dict[int, int] = {}
+        self.started: dict[int, tuple[float, object]] = {}
+        self.timeout = timeout
+        self.killing: dict[int, float] = {}  # pid -> when to send KILL
+        self.client: object = None  # the request about to be forked (set by the loop)
+
+    def add(self, pid: int) -> None:
+        super().add(pid)
+        lane = self.free_lanes.pop()
+        self.lane_of[pid] = lane
+        self.started[pid] = (time.monotonic(), self.client)
+        self.slot.begin(lane, self.client)
+
+    def discard(self, pid: int) -> None:
+        super().discard(pid)
+        lane = self.lane_of.pop(pid, None)
+        if lane is not None:
+            self.slot.end(lane)
+            self.free_lanes.append(lane)
+        self.started.pop(pid, None)
+        self.killing.pop(pid, None)
+
+    def kill_overdue(self) -> None:
+        now = time.monotonic()
+        for pid, kill_at in list(self.killing.items()):
+            if now >= kill_at:
+                _signal(pid, signal.SIGKILL)
+                self.killing[pid] = float("inf")
+        if not self.timeout:
+            return
+        for pid, (started, client) in list(self.started.items()):
+            if pid not in self.killing and now - started > self.timeout:
+                log.error(
+                    "request child %d (client %s) ran %.1fs, past --timeout %gs: dumping its "
+                    "stack, then TERM", pid, client, now - started, self.timeout,
+                )  # fmt: skip
+                _signal(pid, STACK_DUMP_SIGNAL)
+                _signal(pid, signal.SIGTERM)
+                self.killing[pid] = now + self.KILL_GRACE
+
+    def kill_all(self) -> None:
+        for pid in self:
+            _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def serve_fork(bindings: list[Binding], context: Context) -> None:
     """Fork a child per request, never more than ``max_children`` alive at once per worker."""
+    spec, lifecycle = context.spec, context.lifecycle
     mixin = type("Forking", (WorkerForkingMixIn,), {"max_children": spec.max_children})
     servers = [make_server(endpoint, handler, mixin) for endpoint, handler in bindings]
-    children: set[int] = set()  # shared: the bound is per worker, not per listener
+    # One table for every listener: the bound is per worker, not per listener.
+    children = Children(context.slot, spec.max_children, spec.timeout)
+    for server in servers:
+        server.active_children = children
 
     def reap() -> None:
         """Collect exited children by pid, only when a SIGCHLD said one exited."""
@@ -242,35 +335,40 @@ def serve_fork(
             lifecycle.children_exited = False
             servers[0].collect_children()
 
-    loop = AcceptLoop(servers, lifecycle, spec.master_pid, on_wake=reap)
-    for server in servers:
-        server.active_children = children
+    def on_wake() -> None:
+        reap()
+        children.kill_overdue()
 
-    def fork_one(server: BaseServer, request: object, client_address: object) -> None:
+    def wait_for_room() -> None:
+        """At ``max_children``, wait for a child to exit: woken by SIGCHLD through the wakeup
+        pipe, and at least once a second, so overdue children are still killed meanwhile."""
+        while len(children) >= spec.max_children:
+            select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
+            lifecycle.drain_wakeups()
+            on_wake()
+
+    def fork_one(server: BaseServer, request: object, client: object) -> None:
+        context.counted()
         reap()  # before each fork, without blocking
-        dispatch(server, request, client_address)  # blocks reaping at max_children
+        wait_for_room()
+        children.client = client
+        dispatch(server, request, client)
 
-    ready()
+    loop = AcceptLoop(servers, context, on_wake=on_wake)
+    context.ready()
     try:
         while (taken := loop.next()) is not None:
             fork_one(*taken)
-        loop.drain(spec.graceful_timeout, fork_one)
+        if context.draining():
+            loop.drain(spec.graceful_timeout, fork_one)
     finally:
         loop.close()
         for server in servers:
             server.socket.close()
         if lifecycle.quick:  # they would die with us (PDEATHSIG); say so at once
-            kill_children(children)
+            children.kill_all()
         else:  # graceful: every request runs to its end
             servers[0].collect_children(blocking=True)
-
-
-def kill_children(children: set[int]) -> None:
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 MODES: dict[str, Serve] = {"sync": serve_sync, "thread": serve_thread, "fork": serve_fork}

@@ -9,8 +9,10 @@ Signals (the master is the only sender that matters):
 
     TERM        graceful: finish the request at hand, serve what is queued, exit 0
     INT, QUIT   quick: exit now
-    HUP, TTIN, TTOU, USR1, USR2, WINCH   ignored here: they are the master's, and a signal sent
-                to the whole process group (Ctrl-\\ aside) must not kill workers
+    USR2        dump the Python stack of every thread to the log (faulthandler): the master
+                sends it before it kills a worker whose request ran past ``--timeout``
+    HUP, TTIN, TTOU, USR1, WINCH   ignored here: they are the master's, and a signal sent to
+                the whole process group must not kill workers
 
 The master blocks these signals around the fork and the worker unblocks them only once its own
 handlers are in place, so a TERM sent during boot is never lost nor handled by the master's code.
@@ -19,6 +21,7 @@ handlers are in place, so a TERM sent during boot is never lost nor handled by t
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -27,11 +30,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from workers.scoreboard import DRAINING, IDLE, Scoreboard, WorkerSlot
 from workers.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 
 log = logging.getLogger("cluster.worker")
 
 EXIT_BOOT_ERROR = 3  # the master treats this exit code as "the app cannot boot"
+STACK_DUMP_SIGNAL = signal.SIGUSR2  # to a worker (never the master): dump every thread's stack
 PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the master still lives
 HANDLED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
@@ -70,9 +75,12 @@ class WorkerSpec:
     load_handler: Callable[[str | None], type]  # app spec (None: default) -> handler class
     notify_fd: int  # write end of the master's notify pipe
     inherited_fds: list[int] = field(default_factory=list)  # the master's, closed at boot
+    scoreboard: Scoreboard | None = None  # shared with the master; we write slot ``slot``
     threads: int = 8
     max_children: int = 40
     graceful_timeout: float = 30.0
+    timeout: float = 30.0  # fork mode: the worker itself kills children running longer
+    max_requests: int = 0  # recycle after this many requests (0: never); jitter already added
 
 
 class Lifecycle:
@@ -100,6 +108,45 @@ class Lifecycle:
                 pass
         except BlockingIOError:
             pass
+
+
+class Context:
+    """What a mode needs at run time besides its servers: the spec, the signal flags, our
+    scoreboard slot, and the request count that ``--max-requests`` recycles on."""
+
+    def __init__(self, spec: WorkerSpec, lifecycle: Lifecycle, slot: WorkerSlot) -> None:
+        self.spec = spec
+        self.lifecycle = lifecycle
+        self.slot = slot
+        self.served = 0
+        self.limit = spec.max_requests
+
+    def tell(self, message: bytes) -> None:
+        notify(self.spec.notify_fd, message)
+
+    def ready(self) -> None:
+        """We can take requests: the master counts us as serving from now on."""
+        self.slot.set_state(IDLE)
+        self.tell(b"ready")
+
+    def counted(self) -> None:
+        """One more request taken; at the limit, take no more and let the master replace us."""
+        self.served += 1
+        if self.served == self.limit:
+            self.lifecycle.running = False
+            self.recycled = True
+            self.tell(b"recycle %d" % self.served)
+
+    recycled = False
+
+    def draining(self) -> bool:
+        """We stopped taking new requests; whether to serve what is already queued first.
+
+        On a stop, yes: the listeners may close after us. A worker recycling itself leaves
+        them to the other workers and its replacement, so that its count stays exact.
+        """
+        self.slot.set_state(DRAINING)
+        return not self.recycled
 
 
 def make_server(endpoint: Endpoint, handler: type, mixin: type | None = None) -> BaseServer:
@@ -161,18 +208,16 @@ def run(spec: WorkerSpec) -> None:
     from workers import modes  # late: modes import this module
 
     lifecycle = boot(spec)
+    assert spec.scoreboard is not None
+    slot = spec.scoreboard.worker_slot(spec.slot)
+    slot.header.pid = os.getpid()
     try:
         handlers = [spec.load_handler(ep.app) for ep in spec.endpoints]
     except Exception as err:  # an app that fails to import in the worker: a boot error
         log.error("worker %d cannot load the app: %s", os.getpid(), err)
         sys.exit(EXIT_BOOT_ERROR)
     serve = modes.get(spec.mode)
-    serve(
-        list(zip(spec.endpoints, handlers, strict=True)),
-        lifecycle,
-        spec,
-        lambda: notify(spec.notify_fd, b"ready"),
-    )
+    serve(list(zip(spec.endpoints, handlers, strict=True)), Context(spec, lifecycle, slot))
 
 
 def boot(spec: WorkerSpec) -> Lifecycle:
@@ -187,10 +232,10 @@ def boot(spec: WorkerSpec) -> Lifecycle:
     signal.signal(signal.SIGTERM, lifecycle.request_stop)
     signal.signal(signal.SIGINT, lifecycle.quick_stop)
     signal.signal(signal.SIGQUIT, lifecycle.quick_stop)
-    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
-                   signal.SIGTTOU, signal.SIGWINCH):  # fmt: skip
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, lifecycle.child_exited)
+    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     set_parent_death_signal(signal.SIGQUIT, spec.master_pid)  # master gone: a quick stop
     name = f" [{spec.name}]" if spec.name else ""

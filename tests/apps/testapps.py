@@ -76,3 +76,27 @@ class Exit(StreamRequestHandler):
         if line.strip() == b"exit":
             sys.exit(7)
         self.wfile.write(line)
+
+
+def hang_forever() -> None:
+    """Blocks for good: what a hung request looks like (its name shows in the stack dump)."""
+    import threading
+
+    threading.Event().wait()
+
+
+class Hang(StreamRequestHandler):
+    """Hangs on ``hang``, echoes the line otherwise."""
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        if line.strip() == b"hang":
+            hang_forever()
+        self.wfile.write(line)
+
+
+class Crash(BaseRequestHandler):
+    """Takes its whole process down with every request (``os._exit(1)``)."""
+
+    def handle(self) -> None:
+        os._exit(1)
