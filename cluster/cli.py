@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--reuse-port", action="store_true", help="set SO_REUSEPORT on inet listeners")
     run.add_argument("--graceful-timeout", type=float, metavar="S",
                      help="how long a stop waits for in-flight requests (default 30)")  # fmt: skip
+    run.add_argument("--reload-strategy", choices=config_module.RELOAD_STRATEGIES,
+                     help="HUP: all (default) starts a whole new generation, then retires the "
+                     "old; rolling replaces one worker at a time")  # fmt: skip
+    run.add_argument("--min-spare", type=int, metavar="N",
+                     help="adaptive pool: fork workers while fewer than N are idle (default off)")  # fmt: skip
+    run.add_argument("--max-spare", type=int, metavar="N",
+                     help="adaptive pool: retire one idle worker a second while more than N are idle")  # fmt: skip
     run.add_argument("--timeout", type=float, metavar="S",
                      help="kill a worker whose current request runs longer than S seconds, after "
                      "dumping its stack (default 30; 0: never)")  # fmt: skip
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_level)
         from cluster.master import Master  # after validation: `--help` and bad flags stay fast
 
-        return Master(config).run()
+        return Master(config, reread_config=lambda: config_from_args(args)).run()
     except ClusterError as err:
         print(f"cluster: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -14,6 +14,7 @@ from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
 
 WORKER_CLASSES = ("sync", "thread", "fork")
+RELOAD_STRATEGIES = ("all", "rolling")
 DEFAULT_BIND = "tcp://127.0.0.1:8000"
 
 
@@ -34,6 +35,9 @@ class Config:
     timeout: float = 30.0  # kill a worker whose request runs longer; 0: never
     max_requests: int = 0  # recycle a worker after this many requests; 0: never
     max_requests_jitter: int = 0
+    reload_strategy: str = "all"  # all: a whole new generation, then retire the old; rolling
+    min_spare: int = 0  # adaptive pool: keep at least this many idle workers (0: off)
+    max_spare: int = 0  # adaptive pool: retire idle workers beyond this many (0: off)
     pidfile: str | None = None
     name: str = ""
     log_level: str = "info"
@@ -74,6 +78,19 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             f"--max-requests and --max-requests-jitter must not be negative, got "
             f"{config.max_requests} and {config.max_requests_jitter}"
+        )
+    if config.reload_strategy not in RELOAD_STRATEGIES:
+        raise ConfigError(
+            f"--reload-strategy must be all or rolling, got {config.reload_strategy!r}"
+        )
+    if (
+        config.min_spare < 0
+        or config.max_spare < 0
+        or (config.max_spare and config.max_spare < config.min_spare)
+    ):
+        raise ConfigError(
+            f"--min-spare {config.min_spare} and --max-spare {config.max_spare} must be "
+            "0 or more, with max-spare >= min-spare"
         )
     if config.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(

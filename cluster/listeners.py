@@ -229,6 +229,28 @@ def socket_kind(sock: socket.socket) -> str:
 
 
 def _adopt_fd(spec: BindSpec) -> Listener:
-    sock = socket.socket(fileno=spec.fd)
+    return adopt(spec, spec.fd)
+
+
+def adopt(spec: BindSpec, fd: int) -> Listener:
+    """A listener from a socket someone bound for us (``fd://N``, an upgrade, systemd).
+
+    A Unix socket file adopted from an old master becomes ours to unlink at exit.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        raise BindError(f"cannot adopt fd {fd} for {spec.text}: {err.strerror or err}") from None
     sock.setblocking(False)
-    return Listener(spec=spec, sock=sock, kind=socket_kind(sock))
+    kind = socket_kind(sock)
+    return Listener(
+        spec=spec,
+        sock=sock,
+        kind=kind,
+        owns_path=kind in ("unix", "unix-dgram") and spec.kind != "fd",
+    )
+
+
+def diff_binds(current: list[str], wanted: list[str]) -> tuple[list[str], list[str]]:
+    """For a reload: (bind texts to open, bind texts to close); the rest stay as they are."""
+    return [t for t in wanted if t not in current], [t for t in current if t not in wanted]

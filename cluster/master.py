@@ -26,13 +26,14 @@ import selectors
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster import pool
+from cluster import handover, pool
 from cluster.app import load_handler
 from cluster.config import Config
-from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME
-from cluster.listeners import Listener, bind
+from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError
+from cluster.listeners import Listener, adopt, bind, diff_binds
 from cluster.spawn import WorkerProcess
 from workers.process import HANDLED_SIGNALS, STACK_DUMP_SIGNAL, Endpoint, WorkerSpec
 from workers.process import run as worker_main
@@ -44,6 +45,17 @@ QUICK_STOP_GRACE = 3.0  # seconds workers get to exit after QUIT before they are
 LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
 MAX_BOOT_FAILURES = 3  # consecutive workers dying before ready, with none ready yet: give up
 KILL_GRACE = 1.0  # after TERM to a hung worker, seconds before KILL
+
+
+@dataclass
+class Reload:
+    """A reload in progress: the generation we came from and what to restore on failure."""
+
+    previous_generation: int
+    previous_config: Config
+    previous_listeners: list[Listener]
+    previous_preloaded: dict[str | None, type]
+    previous_target: int
 
 
 @dataclass
@@ -82,8 +94,10 @@ class Master:
         handler: type | None = None,
         install_signals: bool = True,
         set_title: bool = True,
+        reread_config: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self.reread_config = reread_config  # HUP: the config file and flags, read afresh
         self.listeners = listeners or []
         self.handler = handler
         self.install_signals = (
@@ -108,6 +122,14 @@ class Master:
         self.crashes = 0  # consecutive workers that died on their own soon after starting
         self.next_spawn_at = 0.0  # crash-loop backoff: no fork before this time
         self.scoreboard: Scoreboard | None = None
+        self.preloaded: dict[str | None, type] = {}  # --preload: handlers the master imported
+        self.reload: Reload | None = None  # a new generation is replacing the old one
+        self.closing: list[Listener] = []  # removed by a reload: closed once the old gen left
+        self.successor: WorkerProcess | None = None  # USR2: the new master, until it takes over
+        self.successor_deadline = 0.0
+        self.handed_over = False  # our successor serves: leave the socket files to it
+        self.adaptive_rate = 1  # --min-spare/--max-spare: forks per second while short
+        self.next_adapt_at = 0.0
         self.stopping = False
         self.stop_graceful = True
         self.stop_deadline = 0.0
@@ -131,19 +153,19 @@ class Master:
                     self.enforce_stop_deadline()
                 else:
                     self.murder_workers()
+                    self.adapt_pool()
                     self.manage_workers()
+                    self.watch_reload()
+                    self.watch_successor()
         finally:
             self.cleanup()
         return self.exit_code
 
     def start(self) -> None:
         """Load the app (a bad one fails here, before any fork), bind, and fork the pool."""
-        self.check_app()
+        self.check_app(self.config)
         if not self.listeners:
-            self.listeners = [
-                bind(spec, self.config.backlog, self.config.reuse_port)
-                for spec in self.config.binds
-            ]
+            self.listeners = self.open_listeners(self.config)
         for listener in self.listeners:
             log.info("listening on %s", listener.uri)
         self.scoreboard = Scoreboard(2 * self.config.pool_bound, _lanes(self.config))
@@ -155,6 +177,8 @@ class Master:
         log.info(
             "master %d starting %d %s workers", self.pid, self.target, self.config.worker_class
         )
+        if self.config.min_spare or self.config.max_spare:
+            self.next_adapt_at = time.monotonic() + 1.0
         self.manage_workers()
 
     def sleep(self) -> None:
@@ -168,12 +192,18 @@ class Master:
         elif self.next_spawn_at > now:
             timers.append(self.next_spawn_at)
         timers.extend(w.kill_at for w in self.workers.values() if w.kill_at)
+        if self.successor is not None:
+            timers.append(self.successor_deadline)
+        if self.next_adapt_at:
+            timers.append(self.next_adapt_at)
         timeout = max(0.0, min(timers) - now)
         for key, _ in self.selector.select(timeout):
             if key.data == "wake":
                 _drain(self.wake_r)
             elif isinstance(key.data, Worker):
                 self.exited.append(key.data)
+            elif key.data == "successor":
+                self.on_successor_exit()
 
     # ----------------------------------------------------------------- signals and requests
     def install_signal_handlers(self) -> None:
@@ -200,17 +230,20 @@ class Master:
                 continue  # reaping happens every turn of the loop anyway
             log.info("received %s", signal.Signals(signum).name)
             if signum == signal.SIGTERM:
+                if self.successor is not None and not self.stopping:
+                    self.handed_over = True  # the new master is ready and asks us to go
+                    log.info("the new master %d took over; stopping", self.successor.pid)
                 self.begin_stop(graceful=not self.stopping)
             elif signum in (signal.SIGINT, signal.SIGQUIT):
                 self.begin_stop(graceful=False)
             elif signum in (signal.SIGTTIN, signal.SIGTTOU):
                 self.scale(+1 if signum == signal.SIGTTIN else -1)
             elif signum == signal.SIGHUP:
-                log.warning("reload (HUP) is not implemented yet; still serving")
+                self.begin_reload()
             elif signum == signal.SIGUSR1:
                 log.info("nothing to reopen: logs go to stderr")
             elif signum == signal.SIGUSR2:
-                log.warning("upgrade (USR2) is not implemented yet; still serving")
+                self.begin_upgrade()
 
     def scale(self, delta: int) -> None:
         if self.stopping:
@@ -225,13 +258,41 @@ class Master:
     def manage_workers(self) -> None:
         """Fork or retire workers until the pool matches its target (forks wait out the
         crash-loop backoff)."""
-        views = [w.view() for w in self.workers.values()]
-        for pid in pool.to_retire(self.target, views):
-            self.retire(self.workers[pid], "scaled down")
+        views = [self.view(w) for w in self.workers.values()]
+        strategy = self.config.reload_strategy
+        decision = pool.plan(self.target, self.generation, strategy, views)
+        for pid in decision.retire:
+            worker = self.workers[pid]
+            self.retire(worker, "scaled down" if worker.generation == self.generation
+                        else f"replaced by generation {self.generation}")  # fmt: skip
         if time.monotonic() < self.next_spawn_at:
             return
-        for _ in range(pool.to_spawn(self.target, views)):
+        for _ in range(decision.spawn):
             self.spawn()
+
+    def view(self, worker: Worker) -> pool.WorkerView:
+        """The pool's view of a worker: its record plus whether the scoreboard says idle."""
+        idle = False
+        if self.scoreboard is not None and worker.ready:
+            idle = self.scoreboard.view(worker.slot).state == "idle"
+        return pool.WorkerView(worker.pid, worker.slot, worker.generation, worker.spawned_at,
+                               worker.ready, worker.retiring, idle)  # fmt: skip
+
+    def adapt_pool(self) -> None:
+        """--min-spare/--max-spare: once a second, move the target toward the idle band."""
+        now = time.monotonic()
+        if not self.next_adapt_at or now < self.next_adapt_at:
+            return
+        self.next_adapt_at = now + 1.0
+        idle = sum(1 for w in self.workers.values() if self.view(w).idle)
+        config = self.config
+        target, self.adaptive_rate = pool.adapt(
+            self.target, idle, config.min_spare, config.max_spare, config.pool_bound,
+            self.adaptive_rate,
+        )  # fmt: skip
+        if target != self.target:
+            log.info("adaptive: %d idle workers, pool target %d -> %d", idle, self.target, target)
+            self.target = target
 
     def spawn(self) -> None:
         assert self.scoreboard is not None
@@ -279,14 +340,18 @@ class Master:
             ),
         )
 
-    def worker_loader(self):  # noqa: ANN201  (a closure the worker calls after the fork)
-        default_handler, fresh = self.handler, not self.config.preload
+    def worker_loader(self) -> Callable[[str | None], type]:
+        """What a worker calls after the fork to get its handlers: the class the library was
+        given, the classes the master preloaded, or a fresh import from disk."""
+        default_handler, preloaded = self.handler, dict(self.preloaded)
         default_app = self.config.app
 
         def load(app: str | None) -> type:
             if app is None and default_handler is not None:
                 return default_handler
-            return load_handler(app or default_app, fresh=fresh)
+            if app in preloaded:
+                return preloaded[app]
+            return load_handler(app or default_app, fresh=True)
 
         return load
 
@@ -330,12 +395,14 @@ class Master:
 
     def on_ready(self, worker: Worker) -> None:
         worker.ready = True
-        self.boot_failures = 0
+        if worker.generation == self.generation:
+            self.boot_failures = 0
         log.debug("worker %d (slot %d) ready", worker.pid, worker.slot)
         if not self.announced_ready and sum(w.ready for w in self.workers.values()) >= self.target:
             self.announced_ready = True
             log.info("ready: %d workers (%s)", self.target, self.config.worker_class)
             self.ready.set()
+            self.retire_predecessor()
 
     def reap_workers(self) -> None:
         """Collect every worker that exited: by its own pid, never ``waitpid(-1)``."""
@@ -362,6 +429,11 @@ class Master:
         self.crashes = pool.count_crash(self.crashes, lived)
         self.next_spawn_at = time.monotonic() + pool.respawn_delay(self.crashes, _rand())
         if worker.ready:
+            return
+        if self.reload is not None and worker.generation == self.generation:
+            self.abort_reload(
+                f"worker {worker.pid} of the new generation {how} before it was ready"
+            )
             return
         self.boot_failures += 1
         if not self.announced_ready and self.boot_failures >= MAX_BOOT_FAILURES:
@@ -458,8 +530,8 @@ class Master:
             signal.set_wakeup_fd(-1)
             for signum in (*HANDLED_SIGNALS, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
-        for listener in self.listeners:
-            listener.close()
+        for listener in [*self.listeners, *self.closing]:
+            listener.close(unlink=not self.handed_over)  # the new master serves those files
         self.selector.close()
         for fd in (self.wake_r, self.wake_w, self.notify_r, self.notify_w):
             os.close(fd)
@@ -470,15 +542,173 @@ class Master:
         self.stopped.set()
 
     # ----------------------------------------------------------------- app and pidfile
-    def check_app(self) -> None:
-        """Import every handler once in the master so that a bad app exits 3 before any fork."""
-        if self.handler is None:
-            load_handler(self.config.app, fresh=True)
-        for spec in (
-            self.config.binds if not self.listeners else [lst.spec for lst in self.listeners]
-        ):
-            if spec.handler:
-                load_handler(spec.handler, fresh=True)
+    def check_app(self, config: Config) -> None:
+        """Import every handler once in the master, fresh from disk, so that a bad app fails
+        here (exit 3 at start, a refused reload later) before any fork. With ``--preload`` the
+        workers use these very classes."""
+        apps: list[str | None] = [] if self.handler is not None else [None]
+        apps += [spec.handler for spec in config.binds if spec.handler]
+        preloaded: dict[str | None, type] = {}
+        for app in apps:
+            preloaded[app] = load_handler(app or config.app, fresh=True)
+        self.preloaded = preloaded if config.preload else {}
+
+    def open_listeners(self, config: Config, keep: list[Listener] = ()) -> list[Listener]:
+        """The listeners ``config`` asks for: those in ``keep`` with the same bind text as
+        they are, inherited fds adopted (upgrade, systemd), the rest bound now."""
+        texts = [spec.text for spec in config.binds]
+        kept = {lst.spec.text: lst for lst in keep}
+        inherited = handover.inherited_fds(os.environ, texts, os.getpid())
+        for fd in handover.unused_fds(inherited, texts):
+            os.close(fd)
+        for name in (handover.ENV_FDS, "LISTEN_FDS", "LISTEN_PID"):
+            os.environ.pop(name, None)  # adopted once; a later upgrade describes its own
+        opened: list[Listener] = []
+        try:
+            for spec in config.binds:
+                if spec.text in kept:
+                    opened.append(kept[spec.text])
+                elif spec.text in inherited:
+                    opened.append(adopt(spec, inherited[spec.text]))
+                else:
+                    opened.append(bind(spec, config.backlog, config.reuse_port))
+        except ClusterError:
+            for listener in opened:
+                if listener.spec.text not in kept:
+                    listener.close()
+            raise
+        return opened
+
+    # ----------------------------------------------------------------- reload (HUP)
+    def begin_reload(self) -> None:
+        """Re-read the config, check the app, open new binds, and start a new generation.
+
+        Anything that fails here leaves the running generation untouched and serving.
+        """
+        if self.stopping:
+            log.warning("reload refused: stopping")
+            return
+        if self.reload is not None:
+            if not self.generation_ready():
+                log.warning("reload refused: generation %d is still booting", self.generation)
+                return
+            # The last reload's generation is serving; only its predecessors still drain.
+            # It becomes the generation to fall back on.
+            self.reload = None
+        try:
+            config = self.reread_config() if self.reread_config else self.config
+            self.check_app(config)
+            listeners = self.open_listeners(config, keep=self.listeners)
+        except ClusterError as err:
+            log.error("reload failed: %s; still serving generation %d", err, self.generation)
+            return
+        self.reload = Reload(self.generation, self.config, self.listeners, self.preloaded,
+                             self.target)  # fmt: skip
+        added, removed = diff_binds([lst.spec.text for lst in self.listeners],
+                                    [lst.spec.text for lst in listeners])  # fmt: skip
+        self.closing.extend(lst for lst in self.listeners if lst.spec.text in removed)
+        for listener in listeners:
+            if listener.spec.text in added:
+                log.info("listening on %s", listener.uri)
+        self.config, self.listeners, self.target = config, listeners, config.workers
+        self.generation += 1
+        self.boot_failures = 0
+        log.info("reload: starting generation %d (%d workers, %s)", self.generation,
+                 self.target, config.reload_strategy)  # fmt: skip
+
+    def watch_reload(self) -> None:
+        """Finish a reload once no older worker is left (closing the listeners it removed);
+        give it up if a new worker does not boot within the graceful timeout."""
+        older = any(w.generation != self.generation for w in self.workers.values())
+        if older:
+            now, limit = time.monotonic(), self.config.graceful_timeout
+            if self.reload is not None and any(
+                w.generation == self.generation and not w.ready and now - w.spawned_at > limit
+                for w in self.workers.values()
+            ):
+                self.abort_reload(f"a worker of generation {self.generation} was not ready "
+                                  f"within {limit:g}s")  # fmt: skip
+            return
+        for listener in self.closing:
+            log.info("closed %s", listener.uri)
+            listener.close()
+        self.closing = []
+        if self.reload is not None:
+            self.reload = None
+            log.info("reload complete: generation %d serving with %d workers",
+                     self.generation, len(self.workers))  # fmt: skip
+
+    def generation_ready(self) -> bool:
+        current = [w for w in self.workers.values() if w.generation == self.generation]
+        return len(current) >= self.target and all(w.ready for w in current)
+
+    def abort_reload(self, why: str) -> None:
+        """The health gate: the new generation failed; stop it, stay on the old one."""
+        reload, self.reload = self.reload, None
+        assert reload is not None
+        failed = self.generation
+        for worker in self.workers.values():
+            if worker.generation == failed:
+                worker.retiring, worker.why_retired = True, "reload failed"
+                self.kill(worker, signal.SIGKILL)
+        wanted = {lst.spec.text for lst in reload.previous_listeners}
+        for listener in self.listeners:
+            if listener.spec.text not in wanted:
+                listener.close()  # opened for the failed generation only
+        self.closing = [lst for lst in self.closing if lst not in reload.previous_listeners]
+        self.generation, self.config = reload.previous_generation, reload.previous_config
+        self.listeners, self.preloaded = reload.previous_listeners, reload.previous_preloaded
+        self.target = reload.previous_target
+        log.error("reload failed: %s; still serving generation %d", why, self.generation)
+
+    # ----------------------------------------------------------------- upgrade (USR2)
+    def begin_upgrade(self) -> None:
+        """Fork and exec a new master of our command line that inherits our listeners."""
+        if self.stopping or self.successor is not None or not self.install_signals:
+            log.warning("upgrade refused: %s", "stopping" if self.stopping else
+                        "one is under way" if self.successor else "not running the CLI")  # fmt: skip
+            return
+        pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.listeners]
+        self.rename_pidfile(to_old=True)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            successor = WorkerProcess(handover.exec_successor, (pairs, self.pid))
+            successor.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self.successor = successor
+        self.successor_deadline = time.monotonic() + self.config.graceful_timeout
+        self.selector.register(successor.sentinel, selectors.EVENT_READ, "successor")
+        log.info("upgrade: started new master %d; it takes over once its workers are ready",
+                 successor.pid)  # fmt: skip
+
+    def watch_successor(self) -> None:
+        if self.successor is not None and time.monotonic() > self.successor_deadline:
+            log.error("upgrade failed: new master %d not ready within %gs; killing it, still "
+                      "serving", self.successor.pid, self.config.graceful_timeout)  # fmt: skip
+            os.kill(self.successor.pid, signal.SIGKILL)
+            self.successor_deadline = float("inf")  # its exit is reaped by on_successor_exit
+
+    def on_successor_exit(self) -> None:
+        successor, self.successor = self.successor, None
+        assert successor is not None
+        self.selector.unregister(successor.sentinel)
+        how = pool.describe_exit(successor.join())
+        successor.close()
+        if self.handed_over:
+            return
+        log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
+        self.rename_pidfile(to_old=False)
+
+    def retire_predecessor(self) -> None:
+        """As a new master from an upgrade, once ready: tell the old master to go."""
+        old = os.environ.pop(handover.ENV_PREDECESSOR, None)
+        if old and old.isdigit():
+            log.info("upgrade: ready, retiring the old master %s", old)
+            try:
+                os.kill(int(old), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def write_pidfile(self) -> None:
         path = self.config.pidfile
@@ -488,10 +718,23 @@ class Master:
                 fh.write(f"{self.pid}\n")
             os.replace(tmp, path)  # readers never see a half-written pidfile
 
+    def rename_pidfile(self, to_old: bool) -> None:
+        """During an upgrade our pidfile is PIDFILE.oldbin; the new master writes PIDFILE."""
+        path = self.config.pidfile
+        if not path:
+            return
+        source, target = (path, path + ".oldbin") if to_old else (path + ".oldbin", path)
+        try:
+            os.replace(source, target)
+        except OSError as err:
+            log.warning("cannot rename %s to %s: %s", source, target, err.strerror)
+
     def remove_pidfile(self) -> None:
         path = self.config.pidfile
         if not path:
             return
+        if self.successor is not None or self.handed_over:
+            path += ".oldbin"
         try:
             with open(path) as fh:
                 if fh.read().strip() != str(self.pid):

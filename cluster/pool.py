@@ -19,23 +19,80 @@ class WorkerView:
     spawned_at: float
     ready: bool = False
     retiring: bool = False
+    idle: bool = False  # ready and running no request (from the scoreboard)
 
 
-def to_spawn(target: int, workers: Iterable[WorkerView]) -> int:
-    """How many workers to fork now so that ``target`` are serving or booting."""
-    active = sum(1 for w in workers if not w.retiring)
-    return max(0, target - active)
+@dataclass(frozen=True)
+class Plan:
+    """What the master should do now: fork ``spawn`` workers of the current generation,
+    and retire these pids gracefully."""
+
+    spawn: int = 0
+    retire: tuple[int, ...] = ()
+
+
+def plan(target: int, generation: int, strategy: str, workers: Sequence[WorkerView]) -> Plan:
+    """The one pool decision: steady state, or a reload in progress.
+
+    ``generation`` is the one we want serving; workers of older generations are replaced:
+    with ``all``, a whole new generation boots and only once every one of them is ready are
+    the old retired; with ``rolling``, one at a time, each old worker retired only after a new
+    one is ready, and the next new one forked only after that old one exited, so that between
+    ``target`` and ``target + 1`` processes are alive throughout.
+    """
+    live = [w for w in workers if not w.retiring]
+    current = [w for w in live if w.generation == generation]
+    old = [w for w in live if w.generation != generation]
+    if not old:
+        return Plan(spawn=max(0, target - len(current)), retire=tuple(to_retire(target, current)))
+    booting = [w for w in current if not w.ready]
+    if strategy == "all":
+        if len(current) < target:
+            return Plan(spawn=target - len(current))
+        if booting:
+            return Plan()
+        return Plan(retire=tuple(w.pid for w in old))
+    # rolling
+    if booting:
+        return Plan()
+    if len(current) + len(old) > target:  # a new one is ready: one old one may go
+        oldest = min(old, key=lambda w: w.spawned_at)
+        return Plan(retire=(oldest.pid,))
+    alive = len(workers)  # retiring ones too: they still run until they exit
+    if alive < target + 1 and len(current) < target:
+        return Plan(spawn=1)
+    return Plan()
 
 
 def to_retire(target: int, workers: Sequence[WorkerView]) -> list[int]:
     """Pids to retire gracefully when more than ``target`` are active: booting ones first
-    (they serve nobody yet), then the youngest (the oldest have proven they work)."""
+    (they serve nobody yet), then idle ones, then the youngest (the oldest have proven
+    they work)."""
     active = [w for w in workers if not w.retiring]
     excess = len(active) - target
     if excess <= 0:
         return []
-    order = sorted(active, key=lambda w: (w.ready, -w.spawned_at))
+    order = sorted(active, key=lambda w: (w.ready, not w.idle, -w.spawned_at))
     return [w.pid for w in order[:excess]]
+
+
+def adapt(
+    target: int, idle: int, min_spare: int, max_spare: int, bound: int, rate: int
+) -> tuple[int, int]:
+    """One second of Apache-prefork-style adaptation: (new target, next spawn rate).
+
+    Too few idle workers: grow by ``rate`` (1, 2, 4, ... doubling each second the shortage
+    lasts, up to 8 and to ``bound``). Too many: shrink by one per second, never below 1.
+    """
+    if idle < min_spare and target < bound:
+        grown = min(bound, target + rate)
+        return grown, min(rate * 2, MAX_SPAWN_RATE)
+    if idle > max_spare and target > 1:
+        return target - 1, 1
+    return target, 1
+
+
+MAX_SPAWN_RATE = 8
 
 
 def free_slot(used: Iterable[int]) -> int:

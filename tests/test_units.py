@@ -109,14 +109,83 @@ def view(pid: int, ready: bool = True, retiring: bool = False, at: float = 0.0, 
     return pool.WorkerView(pid, slot, 1, at, ready, retiring)
 
 
-def test_to_spawn_counts_only_active_workers() -> None:
-    assert pool.to_spawn(3, [view(1), view(2, retiring=True)]) == 2
-    assert pool.to_spawn(1, [view(1), view(2)]) == 0
+def test_plan_steady_state_fills_and_trims() -> None:
+    assert pool.plan(3, 1, "all", [view(1), view(2, retiring=True)]) == pool.Plan(spawn=2)
+    assert pool.plan(1, 1, "all", [view(1, at=1.0), view(2, at=2.0)]) == pool.Plan(retire=(2,))
 
 
-def test_to_retire_prefers_booting_then_youngest() -> None:
+def gen_view(
+    pid: int, generation: int, ready: bool = True, retiring: bool = False, at: float = 0.0
+):
+    return pool.WorkerView(pid, pid, generation, at, ready, retiring)
+
+
+def test_plan_all_boots_a_whole_generation_before_retiring_the_old() -> None:
+    old = [gen_view(1, 1), gen_view(2, 1)]
+    assert pool.plan(2, 2, "all", old) == pool.Plan(spawn=2)
+    booting = [*old, gen_view(3, 2, ready=False), gen_view(4, 2)]
+    assert pool.plan(2, 2, "all", booting) == pool.Plan()
+    ready = [*old, gen_view(3, 2), gen_view(4, 2)]
+    assert pool.plan(2, 2, "all", ready) == pool.Plan(retire=(1, 2))
+
+
+def test_plan_rolling_keeps_between_n_and_n_plus_1_alive() -> None:
+    """Simulate a rolling reload of 3 workers step by step; check the invariant each step."""
+    n, workers, next_pid, clock = 3, [gen_view(p, 1, at=p) for p in (1, 2, 3)], 10, 10.0
+    for _ in range(40):
+        decision = pool.plan(n, 2, "rolling", workers)
+        for _ in range(decision.spawn):
+            workers.append(gen_view(next_pid, 2, ready=False, at=clock))
+            next_pid += 1
+        workers = [gen_view(w.pid, w.generation, w.ready, w.retiring or w.pid in decision.retire,
+                            w.spawned_at) for w in workers]  # fmt: skip
+        alive = len(workers)
+        serving = sum(1 for w in workers if w.ready and not w.retiring)
+        assert n <= alive <= n + 1 and serving >= n - 1, workers
+        # time passes: booting workers become ready, retiring ones exit
+        workers = [gen_view(w.pid, w.generation, True, w.retiring, w.spawned_at)
+                   for w in workers if not w.retiring]  # fmt: skip
+        clock += 1
+        if all(w.generation == 2 for w in workers) and len(workers) == n:
+            break
+    assert sorted(w.generation for w in workers) == [2, 2, 2]
+
+
+def test_adapt_grows_fast_and_shrinks_slowly() -> None:
+    assert pool.adapt(2, idle=0, min_spare=2, max_spare=4, bound=10, rate=1) == (3, 2)
+    assert pool.adapt(3, idle=0, min_spare=2, max_spare=4, bound=10, rate=2) == (5, 4)
+    assert pool.adapt(9, idle=0, min_spare=2, max_spare=4, bound=10, rate=8) == (10, 8)
+    assert pool.adapt(10, idle=0, min_spare=2, max_spare=4, bound=10, rate=8) == (10, 1)
+    assert pool.adapt(8, idle=7, min_spare=2, max_spare=4, bound=10, rate=4) == (7, 1)
+    assert pool.adapt(1, idle=5, min_spare=0, max_spare=0, bound=10, rate=1) == (1, 1)
+    assert pool.adapt(4, idle=3, min_spare=2, max_spare=4, bound=10, rate=2) == (4, 1)
+
+
+def test_diff_binds() -> None:
+    from cluster.listeners import diff_binds
+
+    assert diff_binds(["a", "b"], ["b", "c"]) == (["c"], ["a"])
+    assert diff_binds(["a"], ["a"]) == ([], [])
+
+
+def test_inherited_fds_from_upgrade_and_systemd() -> None:
+    from cluster import handover
+
+    env = {handover.ENV_FDS: handover.encode_fds([(7, "tcp://127.0.0.1:0"), (9, "unix:/x")])}
+    assert handover.inherited_fds(env, [], 1) == {"tcp://127.0.0.1:0": 7, "unix:/x": 9}
+    assert handover.unused_fds({"a": 7, "b": 9}, ["a"]) == [9]
+    systemd = {"LISTEN_PID": "42", "LISTEN_FDS": "2"}
+    assert handover.inherited_fds(systemd, ["a", "b", "c"], 42) == {"a": 3, "b": 4}
+    assert handover.inherited_fds(systemd, ["a"], 43) == {}  # not for us
+    with pytest.raises(ConfigError, match="CLUSTER_FDS"):
+        handover.inherited_fds({handover.ENV_FDS: "nonsense"}, [], 1)
+
+
+def test_to_retire_prefers_booting_then_idle_then_youngest() -> None:
     workers = [view(1, at=1.0), view(2, at=3.0), view(3, ready=False, at=0.5), view(4, at=2.0)]
     assert pool.to_retire(2, workers) == [3, 2]
+    with_idle = [*workers[:3], pool.WorkerView(4, 0, 1, 2.0, True, False, idle=True)]
+    assert pool.to_retire(2, with_idle) == [3, 4]
     assert pool.to_retire(4, workers) == []
     assert pool.to_retire(1, [view(1), view(2, retiring=True)]) == []
 

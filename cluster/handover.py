@@ -1,0 +1,78 @@
+"""Passing listening sockets to a new master: ``CLUSTER_FDS`` (our upgrade) and systemd's
+``LISTEN_FDS``/``LISTEN_PID`` (socket activation).
+
+On USR2 the master forks a child that execs the same command line with the listening fds
+made inheritable and described in ``CLUSTER_FDS`` as JSON, ``[[fd, "bind text"], ...]``. The
+new master adopts every inherited socket whose bind text it is configured with, binds only
+what is new, and closes what it does not use. Matching by the bind text the user wrote (not
+the resolved address) keeps ``127.0.0.1:0`` on the very port the old master got.
+
+systemd passes fds 3, 4, ... in the order of its ``ListenStream=`` lines; we match them to
+``--bind`` in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+
+from cluster.errors import ConfigError
+
+ENV_FDS = "CLUSTER_FDS"
+ENV_PREDECESSOR = "CLUSTER_UPGRADE_FROM"  # pid of the master to retire once we are ready
+SYSTEMD_FIRST_FD = 3
+
+
+def encode_fds(pairs: Sequence[tuple[int, str]]) -> str:
+    return json.dumps([[fd, text] for fd, text in pairs])
+
+
+def inherited_fds(env: Mapping[str, str], bind_texts: Sequence[str], pid: int) -> dict[str, int]:
+    """Which configured binds arrive as inherited fds: {bind text: fd}.
+
+    Reads ``CLUSTER_FDS`` first, then systemd's variables (honoured only when ``LISTEN_PID``
+    is ours, as systemd specifies). A malformed variable is a ConfigError naming it.
+    """
+    if ENV_FDS in env:
+        try:
+            pairs = json.loads(env[ENV_FDS])
+            found = {str(text): int(fd) for fd, text in pairs}
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"bad {ENV_FDS} {env[ENV_FDS]!r}: {err}") from None
+        return found
+    if env.get("LISTEN_PID") == str(pid) and "LISTEN_FDS" in env:
+        try:
+            count = int(env["LISTEN_FDS"])
+        except ValueError:
+            raise ConfigError(f"bad LISTEN_FDS {env['LISTEN_FDS']!r}") from None
+        return {text: SYSTEMD_FIRST_FD + n for n, text in enumerate(bind_texts[:count])}
+    return {}
+
+
+def unused_fds(found: Mapping[str, int], bind_texts: Sequence[str]) -> list[int]:
+    """Inherited fds that no configured bind takes: the new master closes them."""
+    wanted = set(bind_texts)
+    return [fd for text, fd in found.items() if text not in wanted]
+
+
+def successor_command() -> list[str]:
+    """The command line that started us, as ``python -m cluster ...`` (works for both the
+    console script and ``python -m``)."""
+    return [sys.executable, "-m", "cluster", *sys.argv[1:]]
+
+
+def exec_successor(pairs: Sequence[tuple[int, str]], predecessor: int) -> None:
+    """In the forked child: hand the listening fds over and become the new master."""
+    for fd, _ in pairs:
+        os.set_inheritable(fd, True)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    env = dict(os.environ)
+    env[ENV_FDS] = encode_fds(pairs)
+    env[ENV_PREDECESSOR] = str(predecessor)
+    env.pop("LISTEN_FDS", None)
+    env.pop("LISTEN_PID", None)
+    command = successor_command()
+    os.execve(command[0], command, env)
