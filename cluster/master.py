@@ -359,6 +359,11 @@ class Master:
         """The master's own fds a worker inherits and must close (see module docstring)."""
         fds = [self.wake_r, self.wake_w, self.notify_r, self.selector.fileno()]
         fds.extend(worker.process.sentinel for worker in self.workers.values())
+        # Listeners a reload removed (or that only an older generation serves): a worker
+        # holding one would keep it open, queueing connections that nobody ever accepts.
+        serving = {lst.sock.fileno() for lst in self.listeners}
+        others = [*self.closing, *(self.reload.previous_listeners if self.reload else [])]
+        fds.extend({lst.sock.fileno() for lst in others} - serving)
         return fds
 
     def retire(self, worker: Worker, why: str) -> None:

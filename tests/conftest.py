@@ -35,6 +35,7 @@ def cluster_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(ROOT), env.get("PYTHONPATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # apps rewritten by tests must never run stale .pyc
     return env
 
 
@@ -107,6 +108,11 @@ class Cluster:
         pids = descendants(self.pid)
         self.seen_pids.update(pids)
         return pids
+
+    def adopt(self, pid: int) -> None:
+        """End ``pid`` too at teardown (a new master an upgrade started)."""
+        self.seen_pids.add(pid)
+        self.seen_pids.update(descendants(pid))
 
     def signal(self, signum: int) -> None:
         self.seen_pids.update(descendants(self.pid))

@@ -34,6 +34,14 @@ def holds_for(condition: Callable[[], object], seconds: float, what: str = "cond
         time.sleep(0.05)  # the checking period; this observes a duration, it waits for nothing
 
 
+def every(interval: float, count: int, action: Callable[[int], None]) -> None:
+    """Call ``action(n)`` ``count`` times on a fixed schedule, ``interval`` seconds apart."""
+    start = time.monotonic()
+    for n in range(count):
+        time.sleep(max(0.0, start + n * interval - time.monotonic()))  # a schedule, not a wait
+        action(n)
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time ``pid`` has used, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as fh:

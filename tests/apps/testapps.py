@@ -100,3 +100,11 @@ class Crash(BaseRequestHandler):
 
     def handle(self) -> None:
         os._exit(1)
+
+
+class LineEcho(StreamRequestHandler):
+    """Echoes line by line until the client closes: a persistent connection."""
+
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line)

@@ -1,0 +1,273 @@
+"""Lifecycle under load: reloads, rolling reloads, scaling, upgrade, and lossless stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.loadtest import Events, LoadConfig, Result, run
+from tests.conftest import read_line, stream_roundtrip, tcp_connect
+from tests.procs import alive, children, every, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def load_in_background(config: LoadConfig, events: Events) -> tuple[threading.Thread, list[Result]]:
+    results: list[Result] = []
+    thread = threading.Thread(target=lambda: results.append(run(config, events=events)))
+    thread.start()
+    return thread, results
+
+
+def assert_no_errors(result: Result) -> None:
+    assert result.requests > 100, result
+    assert result.error_count == 0, (result.errors, result.error_examples)
+
+
+TARGETS = {
+    "tcp-persistent": (["-k", "thread", "--threads", "4", "-b", "127.0.0.1:0"], "persistent"),
+    "tcp-per-request": (["-b", "127.0.0.1:0"], "per-request"),
+    "udp": (["-b", "udp://127.0.0.1:0"], "persistent"),
+    "unix": (["-b", "unix:{tmp}/lc.sock"], "per-request"),
+}
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_ten_hups_under_load_lose_nothing(start_cluster, tmp_path: Path, name: str) -> None:
+    flags, connect = TARGETS[name]
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    cluster = start_cluster("echo", "-w", "2", "--graceful-timeout", "30", *flags)
+    uri = cluster.uris[0].replace("tcp://", "tcp://")
+    first = set(cluster.workers())
+    events = Events()
+    load, results = load_in_background(
+        LoadConfig(uri, duration=7.0, concurrency=4, connect=connect, timeout=5.0), events
+    )
+
+    def hup(n: int) -> None:
+        cluster.signal(signal.SIGHUP)
+        events.mark(f"HUP {n + 1}")
+
+    every(0.5, 10, hup)
+    load.join(60)
+    assert_no_errors(results[0])
+    assert len(results[0].events) == 10
+    # Once the load's connections are closed, only new workers remain; the master is the same.
+    wait_for(lambda: not (set(cluster.workers()) & first) and len(cluster.workers()) == 2, 30,
+             "every old worker gone")  # fmt: skip
+    assert alive(cluster.pid) and cluster.log.count("reload: starting generation") >= 5
+
+
+VERSIONED = """
+from workers import BaseRequestHandler
+
+VERSION = b"{version}"
+
+
+class Handler(BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(VERSION)
+"""
+
+
+def test_broken_app_keeps_the_old_generation_and_a_fixed_one_loads(
+    start_cluster, tmp_path: Path
+) -> None:
+    app = tmp_path / "versioned.py"
+    app.write_text(VERSIONED.format(version="v1"))
+    cluster = start_cluster("versioned:Handler", "-w", "2", "-b", "127.0.0.1:0", cwd=tmp_path)
+    ask = lambda: stream_roundtrip(tcp_connect(cluster.address()), b"")  # noqa: E731
+    assert ask() == b"v1"
+    old = sorted(cluster.workers())
+    app.write_text("this is not python(\n")
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload failed: cannot import app 'versioned:Handler'")
+    assert sorted(cluster.workers()) == old and ask() == b"v1"
+    app.write_text(VERSIONED.format(version="v2"))
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload complete: generation 2")
+    new = sorted(cluster.workers())
+    assert not set(new) & set(old) and len(new) == 2
+    assert {ask() for _ in range(10)} == {b"v2"}
+
+
+def test_new_generation_that_cannot_boot_is_abandoned(start_cluster, tmp_path: Path) -> None:
+    """The health gate: the app imports in the master but its workers die before ready."""
+    app = tmp_path / "gated.py"
+    app.write_text(VERSIONED.format(version="v1"))
+    cluster = start_cluster("gated:Handler", "-w", "2", "-b", "127.0.0.1:0", cwd=tmp_path)
+    old = sorted(cluster.workers())
+    app.write_text(
+        "from setproctitle import getproctitle\n"
+        "if getproctitle().startswith('cluster: worker'):\n"
+        "    raise RuntimeError('no boot in workers')\n" + VERSIONED.format(version="v2")
+    )
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload failed: worker \\d+ of the new generation")
+    wait_for(lambda: sorted(cluster.workers()) == old, 10, "only the old workers")
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"") == b"v1"
+
+
+def test_rolling_reload_stays_between_n_and_n_plus_1(start_cluster) -> None:
+    cluster = start_cluster("echo", "-w", "3", "--reload-strategy", "rolling", "-b", "127.0.0.1:0")
+    old = set(cluster.workers())
+    counts: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            counts.append(len(children(cluster.pid)))
+            time.sleep(0.001)  # the sampling period
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        cluster.signal(signal.SIGHUP)
+        cluster.wait_log("reload complete: generation 2", timeout=30)
+    finally:
+        done.set()
+        sampler.join()
+    assert min(counts) >= 3 and max(counts) <= 4, sorted(set(counts))
+    assert 4 in counts  # it did overlap, one at a time
+    assert not set(cluster.workers()) & old
+
+
+def test_ttin_ttou_within_max_workers(start_cluster) -> None:
+    cluster = start_cluster("echo", "-w", "2", "--max-workers", "4", "-b", "127.0.0.1:0")
+    count = lambda: len(children(cluster.pid))  # noqa: E731
+    for expected in (3, 4, 4):
+        cluster.signal(signal.SIGTTIN)
+        wait_for(lambda e=expected: count() == e, 10, f"{expected} workers")
+    cluster.wait_log("refused: the pool cannot grow past --max-workers 4")
+    for expected in (3, 2):
+        cluster.signal(signal.SIGTTOU)
+        wait_for(lambda e=expected: count() == e, 10, f"{expected} workers")
+    assert max(count(), 0) == 2
+
+
+def test_adaptive_pool_grows_under_a_burst_and_shrinks_after(start_cluster) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "1", "--min-spare", "1", "--max-spare", "1",
+                            "--max-workers", "6", "-b", "127.0.0.1:0")  # fmt: skip
+    count = lambda: len(children(cluster.pid))  # noqa: E731
+    held = []
+    try:
+        for _ in range(4):  # a burst of slow requests, each holding a worker
+            sock = tcp_connect(cluster.address(), timeout=20)
+            held.append(sock)
+            assert read_line(sock).startswith(b"started")
+        wait_for(lambda: count() >= 5, 15, "the pool to grow past the burst")
+    finally:
+        for sock in held:
+            sock.sendall(b"finish\n")
+            read_line(sock)
+            sock.close()
+    wait_for(lambda: count() <= 2, 20, "the pool to shrink back")
+    assert "adaptive:" in cluster.log
+
+
+def test_usr2_upgrade_under_load(start_cluster, tmp_path: Path) -> None:
+    pidfile = tmp_path / "m.pid"
+    cluster = start_cluster("echo", "-w", "2", "-b", "127.0.0.1:0", "--pidfile", str(pidfile))
+    events = Events()
+    load, results = load_in_background(
+        LoadConfig(cluster.uris[0], duration=4.0, concurrency=4, connect="per-request"), events
+    )
+    wait_for(lambda: cluster.log.count("") > 0, 1)
+    cluster.signal(signal.SIGUSR2)
+    events.mark("USR2 sent")
+    match = cluster.wait_log(r"upgrade: started new master (\d+)")
+    new_pid = int(match.group(1))
+    cluster.adopt(new_pid)
+    assert cluster.wait_exit(timeout=30) == 0  # the old master retired itself
+    cluster.adopt(new_pid)
+    load.join(60)
+    assert_no_errors(results[0])
+    assert alive(new_pid) and pidfile.read_text().strip() == str(new_pid)
+    assert not Path(str(pidfile) + ".oldbin").exists()
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"new") == b"new"
+    os.kill(new_pid, signal.SIGTERM)
+    wait_for(lambda: not alive(new_pid), 10, "the new master to stop")
+
+
+def test_failed_upgrade_leaves_the_old_master_serving(start_cluster, tmp_path: Path) -> None:
+    app = tmp_path / "upgr.py"
+    app.write_text(VERSIONED.format(version="v1"))
+    pidfile = tmp_path / "m.pid"
+    cluster = start_cluster("upgr:Handler", "-w", "1", "-b", "127.0.0.1:0", "--pidfile",
+                            str(pidfile), cwd=tmp_path)  # fmt: skip
+    app.write_text("broken(\n")  # the new master cannot load the app: exit 3
+    cluster.signal(signal.SIGUSR2)
+    match = cluster.wait_log(r"upgrade: started new master (\d+)")
+    cluster.adopt(int(match.group(1)))
+    cluster.wait_log(r"upgrade failed: new master \d+ exited with code 3; still serving")
+    assert alive(cluster.pid) and pidfile.read_text().strip() == str(cluster.pid)
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"") == b"v1"
+
+
+def test_term_serves_every_queued_connection(start_cluster) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "2", "--backlog", "128", "-b", "127.0.0.1:0")
+    busy = [tcp_connect(cluster.address()) for _ in range(2)]
+    for sock in busy:
+        assert read_line(sock).startswith(b"started")  # both workers are now busy
+    queued = []
+    for _ in range(50):  # these wait in the kernel's backlog: no worker is free
+        sock = tcp_connect(cluster.address(), timeout=30)
+        sock.sendall(b"finish\n")
+        queued.append(sock)
+    cluster.signal(signal.SIGTERM)
+    cluster.wait_log("graceful stop")
+    for sock in busy:
+        sock.sendall(b"finish\n")
+    for sock in [*busy, *queued]:
+        with sock:
+            assert read_line(sock).startswith(b"started") if sock in queued else True
+            assert read_line(sock).startswith(b"done")
+    assert cluster.wait_exit() == 0
+
+
+def test_graceful_timeout_kills_and_exits_non_zero(start_cluster) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "1", "--graceful-timeout", "1",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    (worker,) = cluster.workers()
+    with tcp_connect(cluster.address()) as sock:
+        assert read_line(sock).startswith(b"started")
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait_exit(timeout=10) == 1
+    assert f"stop timed out: killing workers {worker}" in cluster.log
+
+
+def test_second_term_switches_to_a_quick_stop(start_cluster) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-b", "127.0.0.1:0")
+    with tcp_connect(cluster.address()) as sock:
+        assert read_line(sock).startswith(b"started")
+        cluster.signal(signal.SIGTERM)
+        cluster.wait_log("graceful stop")
+        started = time.monotonic()
+        cluster.signal(signal.SIGTERM)
+        cluster.wait_log("quick stop")
+        assert cluster.wait_exit(timeout=10) == 0
+        assert time.monotonic() - started < 5
+
+
+def test_reload_opens_and_closes_binds(start_cluster, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('workers = 1\nbind = ["127.0.0.1:0"]\n')
+    cluster = start_cluster("echo", "--config", str(config))
+    (first,) = cluster.uris
+    config.write_text(f'workers = 1\nbind = ["udp://127.0.0.1:0", "unix:{tmp_path}/added.sock"]\n')
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload complete: generation 2")
+    cluster.wait_log(f"closed {first}")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(5)
+    sock.connect(f"{tmp_path}/added.sock")
+    assert stream_roundtrip(sock, b"added") == b"added"
+    port = int(first.rsplit(":", 1)[1])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
