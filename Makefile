@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-tools chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,21 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q
+
+# The peers and the HTTP client the benchmark compares against: wrk and nginx from Debian,
+# gunicorn from PyPI. Rows whose peer cannot be installed are left out, saying so.
+bench-tools: $(STAMP)
+	command -v wrk >/dev/null && command -v nginx >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null; } || \
+	  echo "bench: could not install wrk/nginx; their rows are skipped"
+	$(BIN)/python -m pip install -q gunicorn || echo "bench: gunicorn rows skipped"
+
+bench: bench-tools
+	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
+	$(BIN)/python scripts/idlecpu.py
+
+chaos: $(STAMP)
+	$(BIN)/python scripts/chaos.py --actions hup,usr2,ttin,ttou --duration 10 --plot docs/chaos.png --json docs/chaos.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check cluster workers tests scripts

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preload", action="store_true",
                      help="import the app in the master only; workers use that copy")  # fmt: skip
     run.add_argument("--config", metavar="FILE", help="TOML file with the long flags as keys")
+    sub.add_parser(
+        "loadtest", help="drive a server with load and report (see `cluster loadtest --help`)",
+        add_help=False,
+    )  # fmt: skip
     return parser
 
 
@@ -102,6 +106,11 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:  # its own parser: `cluster loadtest --help` documents it
+        from cluster.loadtest import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)

@@ -1,6 +1,6 @@
 """A peer for the benchmarks: the standard library's socketserver serving our handler.
 
-    python scripts/stdlib_server.py threading|forking|udp APP
+    python scripts/stdlib_server.py threading|forking|udp [APP]
 
 Binds 127.0.0.1 port 0, prints ``listening on tcp://127.0.0.1:PORT`` (the same line the cluster
 logs) and serves until TERM. The handler is the very class the cluster serves for APP.

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,9 +134,10 @@ class Cluster:
         self._reader.join(5)
         if self.proc.stderr:
             self.proc.stderr.close()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(alive(p) for p in pids):
-            time.sleep(0.02)
+        try:
+            wait_for(lambda: not any(alive(p) for p in pids), 5, "every process to end")
+        except AssertionError:
+            pass  # SIGKILL was sent; a process stuck in the kernel is not ours to wait for
         for pid in pids:  # orphans reparented to us (we are their subreaper)
             reap_if_ours(pid)
 

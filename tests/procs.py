@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,12 +27,29 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "con
         delay = min(delay * 2, 0.05)
 
 
+CHECK_PERIOD = 0.05  # how often holds_for re-checks its condition
+SAMPLE_PERIOD = 0.001  # how often a sampler thread reads /proc
+
+
+def sample_until(done: threading.Event, sample: Callable[[], None]) -> threading.Thread:
+    """Start a thread that calls ``sample()`` every millisecond until ``done`` is set."""
+
+    def loop() -> None:
+        while not done.is_set():
+            sample()
+            time.sleep(SAMPLE_PERIOD)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    return thread
+
+
 def holds_for(condition: Callable[[], object], seconds: float, what: str = "condition") -> None:
     """Assert that ``condition`` stays true, checked every 50 ms, for ``seconds``."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert condition(), f"{what} stopped holding"
-        time.sleep(0.05)  # the checking period; this observes a duration, it waits for nothing
+        time.sleep(CHECK_PERIOD)  # observes a duration: it waits for nothing
 
 
 def every(interval: float, count: int, action: Callable[[int], None]) -> None:

@@ -111,3 +111,13 @@ def test_help_documents_every_flag() -> None:
     for flag in ("--bind", "--workers", "--worker-class", "--backlog", "--graceful-timeout",
                  "--pidfile", "--name", "--log-level", "--config", "--max-workers"):  # fmt: skip
         assert flag in result.stdout
+
+
+def test_loadtest_is_a_cluster_subcommand() -> None:
+    result = subprocess.run([sys.executable, "-m", "cluster", "loadtest", "--help"], cwd=ROOT,
+                            env=cluster_env(), capture_output=True, text=True, timeout=20)  # fmt: skip
+    assert result.returncode == 0 and "--duration" in result.stdout
+    refused = subprocess.run([sys.executable, "-m", "cluster", "loadtest", "tcp://127.0.0.1:9"],
+                             cwd=ROOT, env=cluster_env(), capture_output=True, text=True,
+                             timeout=20)  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from cluster.loadtest import Events, LoadConfig, Result, run
 from tests.conftest import read_line, stream_roundtrip, tcp_connect
-from tests.procs import alive, children, every, wait_for
+from tests.procs import alive, children, every, sample_until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,13 +120,7 @@ def test_rolling_reload_stays_between_n_and_n_plus_1(start_cluster) -> None:
     counts: list[int] = []
     done = threading.Event()
 
-    def sample() -> None:
-        while not done.is_set():
-            counts.append(len(children(cluster.pid)))
-            time.sleep(0.001)  # the sampling period
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    sampler = sample_until(done, lambda: counts.append(len(children(cluster.pid))))
     try:
         cluster.signal(signal.SIGHUP)
         cluster.wait_log("reload complete: generation 2", timeout=30)

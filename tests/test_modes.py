@@ -7,13 +7,21 @@ import select
 import signal
 import socket
 import threading
-import time
 
 import pytest
 
 from tests.apps.testapps import Gate, Pid
 from tests.conftest import read_line, stream_roundtrip, tcp_connect
-from tests.procs import alive, children, descendants, gone, kill_all, state, wait_for
+from tests.procs import (
+    alive,
+    children,
+    descendants,
+    gone,
+    kill_all,
+    sample_until,
+    state,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,13 +91,10 @@ def test_fork_mode_bounds_children_per_worker(start_cluster) -> None:
     done = threading.Event()
 
     def sample() -> None:
-        while not done.is_set():
-            for pid in workers:
-                most[pid] = max(most[pid], len(children(pid)))
-            time.sleep(0.001)  # the sampling period, not a wait for an event
+        for pid in workers:
+            most[pid] = max(most[pid], len(children(pid)))
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    sampler = sample_until(done, sample)
     try:
         socks = [tcp_connect(cluster.address()) for _ in range(10)]
         pending = set(socks)
