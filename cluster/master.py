@@ -35,7 +35,7 @@ from cluster.config import Config
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError
 from cluster.listeners import Listener, adopt, bind, diff_binds
 from cluster.spawn import WorkerProcess
-from workers.process import HANDLED_SIGNALS, STACK_DUMP_SIGNAL, Endpoint, WorkerSpec
+from workers.process import HANDLED_SIGNALS, STACK_DUMP_SIGNAL, Endpoint, WorkerSpec, set_title
 from workers.process import run as worker_main
 from workers.scoreboard import Scoreboard, SlotView
 
@@ -71,11 +71,6 @@ class Worker:
     retiring: bool = False
     kill_at: float = 0.0  # a hung worker was sent TERM: KILL it at this time
     why_retired: str = ""  # "recycled after N requests", "scaled down"...
-
-    def view(self) -> pool.WorkerView:
-        return pool.WorkerView(
-            self.pid, self.slot, self.generation, self.spawned_at, self.ready, self.retiring
-        )
 
 
 class Master:
@@ -170,7 +165,7 @@ class Master:
             log.info("listening on %s", listener.uri)
         self.scoreboard = Scoreboard(2 * self.config.pool_bound, _lanes(self.config))
         if self.set_title:
-            _set_title(f"cluster: master [{self.name}]")
+            set_title(f"cluster: master [{self.name}]")
         self.write_pidfile()
         if self.install_signals:
             self.install_signal_handlers()
@@ -768,11 +763,3 @@ def _drain(fd: int) -> bytes:
     except BlockingIOError:
         pass
     return b"".join(chunks)
-
-
-def _set_title(title: str) -> None:
-    try:
-        from setproctitle import setproctitle
-    except ImportError:
-        return
-    setproctitle(title)

@@ -25,6 +25,7 @@ import pytest
 
 import workers
 import workers as socketserver_compat
+from tests.conftest import read_line
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -114,17 +115,6 @@ def datagram_client(server: workers.UDPServer, tmp_path: Path) -> socket.socket:
     if server.address_family == socket.AF_UNIX:
         sock.bind(str(tmp_path / "client.sock"))  # An unbound Unix client cannot be answered.
     return sock
-
-
-def read_line(sock: socket.socket) -> bytes:
-    """Read up to and including the first newline, or to EOF."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def read_to_eof(sock: socket.socket) -> bytes:
