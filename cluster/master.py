@@ -29,12 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster import handover, pool
+from cluster import handover, pidfile, pool
 from cluster.app import load_handler
 from cluster.config import Config
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError
-from cluster.listeners import Listener, adopt, bind, diff_binds
+from cluster.listeners import Listener, adopt, bind
+from cluster.reload import Reload, ReloadMixin
 from cluster.spawn import WorkerProcess
+from cluster.upgrade import UpgradeMixin
 from workers.process import HANDLED_SIGNALS, STACK_DUMP_SIGNAL, Endpoint, WorkerSpec, set_title
 from workers.process import run as worker_main
 from workers.scoreboard import Scoreboard, SlotView
@@ -45,17 +47,6 @@ QUICK_STOP_GRACE = 3.0  # seconds workers get to exit after QUIT before they are
 LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
 MAX_BOOT_FAILURES = 3  # consecutive workers dying before ready, with none ready yet: give up
 KILL_GRACE = 1.0  # after TERM to a hung worker, seconds before KILL
-
-
-@dataclass
-class Reload:
-    """A reload in progress: the generation we came from and what to restore on failure."""
-
-    previous_generation: int
-    previous_config: Config
-    previous_listeners: list[Listener]
-    previous_preloaded: dict[str | None, type]
-    previous_target: int
 
 
 @dataclass
@@ -73,7 +64,7 @@ class Worker:
     why_retired: str = ""  # "recycled after N requests", "scaled down"...
 
 
-class Master:
+class Master(ReloadMixin, UpgradeMixin):
     """One master loop, used by ``cluster run`` and by the library API alike.
 
     ``listeners`` may be given already bound (the library binds in its constructor, as
@@ -166,7 +157,7 @@ class Master:
         self.scoreboard = Scoreboard(2 * self.config.pool_bound, _lanes(self.config))
         if self.set_title:
             set_title(f"cluster: master [{self.name}]")
-        self.write_pidfile()
+        pidfile.write(self.config.pidfile, self.pid)
         if self.install_signals:
             self.install_signal_handlers()
         log.info(
@@ -537,7 +528,10 @@ class Master:
             os.close(fd)
         if self.scoreboard is not None:
             self.scoreboard.close()
-        self.remove_pidfile()
+        path = self.config.pidfile
+        if path and (self.successor is not None or self.handed_over):
+            path += pidfile.OLD_SUFFIX  # ours moved aside when the upgrade began
+        pidfile.remove(path, self.pid)
         log.info("master %d exiting (code %d)", self.pid, self.exit_code)
         self.stopped.set()
 
@@ -578,170 +572,6 @@ class Master:
                     listener.close()
             raise
         return opened
-
-    # ----------------------------------------------------------------- reload (HUP)
-    def begin_reload(self) -> None:
-        """Re-read the config, check the app, open new binds, and start a new generation.
-
-        Anything that fails here leaves the running generation untouched and serving.
-        """
-        if self.stopping:
-            log.warning("reload refused: stopping")
-            return
-        if self.reload is not None:
-            if not self.generation_ready():
-                log.warning("reload refused: generation %d is still booting", self.generation)
-                return
-            # The last reload's generation is serving; only its predecessors still drain.
-            # It becomes the generation to fall back on.
-            self.reload = None
-        try:
-            config = self.reread_config() if self.reread_config else self.config
-            self.check_app(config)
-            listeners = self.open_listeners(config, keep=self.listeners)
-        except ClusterError as err:
-            log.error("reload failed: %s; still serving generation %d", err, self.generation)
-            return
-        self.reload = Reload(self.generation, self.config, self.listeners, self.preloaded,
-                             self.target)  # fmt: skip
-        added, removed = diff_binds([lst.spec.text for lst in self.listeners],
-                                    [lst.spec.text for lst in listeners])  # fmt: skip
-        self.closing.extend(lst for lst in self.listeners if lst.spec.text in removed)
-        for listener in listeners:
-            if listener.spec.text in added:
-                log.info("listening on %s", listener.uri)
-        self.config, self.listeners, self.target = config, listeners, config.workers
-        self.generation += 1
-        self.boot_failures = 0
-        log.info("reload: starting generation %d (%d workers, %s)", self.generation,
-                 self.target, config.reload_strategy)  # fmt: skip
-
-    def watch_reload(self) -> None:
-        """Finish a reload once no older worker is left (closing the listeners it removed);
-        give it up if a new worker does not boot within the graceful timeout."""
-        older = any(w.generation != self.generation for w in self.workers.values())
-        if older:
-            now, limit = time.monotonic(), self.config.graceful_timeout
-            if self.reload is not None and any(
-                w.generation == self.generation and not w.ready and now - w.spawned_at > limit
-                for w in self.workers.values()
-            ):
-                self.abort_reload(f"a worker of generation {self.generation} was not ready "
-                                  f"within {limit:g}s")  # fmt: skip
-            return
-        for listener in self.closing:
-            log.info("closed %s", listener.uri)
-            listener.close()
-        self.closing = []
-        if self.reload is not None:
-            self.reload = None
-            log.info("reload complete: generation %d serving with %d workers",
-                     self.generation, len(self.workers))  # fmt: skip
-
-    def generation_ready(self) -> bool:
-        current = [w for w in self.workers.values() if w.generation == self.generation]
-        return len(current) >= self.target and all(w.ready for w in current)
-
-    def abort_reload(self, why: str) -> None:
-        """The health gate: the new generation failed; stop it, stay on the old one."""
-        reload, self.reload = self.reload, None
-        assert reload is not None
-        failed = self.generation
-        for worker in self.workers.values():
-            if worker.generation == failed:
-                worker.retiring, worker.why_retired = True, "reload failed"
-                self.kill(worker, signal.SIGKILL)
-        wanted = {lst.spec.text for lst in reload.previous_listeners}
-        for listener in self.listeners:
-            if listener.spec.text not in wanted:
-                listener.close()  # opened for the failed generation only
-        self.closing = [lst for lst in self.closing if lst not in reload.previous_listeners]
-        self.generation, self.config = reload.previous_generation, reload.previous_config
-        self.listeners, self.preloaded = reload.previous_listeners, reload.previous_preloaded
-        self.target = reload.previous_target
-        log.error("reload failed: %s; still serving generation %d", why, self.generation)
-
-    # ----------------------------------------------------------------- upgrade (USR2)
-    def begin_upgrade(self) -> None:
-        """Fork and exec a new master of our command line that inherits our listeners."""
-        if self.stopping or self.successor is not None or not self.install_signals:
-            log.warning("upgrade refused: %s", "stopping" if self.stopping else
-                        "one is under way" if self.successor else "not running the CLI")  # fmt: skip
-            return
-        pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.listeners]
-        self.rename_pidfile(to_old=True)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            successor = WorkerProcess(handover.exec_successor, (pairs, self.pid))
-            successor.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        self.successor = successor
-        self.successor_deadline = time.monotonic() + self.config.graceful_timeout
-        self.selector.register(successor.sentinel, selectors.EVENT_READ, "successor")
-        log.info("upgrade: started new master %d; it takes over once its workers are ready",
-                 successor.pid)  # fmt: skip
-
-    def watch_successor(self) -> None:
-        if self.successor is not None and time.monotonic() > self.successor_deadline:
-            log.error("upgrade failed: new master %d not ready within %gs; killing it, still "
-                      "serving", self.successor.pid, self.config.graceful_timeout)  # fmt: skip
-            os.kill(self.successor.pid, signal.SIGKILL)
-            self.successor_deadline = float("inf")  # its exit is reaped by on_successor_exit
-
-    def on_successor_exit(self) -> None:
-        successor, self.successor = self.successor, None
-        assert successor is not None
-        self.selector.unregister(successor.sentinel)
-        how = pool.describe_exit(successor.join())
-        successor.close()
-        if self.handed_over:
-            return
-        log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
-        self.rename_pidfile(to_old=False)
-
-    def retire_predecessor(self) -> None:
-        """As a new master from an upgrade, once ready: tell the old master to go."""
-        old = os.environ.pop(handover.ENV_PREDECESSOR, None)
-        if old and old.isdigit():
-            log.info("upgrade: ready, retiring the old master %s", old)
-            try:
-                os.kill(int(old), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def write_pidfile(self) -> None:
-        path = self.config.pidfile
-        if path:
-            tmp = f"{path}.{self.pid}.tmp"
-            with open(tmp, "w") as fh:
-                fh.write(f"{self.pid}\n")
-            os.replace(tmp, path)  # readers never see a half-written pidfile
-
-    def rename_pidfile(self, to_old: bool) -> None:
-        """During an upgrade our pidfile is PIDFILE.oldbin; the new master writes PIDFILE."""
-        path = self.config.pidfile
-        if not path:
-            return
-        source, target = (path, path + ".oldbin") if to_old else (path + ".oldbin", path)
-        try:
-            os.replace(source, target)
-        except OSError as err:
-            log.warning("cannot rename %s to %s: %s", source, target, err.strerror)
-
-    def remove_pidfile(self) -> None:
-        path = self.config.pidfile
-        if not path:
-            return
-        if self.successor is not None or self.handed_over:
-            path += ".oldbin"
-        try:
-            with open(path) as fh:
-                if fh.read().strip() != str(self.pid):
-                    return  # another master's now
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def _lanes(config: Config) -> int:
