@@ -41,8 +41,14 @@ def cluster_env() -> dict[str, str]:
 class Cluster:
     """A ``python -m cluster run`` subprocess whose stderr is read continuously into ``lines``."""
 
-    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
-        self.args = [sys.executable, "-m", "cluster", "run", *args]
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path | None = None,
+        command: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
+        self.args = command or [sys.executable, "-m", "cluster", "run", *args]
         self.proc = subprocess.Popen(
             self.args,
             cwd=cwd or ROOT,
@@ -51,6 +57,7 @@ class Cluster:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []

@@ -265,3 +265,45 @@ def test_reload_opens_and_closes_binds(start_cluster, tmp_path: Path) -> None:
     port = int(first.rsplit(":", 1)[1])
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_ten_hups_leak_no_fd_and_no_thread_in_the_master(start_cluster) -> None:
+    cluster = start_cluster("echo", "-w", "2", "-b", "127.0.0.1:0", "-b", "udp://127.0.0.1:0")
+    fds = lambda: sorted(os.listdir(f"/proc/{cluster.pid}/fd"))  # noqa: E731
+    threads = lambda: len(os.listdir(f"/proc/{cluster.pid}/task"))  # noqa: E731
+    before_fds, before_threads = fds(), threads()
+    for generation in range(2, 12):
+        cluster.signal(signal.SIGHUP)
+        cluster.wait_log(f"reload complete: generation {generation} ")
+    wait_for(lambda: len(children(cluster.pid)) == 2, 10, "two workers")
+    assert fds() == before_fds
+    assert threads() == before_threads == 1
+
+
+def test_systemd_socket_activation(tmp_path: Path) -> None:
+    """LISTEN_FDS/LISTEN_PID: the master adopts fd 3 for the first --bind and binds nothing."""
+    import sys
+
+    from tests.conftest import Cluster
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    # What systemd does between its fork and exec: the socket at fd 3, our pid in LISTEN_PID.
+    script = (
+        f"import os, sys; os.dup2({listener.fileno()}, 3); os.environ['LISTEN_FDS'] = '1'; "
+        "os.environ['LISTEN_PID'] = str(os.getpid()); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'cluster', 'run', 'echo', '-w', '1', "
+        "'-b', '127.0.0.1:0'])"
+    )
+    cluster = Cluster([], command=[sys.executable, "-c", script], pass_fds=(listener.fileno(),))
+    listener.close()  # the master holds it now
+    try:
+        cluster.wait_ready()
+        assert cluster.uris == [f"tcp://127.0.0.1:{port}"]  # the inherited socket, not port 0
+        assert stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"socket activated") == (
+            b"socket activated"
+        )
+    finally:
+        cluster.end()
