@@ -122,6 +122,8 @@ class Master(ReloadMixin, UpgradeMixin):
         self.exit_code = EXIT_OK
         self.ready = threading.Event()  # set once the first generation is serving
         self.stopped = threading.Event()
+        self.previous_handlers: dict[int, object] = {}  # a host program's, restored at exit
+        self.previous_wakeup_fd = -1
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -193,9 +195,18 @@ class Master(ReloadMixin, UpgradeMixin):
 
     # ----------------------------------------------------------------- signals and requests
     def install_signal_handlers(self) -> None:
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for signum in (*HANDLED_SIGNALS, signal.SIGCHLD):
-            signal.signal(signum, self.queue_signal)
+        """Queue our signals; remember what was there, for a host program (the library API
+        in a main thread) gets its own handlers back when we stop."""
+        self.previous_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.previous_handlers = {
+            signum: signal.signal(signum, self.queue_signal)
+            for signum in (*HANDLED_SIGNALS, signal.SIGCHLD)
+        }
+
+    def restore_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self.previous_wakeup_fd)
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     def queue_signal(self, signum: int, frame: object = None) -> None:
         """The only thing a signal handler does: remember the signal (the wakeup fd wakes us)."""
@@ -517,10 +528,8 @@ class Master(ReloadMixin, UpgradeMixin):
             worker.process.join()
             worker.process.close()
         self.workers.clear()
-        if self.install_signals:
-            signal.set_wakeup_fd(-1)
-            for signum in (*HANDLED_SIGNALS, signal.SIGCHLD):
-                signal.signal(signum, signal.SIG_DFL)
+        if self.previous_handlers:
+            self.restore_signal_handlers()
         for listener in [*self.listeners, *self.closing]:
             listener.close(unlink=not self.handed_over)  # the new master serves those files
         self.selector.close()

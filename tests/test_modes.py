@@ -246,3 +246,27 @@ def test_library_rejects_unknown_options() -> None:
 
     with pytest.raises(TypeError, match="wrokers"):
         PreforkTCPServer(("127.0.0.1", 0), Pid, wrokers=2)
+
+
+def test_library_in_the_main_thread_restores_the_host_signal_handlers() -> None:
+    """serve_forever in the main thread takes TERM (a graceful stop) and gives the host
+    program its own handlers back afterwards."""
+    import signal as signals
+
+    from cluster import PreforkTCPServer
+
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signals.signal(signals.SIGHUP, mine)
+    server = PreforkTCPServer(("127.0.0.1", 0), Pid, workers=1)
+    stopper = threading.Thread(
+        target=lambda: (server.wait_ready(20), os.kill(os.getpid(), signals.SIGTERM))
+    )
+    try:
+        stopper.start()
+        server.serve_forever()  # returns on the TERM, a graceful stop
+        assert server.exit_code == 0
+        assert signals.getsignal(signals.SIGHUP) is mine
+    finally:
+        stopper.join(20)
+        signals.signal(signals.SIGHUP, previous)
+        server.server_close()
