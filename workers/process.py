@@ -120,6 +120,7 @@ class Context:
         self.slot = slot
         self.served = 0
         self.limit = spec.max_requests
+        self.recycled = False  # we hit --max-requests: the master is forking our replacement
 
     def tell(self, message: bytes) -> None:
         notify(self.spec.notify_fd, message)
@@ -136,8 +137,6 @@ class Context:
             self.lifecycle.running = False
             self.recycled = True
             self.tell(b"recycle %d" % self.served)
-
-    recycled = False
 
     def draining(self) -> bool:
         """We stopped taking new requests; whether to serve what is already queued first.
