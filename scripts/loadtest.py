@@ -1,4 +1,4 @@
-"""Load-test a running cluster (or any echo / HTTP server): see ``cluster/loadtest.py``.
+"""Load-test a running cluster (or any echo / HTTP server): see ``cluster/loadtest/``.
 
 python scripts/loadtest.py tcp://127.0.0.1:8000 --duration 10 -c 8 -p 2 --json out.json
 """

@@ -658,7 +658,7 @@ def test_whichever_bound_comes_first(start_cluster: Callable[..., Any]) -> None:
 def test_hard_cap_stops_a_count_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Given only a request count the run still ends by itself: at the hard cap (made short
     here), whatever is left of the budget."""
-    monkeypatch.setattr(loadtest, "HARD_CAP_SECONDS", 0.5)
+    monkeypatch.setattr(loadtest.config, "HARD_CAP_SECONDS", 0.5)  # where make_plan reads it
     began = time.monotonic()
     result = run_library(LoadConfig(f"unix:{tmp_path}/nobody.sock", requests=10**9, rate=200))
     assert 50 <= result.requests <= 150 and result.errors["refused"] == result.requests
