@@ -18,9 +18,19 @@ from tests.procs import alive, children, every, sample_until, wait_for
 pytestmark = pytest.mark.timeout(120)
 
 
-def load_in_background(config: LoadConfig, events: Events) -> tuple[threading.Thread, list[Result]]:
+def load_in_background(
+    config: LoadConfig, events: Events, flowing: threading.Event | None = None
+) -> tuple[threading.Thread, list[Result]]:
+    """Run the load test in a thread; ``flowing`` is set once requests are being served."""
     results: list[Result] = []
-    thread = threading.Thread(target=lambda: results.append(run(config, events=events)))
+
+    def progress(now: object) -> None:
+        if flowing is not None and now.requests > 0:  # type: ignore[attr-defined]
+            flowing.set()
+
+    thread = threading.Thread(
+        target=lambda: results.append(run(config, events=events, progress=progress))
+    )
     thread.start()
     return thread, results
 
@@ -43,12 +53,13 @@ def test_ten_hups_under_load_lose_nothing(start_cluster, tmp_path: Path, name: s
     flags, connect = TARGETS[name]
     flags = [f.format(tmp=tmp_path) for f in flags]
     cluster = start_cluster("echo", "-w", "2", "--graceful-timeout", "30", *flags)
-    uri = cluster.uris[0].replace("tcp://", "tcp://")
+    uri = cluster.uris[0]
     first = set(cluster.workers())
-    events = Events()
+    events, flowing = Events(), threading.Event()
     load, results = load_in_background(
-        LoadConfig(uri, duration=7.0, concurrency=4, connect=connect, timeout=5.0), events
+        LoadConfig(uri, duration=7.0, concurrency=4, connect=connect, timeout=5.0), events, flowing
     )
+    assert flowing.wait(10), "the load never started"
 
     def hup(n: int) -> None:
         cluster.signal(signal.SIGHUP)
@@ -169,19 +180,28 @@ def test_usr2_upgrade_under_load(start_cluster, tmp_path: Path) -> None:
     pidfile = tmp_path / "m.pid"
     cluster = start_cluster("echo", "-w", "2", "-b", "127.0.0.1:0", "--pidfile", str(pidfile))
     events = Events()
+    flowing = threading.Event()
     load, results = load_in_background(
-        LoadConfig(cluster.uris[0], duration=4.0, concurrency=4, connect="per-request"), events
+        LoadConfig(cluster.uris[0], duration=4.0, concurrency=4, connect="per-request"),
+        events,
+        flowing,
     )
-    wait_for(lambda: cluster.log.count("") > 0, 1)
+    assert flowing.wait(10), "the load never started"
     cluster.signal(signal.SIGUSR2)
     events.mark("USR2 sent")
     match = cluster.wait_log(r"upgrade: started new master (\d+)")
     new_pid = int(match.group(1))
     cluster.adopt(new_pid)
     assert cluster.wait_exit(timeout=30) == 0  # the old master retired itself
-    cluster.adopt(new_pid)
+    cluster.adopt(new_pid)  # again: its workers exist by now
     load.join(60)
     assert_no_errors(results[0])
+    # The upgrade happened under load: requests were served before and after it.
+    (usr2,) = results[0].events
+    seconds = [entry for entry in results[0].timeline if entry["requests"]]
+    started = results[0].started_at
+    assert any(started + e["second"] < usr2.time for e in seconds)
+    assert any(started + e["second"] > usr2.time + 0.5 for e in seconds)
     assert alive(new_pid) and pidfile.read_text().strip() == str(new_pid)
     assert not Path(str(pidfile) + ".oldbin").exists()
     assert stream_roundtrip(tcp_connect(cluster.address()), b"new") == b"new"
