@@ -339,16 +339,18 @@ class Master(ReloadMixin, UpgradeMixin):
 
     def worker_loader(self) -> Callable[[str | None], type]:
         """What a worker calls after the fork to get its handlers: the class the library was
-        given, the classes the master preloaded, or a fresh import from disk."""
-        default_handler, preloaded = self.handler, dict(self.preloaded)
+        given, the classes the master preloaded, or a fresh import from disk, once per app
+        (listeners sharing an app share its class, and its class attributes)."""
+        loaded: dict[str | None, type] = dict(self.preloaded)
+        if self.handler is not None:
+            loaded[None] = self.handler
         default_app = self.config.app
 
         def load(app: str | None) -> type:
-            if app is None and default_handler is not None:
-                return default_handler
-            if app in preloaded:
-                return preloaded[app]
-            return load_handler(app or default_app, fresh=True)
+            key = None if app == default_app else app
+            if key not in loaded:
+                loaded[key] = load_handler(app or default_app, fresh=True)
+            return loaded[key]
 
         return load
 

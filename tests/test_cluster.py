@@ -234,3 +234,35 @@ def test_no_zombies_after_many_worker_deaths(start_cluster) -> None:
             lambda v=victim: state(v) is None and len(children(cluster.pid)) == 2, 5, "respawn"
         )
     assert not zombies_of(cluster.pid)
+
+
+def test_a_saturated_listener_does_not_starve_another(start_cluster) -> None:
+    """One sync worker, two listeners, a backlog queued on both: it takes from them in turn."""
+    cluster = start_cluster("testapps:Sequence", "-w", "1", "-b", "127.0.0.1:0",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    first, second = (("127.0.0.1", int(uri.rsplit(":", 1)[1])) for uri in cluster.uris)
+    blocker = tcp_connect(first)  # sends nothing yet: the only worker waits on it
+    wait_for(lambda: cluster.workers() and accept_queue_empty(first), 5, "the blocker accepted")
+    queued = [(name, tcp_connect(address)) for _ in range(3)
+              for name, address in (("a", first), ("b", second))]  # fmt: skip
+    for _, sock in queued:
+        sock.sendall(b"x\n")
+    blocker.sendall(b"x\n")
+    assert read_line(blocker) == b"0\n"
+    blocker.close()
+    order = {}
+    for name, sock in queued:
+        with sock:
+            order[int(read_line(sock))] = name
+    taken = [order[n] for n in sorted(order)]
+    assert sorted(order) == [1, 2, 3, 4, 5, 6]
+    assert taken[:4].count("a") == 2 and taken[:4].count("b") == 2, taken
+
+
+def accept_queue_empty(address: tuple[str, int]) -> bool:
+    """No connection waits in the accept queue of our listener on 127.0.0.1:PORT."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[1] == f"0100007F:{address[1]:04X}":
+            return int(fields[4].split(":")[1], 16) == 0
+    return False

@@ -66,14 +66,23 @@ class AcceptLoop:
         self.slot = context.slot
         self.master_pid = context.spec.master_pid
         self.on_wake = on_wake  # runs after every sleep: fork mode reaps its children there
+        self.turn = 0  # the listener to try first
         self.poller = select.epoll()  # owned here; closed by close()
         for server in servers:
             self.poller.register(server.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self.poller.register(self.lifecycle.wake_r, select.EPOLLIN)
 
     def take(self) -> Taken | None:
-        """One queued request from any listener, or None when all are empty right now."""
-        for server in self.servers:
+        """One queued request from any listener, or None when all are empty right now.
+
+        The listeners are tried in turn, starting after the one that gave the last request, so
+        that a saturated listener cannot starve the others.
+        """
+        servers = self.servers
+        count = len(servers)
+        for step in range(count):
+            index = (self.turn + step) % count
+            server = servers[index]
             try:
                 request, client_address = server.get_request()
             except BlockingIOError:
@@ -81,6 +90,7 @@ class AcceptLoop:
             except OSError as err:  # ECONNABORTED, EMFILE...: this one request is lost, not us
                 log.warning("accept on %s failed: %s", server.server_address, err)
                 continue
+            self.turn = index + 1
             return server, request, client_address
         return None
 

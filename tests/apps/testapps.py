@@ -108,3 +108,14 @@ class LineEcho(StreamRequestHandler):
     def handle(self) -> None:
         for line in self.rfile:
             self.wfile.write(line)
+
+
+class Sequence(StreamRequestHandler):
+    """Reads one line, then replies with how many requests this process served before it."""
+
+    served = 0
+
+    def handle(self) -> None:
+        self.rfile.readline()
+        self.wfile.write(b"%d\n" % Sequence.served)
+        Sequence.served += 1
