@@ -1,10 +1,11 @@
 """Forking one worker: a process handle with a pidfd as its exit sentinel.
 
-Why not ``multiprocess.Process``: importing multiprocess (and the dill it pulls in) grows every
-process by about 6 MB, and a process's size is what ``fork()`` costs. On the 2-core machine we
-measure on, a fork-mode child cost 1.36 ms to fork with multiprocess in the image and 0.54 ms
-without (``scripts/forkcost.py``): the master's imports are inherited by every worker and every
-request child. What the master needs of a process handle fits in this class.
+Why not ``multiprocess.Process``: importing multiprocess (and the dill it pulls in) adds about
+2 MB and 45 memory mappings to the master, which every worker and every fork-mode request child
+inherits, and ``fork()`` costs grow with a process's size. On the 2-core machine we measure on,
+a fork, exit and reap cost 1.22 ms in a process of ours and 1.40 ms with multiprocess imported
+too (``scripts/forkcost.py``): 13% more on every fork-mode request. What the master needs of a
+process handle fits in this class.
 
 The sentinel is a pidfd (Linux 5.3+): it becomes readable only once the child has exited, so a
 ``waitpid`` on that pid after it fired never blocks and never reports "still running" (a pipe
