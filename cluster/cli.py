@@ -9,20 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import NoReturn
 
 from cluster import config as config_module
 from cluster.app import BUILTIN_APPS
-from cluster.errors import EXIT_USAGE, ClusterError
+from cluster.errors import ClusterError, OneLineParser
 
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; we print just the error, naming the bad value."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

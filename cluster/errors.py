@@ -6,6 +6,9 @@ no traceback, because the message already names the bad value.
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -35,3 +38,11 @@ class BindError(ClusterError):
     """A listener could not be bound (address in use, path not a socket, permissions)."""
 
     exit_code = EXIT_BIND
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; our commands print just the error, naming the bad
+    value, and exit 2. Shared by ``cluster run``, ``cluster loadtest`` and ``chaos.py``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")

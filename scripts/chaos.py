@@ -74,6 +74,7 @@ from typing import Any, NoReturn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runnable from a checkout
 
+from cluster.errors import OneLineParser  # noqa: E402
 from cluster.loadtest import (  # noqa: E402
     ClientCrash,
     Events,
@@ -602,13 +603,6 @@ def target_uri(uris: Sequence[str], app: str) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors on one line, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"chaos: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="chaos",

@@ -6,20 +6,14 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
+from cluster.errors import OneLineParser
 from cluster.loadtest.config import CONNECT_MODES, LoadConfig, make_plan
 from cluster.loadtest.errors import ClientCrash, UsageError
 from cluster.loadtest.report import format_summary, plot, write_json
 from cluster.loadtest.results import EXIT_ERRORS, EXIT_USAGE
 from cluster.loadtest.runner import Progress, run
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; we print one line and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
