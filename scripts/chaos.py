@@ -51,7 +51,6 @@ final master pid) and ``--plot FILE.png`` (loadtest's plot, actions marked).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import itertools
 import json
 import os
@@ -90,6 +89,14 @@ from cluster.loadtest import (  # noqa: E402
     result_to_json,
     run,
 )
+from cluster.procfs import (  # noqa: E402
+    alive,
+    become_subreaper,
+    children,
+    descendants,
+    reap_if_ours,
+    stat_state,
+)
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_DURATION = 3600.0  # bounded runs only
@@ -113,46 +120,6 @@ class ClusterFailed(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- /proc
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid``, from every thread's /proc children list."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                found.extend(int(p) for p in fh.read().split())
-        except OSError:
-            continue
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    """Children, grandchildren...: a worker's own children in fork mode, a new master's tree."""
-    found, stack = [], [pid]
-    while stack:
-        for child in children(stack.pop()):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def proc_state(path: str) -> str | None:
-    """The state letter from a /proc stat file (after the comm, which may hold spaces)."""
-    try:
-        with open(path) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    """Running: neither gone nor a zombie."""
-    return proc_state(f"/proc/{pid}/stat") not in (None, "Z")
-
-
 def title(pid: int) -> str:
     """The process title (``cluster: master [echo]``), from its command line."""
     try:
@@ -200,7 +167,7 @@ def looks_idle(pid: int) -> bool:
     except OSError:
         return False
     for tid in tasks:
-        if proc_state(f"/proc/{pid}/task/{tid}/stat") != "S":
+        if stat_state(f"/proc/{pid}/task/{tid}/stat") != "S":
             return False
         try:
             with open(f"/proc/{pid}/task/{tid}/wchan") as fh:
@@ -210,14 +177,6 @@ def looks_idle(pid: int) -> bool:
         if not any(wait in wchan for wait in IDLE_WAITS):
             return False
     return True
-
-
-def reap(pid: int) -> None:
-    """Collect ``pid`` if it is our child (or an orphan given to us) and has exited."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def read_pid(path: str) -> int | None:
@@ -238,15 +197,6 @@ def wait_until(condition: Callable[[], Any], timeout: float, abort: threading.Ev
             return result
         if time.monotonic() > deadline or abort.wait(POLL):
             return None
-
-
-def become_subreaper() -> None:
-    """Orphans of our processes (the new master of an upgrade, once the old one exits) get
-    reparented to us rather than to PID 1, so that we can see them exit and collect them."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
 
 
 # ----------------------------------------------------------------------------- the master
@@ -546,8 +496,8 @@ class OwnCluster:
         except subprocess.TimeoutExpired:
             pass
         for pid in children(os.getpid()):
-            if proc_state(f"/proc/{pid}/stat") == "Z":
-                reap(pid)  # no zombie of ours outlives us (PID 1 may never reap it)
+            if stat_state(f"/proc/{pid}/stat") == "Z":
+                reap_if_ours(pid)  # no zombie of ours outlives us (PID 1 may never reap it)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -584,7 +534,7 @@ def wait_gone(pids: set[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         for pid in pids:
-            reap(pid)
+            reap_if_ours(pid)
         if not any(alive(pid) for pid in pids):
             return True
         if time.monotonic() > deadline:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from cluster.procfs import (  # noqa: F401  (the tests' helpers, re-exported)
+    alive,
+    become_subreaper,
+    children,
+    descendants,
+    reap_if_ours,
+    state,
+)
 
 T = TypeVar("T")
 
@@ -67,46 +75,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid``, from /proc (every thread's list)."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                found.extend(int(p) for p in fh.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    result: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children(stack.pop()):
-            result.append(child)
-            stack.append(child)
-    return result
-
-
-def state(pid: int) -> str | None:
-    """The /proc state letter (R, S, Z...) or None when the pid is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    """Running and not a zombie."""
-    return state(pid) not in (None, "Z")
-
-
 def zombies_of(pid: int) -> list[int]:
     return [child for child in children(pid) if state(child) == "Z"]
 
@@ -117,29 +85,6 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    """Orphans of the processes we start get reparented to us rather than to PID 1.
-
-    Some sandboxes run an init that never reaps: there an orphaned fork-mode child would stay
-    a zombie for good. As their subreaper, the tests reap them (``reap_orphans``).
-    """
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reap_if_ours(pid: int) -> None:
-    """Collect ``pid`` if it was reparented to us and has exited; never touch other pids."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def gone(pid: int) -> bool:

@@ -1,0 +1,80 @@
+"""Reading the process tree from /proc, for the tools that watch a cluster from outside:
+``scripts/chaos.py`` and the tests. The master itself never needs it: it knows its workers.
+
+All of it is Linux-only and tolerant of races: a process may exit between two reads, so a
+vanished file means "gone", never an error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from every thread's /proc children list."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                found.extend(int(p) for p in fh.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, grandchildren...: a worker's request children in fork mode, a new master's tree."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children(stack.pop()):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def stat_state(path: str) -> str | None:
+    """The state letter (R, S, Z...) of a /proc stat file, or None when it is gone. The comm
+    field before it may hold spaces and parentheses, so split after its last ``)``."""
+    try:
+        with open(path) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def state(pid: int) -> str | None:
+    return stat_state(f"/proc/{pid}/stat")
+
+
+def alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie."""
+    return state(pid) not in (None, "Z")
+
+
+def become_subreaper() -> None:
+    """Orphans of the processes we start get reparented to us rather than to PID 1.
+
+    A new master from an upgrade outlives the old one that forked it; an orphaned fork-mode
+    child outlives its killed worker; and some sandboxes run an init that never reaps. As
+    their subreaper we see them exit and collect them (``reap_if_ours``).
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reap_if_ours(pid: int) -> None:
+    """Collect ``pid`` if it is our child (or an orphan given to us) and has exited."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
