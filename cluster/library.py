@@ -20,6 +20,7 @@ import time
 from dataclasses import fields
 from typing import Any
 
+from cluster import __all__  # noqa: F401  (the public names, listed once, in the package)
 from cluster.config import Config, validate
 from cluster.listeners import Listener, format_uri, parse_bind, socket_kind
 from cluster.master import Master
@@ -138,12 +139,3 @@ class PreforkUnixStreamServer(PreforkMixIn, UnixStreamServer):
 
 class PreforkUnixDatagramServer(PreforkMixIn, UnixDatagramServer):
     """``UnixDatagramServer`` served by a prefork cluster."""
-
-
-__all__ = [
-    "PreforkMixIn",
-    "PreforkTCPServer",
-    "PreforkUDPServer",
-    "PreforkUnixStreamServer",
-    "PreforkUnixDatagramServer",
-]

@@ -165,37 +165,42 @@ def _bind_inet(spec: BindSpec, backlog: int, reuse_port: bool) -> Listener:
             f"cannot bind {spec.text}: cannot resolve {spec.host!r}: {err.strerror}"
         ) from None
     family, _, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, sock_type, proto)
-    try:
-        if spec.kind == "tcp":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        if spec.kind == "tcp":
-            sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
+    options = []
+    if spec.kind == "tcp":
+        options.append((socket.SOL_SOCKET, socket.SO_REUSEADDR))
+    if reuse_port:
+        options.append((socket.SOL_SOCKET, socket.SO_REUSEPORT))
+    if family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    sock = _open(family, sock_type, proto, sockaddr, backlog, options)
     return Listener(spec=spec, sock=sock, kind=spec.kind)
 
 
 def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
     sock_type = socket.SOCK_STREAM if spec.kind == "unix" else socket.SOCK_DGRAM
     _clear_stale_unix_socket(spec, sock_type)
-    sock = socket.socket(socket.AF_UNIX, sock_type)
+    sock = _open(socket.AF_UNIX, sock_type, 0, spec.path, backlog, [])
+    return Listener(spec=spec, sock=sock, kind=spec.kind, owns_path=True)
+
+
+def _open(
+    family: int, sock_type: int, proto: int, address: object, backlog: int,
+    options: list[tuple[int, int]],
+) -> socket.socket:  # fmt: skip
+    """Create, set ``options`` to 1, bind, listen (stream sockets) and make non-blocking; a
+    socket that fails half way is closed, never leaked."""
+    sock = socket.socket(family, sock_type, proto)
     try:
-        sock.bind(spec.path)
-        if spec.kind == "unix":
+        for level, option in options:
+            sock.setsockopt(level, option, 1)
+        sock.bind(address)
+        if sock_type == socket.SOCK_STREAM:
             sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
-    return Listener(spec=spec, sock=sock, kind=spec.kind, owns_path=True)
+    return sock
 
 
 def _clear_stale_unix_socket(spec: BindSpec, sock_type: int) -> None:
