@@ -432,18 +432,9 @@ def test_stdlib_stream_handler_served_by_workers_tcp_server() -> None:
 
 
 def test_http_handler_served_by_workers_threading_tcp_server() -> None:
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            body = f"hello {self.path}".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    from tests.apps.testapps import StdlibHTTP
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = workers.ThreadingTCPServer(("127.0.0.1", 0), Hello)
+    server = workers.ThreadingTCPServer(("127.0.0.1", 0), StdlibHTTP)
     with serving(server):
         host, port = server.server_address
         for path in ("/a", "/b"):
@@ -452,7 +443,7 @@ def test_http_handler_served_by_workers_threading_tcp_server() -> None:
                 conn.request("GET", path)
                 response = conn.getresponse()
                 assert response.status == 200
-                assert response.read() == f"hello {path}".encode()
+                assert response.read() == f"path={path}".encode()
             finally:
                 conn.close()
 
