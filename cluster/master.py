@@ -269,9 +269,7 @@ class Master(ReloadMixin, UpgradeMixin):
 
     def view(self, worker: Worker) -> pool.WorkerView:
         """The pool's view of a worker: its record plus whether the scoreboard says idle."""
-        idle = False
-        if self.scoreboard is not None and worker.ready:
-            idle = self.scoreboard.view(worker.slot).state == "idle"
+        idle = worker.ready and self.scoreboard is not None and self.scoreboard.is_idle(worker.slot)
         return pool.WorkerView(worker.pid, worker.slot, worker.generation, worker.spawned_at,
                                worker.ready, worker.retiring, idle)  # fmt: skip
 

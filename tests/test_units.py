@@ -265,7 +265,11 @@ def test_scoreboard_lanes_and_states() -> None:
     slot.end(0)
     view = board.view(2)
     assert (view.state, view.requests, view.oldest_request()) == ("idle", 2, None)
+    assert board.is_idle(2)
+    slot.begin(0, "")
+    assert not board.is_idle(2)
+    slot.end(0)
     board.release(2)
-    assert board.view(2).state == "empty"
+    assert board.view(2).state == "empty" and not board.is_idle(2)
     assert board.view(0).pid == 0  # other slots untouched
     board.close()

@@ -136,6 +136,12 @@ class Scoreboard:
         record = self._slots[slot]
         return WorkerSlot(record.header, record.lanes)
 
+    def is_idle(self, slot: int) -> bool:
+        """Ready and running no request: what the pool decisions ask of every worker on each
+        turn of the master's loop, without copying the slot."""
+        record = self._slots[slot]
+        return record.header.state == IDLE and not any(lane.started for lane in record.lanes)
+
     def view(self, slot: int) -> SlotView:
         record = self._slots[slot]
         header = record.header
