@@ -163,3 +163,18 @@ def test_idle_master_barely_uses_cpu(start_cluster) -> None:
     holds_for(lambda: alive(cluster.pid), 3, "the master")
     used = cpu_seconds(cluster.pid) - before
     assert used / (time.monotonic() - started) < 0.02  # generous; the tight figure: bench
+
+
+def test_worker_out_of_fds_pauses_instead_of_spinning_and_recovers(start_cluster) -> None:
+    cluster = start_cluster("fdlimit:Handler", "-w", "1", "-b", "127.0.0.1:0")
+    (worker,) = cluster.workers()
+    sock = tcp_connect(cluster.address())
+    sock.sendall(b"queued meanwhile")
+    cluster.wait_log("cannot accept on .*Too many open files")
+    before, started = cpu_seconds(worker), time.monotonic()
+    holds_for(lambda: alive(worker), 1.0, "the worker")
+    assert (cpu_seconds(worker) - before) / (time.monotonic() - started) < 0.2  # no spin
+    assert cluster.log.count("cannot accept") == 1  # said once, not per attempt
+    os.kill(worker, signal.SIGWINCH)  # the app lifts its fd limit again
+    assert stream_roundtrip(sock, b"") == b"queued meanwhile"  # served once fds are back
+    cluster.wait_log(f"worker {worker} accepting again")

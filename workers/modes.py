@@ -23,6 +23,7 @@ is doing and can kill one whose request hangs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -47,6 +48,9 @@ from workers.servers import BaseServer
 
 log = logging.getLogger("cluster.worker")
 
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_PAUSE = 0.1  # seconds between accept attempts while out of resources
+
 Binding = tuple[Endpoint, type]  # a listener and the handler class that serves it
 Serve = Callable[[list[Binding], Context], None]
 Taken = tuple[BaseServer, object, object]  # server, request, client address
@@ -67,6 +71,7 @@ class AcceptLoop:
         self.master_pid = context.spec.master_pid
         self.on_wake = on_wake  # runs after every sleep: fork mode reaps its children there
         self.turn = 0  # the listener to try first
+        self.starving = False  # accept() failed for want of fds or memory
         self.poller = select.epoll()  # owned here; closed by close()
         for server in servers:
             self.poller.register(server.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
@@ -87,12 +92,25 @@ class AcceptLoop:
                 request, client_address = server.get_request()
             except BlockingIOError:
                 continue
-            except OSError as err:  # ECONNABORTED, EMFILE...: this one request is lost, not us
-                log.warning("accept on %s failed: %s", server.server_address, err)
+            except OSError as err:
+                if err.errno in OUT_OF_RESOURCES:
+                    self.starved(server, err)
+                # else ECONNABORTED and the like: that one client is gone, not us
                 continue
             self.turn = index + 1
+            if self.starving:
+                log.warning("worker %d accepting again", os.getpid())
+                self.starving = False
             return server, request, client_address
         return None
+
+    def starved(self, server: BaseServer, err: OSError) -> None:
+        """Out of fds or memory: the connection stays queued, and the listener stays readable,
+        so waiting in epoll would spin. Say so once, then pause between attempts."""
+        if not self.starving:
+            log.error("worker %d cannot accept on %s: %s; retrying every %gs", os.getpid(),
+                      server.server_address, err.strerror, RESOURCE_PAUSE)  # fmt: skip
+            self.starving = True
 
     def next(self) -> Taken | None:
         """The next request, waiting for one; None once the worker is told to stop."""
@@ -105,7 +123,10 @@ class AcceptLoop:
 
     def wait(self) -> None:
         """Sleep until a listener is readable, a signal arrives, or the parent check is due."""
-        self.poller.poll(PARENT_CHECK_INTERVAL)
+        if self.starving:  # only a signal cuts the pause short
+            select.select([self.lifecycle.wake_r], [], [], RESOURCE_PAUSE)
+        else:
+            self.poller.poll(PARENT_CHECK_INTERVAL)
         self.lifecycle.drain_wakeups()
         self.slot.beat()
         if self.on_wake is not None:
