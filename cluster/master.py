@@ -103,7 +103,6 @@ class Master(ReloadMixin, UpgradeMixin):
         self.selector.register(self.notify_r, selectors.EVENT_READ, "notify")
         self.notify_buffer = b""
         self.exited: list[Worker] = []  # workers whose sentinel fired, to be reaped
-        self.announced_ready = False
         self.boot_failures = 0  # consecutive workers that died before they were ready
         self.crashes = 0  # consecutive workers that died on their own soon after starting
         self.next_spawn_at = 0.0  # crash-loop backoff: no fork before this time
@@ -400,8 +399,7 @@ class Master(ReloadMixin, UpgradeMixin):
         if worker.generation == self.generation:
             self.boot_failures = 0
         log.debug("worker %d (slot %d) ready", worker.pid, worker.slot)
-        if not self.announced_ready and sum(w.ready for w in self.workers.values()) >= self.target:
-            self.announced_ready = True
+        if not self.ready.is_set() and sum(w.ready for w in self.workers.values()) >= self.target:
             log.info("ready: %d workers (%s)", self.target, self.config.worker_class)
             self.ready.set()
             self.retire_predecessor()
@@ -438,7 +436,7 @@ class Master(ReloadMixin, UpgradeMixin):
             )
             return
         self.boot_failures += 1
-        if not self.announced_ready and self.boot_failures >= MAX_BOOT_FAILURES:
+        if not self.ready.is_set() and self.boot_failures >= MAX_BOOT_FAILURES:
             log.error("workers cannot boot: %d died before they were ready (last: %s); "
                       "stopping", self.boot_failures, how)  # fmt: skip
             self.exit_code = EXIT_APP
