@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -38,6 +39,56 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             stack.append(child)
     return found
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds (user + system) and minor page faults, each including the process's
+    children that have exited and been collected: the kernel folds those into the parent."""
+
+    cpu: float = 0.0
+    faults: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.cpu + other.cpu, self.faults + other.faults)
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(self.cpu - other.cpu, self.faults - other.faults)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def parse_usage(stat_line: str) -> Usage:
+    """The ``Usage`` in one /proc/PID/stat line. After the comm field come: state, ppid,
+    pgrp, session, tty, tpgid, flags, minflt, cminflt, majflt, cmajflt, utime, stime,
+    cutime, cstime (times in clock ticks)."""
+    fields = stat_line.rsplit(")", 1)[1].split()
+    minflt, cminflt = int(fields[7]), int(fields[8])
+    ticks = sum(int(value) for value in fields[11:15])
+    return Usage(ticks / _TICKS, minflt + cminflt)
+
+
+def usage(pid: int) -> Usage:
+    """What ``pid`` used so far; nothing if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return parse_usage(fh.read())
+    except (OSError, IndexError):
+        return Usage()
+
+
+def tree_usage(pid: int) -> Usage:
+    """What ``pid`` and all its live descendants used so far.
+
+    Taken before and after a window, the difference is what the whole server spent in it:
+    a descendant collected meanwhile moves its share into its parent's totals, so nothing is
+    lost or counted twice, provided the tree's root outlives the window.
+    """
+    total = usage(pid)
+    for descendant in descendants(pid):
+        total += usage(descendant)
+    return total
 
 
 def stat_state(path: str) -> str | None:

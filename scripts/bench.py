@@ -11,10 +11,19 @@ ForkingTCPServer and UDPServer serving the very same handler classes; gunicorn s
 with the WSGI twin of the handler, when gunicorn is installed; nginx ``return 200`` with 2
 workers, when nginx is installed (the near-physical limit on this machine).
 
+Two reference rows with no framework at all (``scripts/bare_server.py``): two forked processes
+that call the same handler class straight after ``accept()``, or fork a child per connection
+for it. What they reach is the ceiling for any Python server running that handler here.
+
 Workloads: HTTP hello with keep-alive and with a connection per request (wrk, or our own
 loadtest when wrk is missing); raw TCP echo of 64 bytes, persistent and per request; UDP echo
 (our loadtest). Then accept fairness: per-worker request counts of the sync cluster with 2 and
 4 workers under sustained connection-per-request load, from the master's exit log.
+
+Every measurement also records the CPU time the server's whole process tree and the client
+spent per request (from /proc and getrusage), and the server's page faults per request. From
+those, each speed target gets its budget: at the target's rate, how many microseconds of CPU
+per request the server may spend on this machine once the client has taken its share.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -39,10 +49,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cluster.procfs import Usage, tree_usage  # noqa: E402  (needs ROOT on the path)
+
 WORKERS = 2
 CONNECTIONS = 8  # keep-alive and echo; thread mode has THREADS >= this per worker
 CLOSE_CONNECTIONS = 16
 THREADS = 8
+CLIENT_THREADS = os.cpu_count() or 1  # wrk threads, loadtest processes (--client-threads)
 HTTP, TCP_ECHO, UDP_ECHO = "http", "tcp-echo", "udp-echo"
 
 
@@ -129,6 +142,19 @@ def stdlib_row(kind_name: str) -> Row:
     return Row(f"stdlib {label[kind_name]}", start, kinds, peer=True)
 
 
+def bare_row(mode: str) -> Row:
+    """A reference with no framework: see scripts/bare_server.py."""
+
+    def start(kind: str) -> Running:
+        transport = "udp" if kind == UDP_ECHO else "tcp"
+        app = "http-hello" if kind == HTTP else "echo"
+        return _start_logged([sys.executable, str(ROOT / "scripts" / "bare_server.py"), mode,
+                              transport, app], "listening on")  # fmt: skip
+
+    kinds = {HTTP, TCP_ECHO, UDP_ECHO} if mode == "prefork" else {HTTP, TCP_ECHO}
+    return Row(BARE_PREFORK if mode == "prefork" else BARE_FORK, start, frozenset(kinds), peer=True)
+
+
 def gunicorn_row(worker_class: str) -> Row | None:
     gunicorn = shutil.which("gunicorn") or str(Path(sys.executable).with_name("gunicorn"))
     if not os.path.exists(gunicorn):
@@ -181,10 +207,17 @@ def nginx_row() -> Row | None:
 
 
 # ------------------------------------------------------------------------------ clients
-def wrk(url: str, connections: int, duration: float, close: bool) -> tuple[float, int]:
+@dataclass
+class Measured:
+    rps: float
+    errors: int
+    requests: int
+
+
+def wrk(url: str, connections: int, duration: float, close: bool) -> Measured:
     args = [
         "wrk",
-        "-t1",
+        f"-t{CLIENT_THREADS}",
         f"-c{connections}",
         f"-d{max(1, round(duration))}s",
         "--timeout",
@@ -200,21 +233,25 @@ def wrk(url: str, connections: int, duration: float, close: bool) -> tuple[float
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", done.stdout))
     if match := re.search(r"Non-2xx or 3xx responses: (\d+)", done.stdout):
         errors += int(match.group(1))
-    return float(found.group(1)), errors
+    requests = re.search(r"(\d+) requests in", done.stdout)
+    return Measured(float(found.group(1)), errors, int(requests.group(1)) if requests else 0)
 
 
-def loadtest(target: str, connections: int, duration: float, connect: str) -> tuple[float, int]:
+def loadtest(target: str, connections: int, duration: float, connect: str) -> Measured:
     from cluster.loadtest import LoadConfig, run
 
     result = run(LoadConfig(target, duration=duration, concurrency=connections, connect=connect,
-                            payload=64, max_errors=10**9))  # fmt: skip
-    return result.throughput, result.error_count
+                            payload=64, max_errors=10**9, processes=CLIENT_THREADS))  # fmt: skip
+    return Measured(result.throughput, result.error_count, result.requests)
 
 
-def http(close: bool) -> Callable[[Running, float], tuple[float, int]]:
+Measure = Callable[["Running", float], Measured]
+
+
+def http(close: bool) -> Measure:
     connections = CLOSE_CONNECTIONS if close else CONNECTIONS
 
-    def measure(srv: Running, duration: float) -> tuple[float, int]:
+    def measure(srv: Running, duration: float) -> Measured:
         url = f"http://{srv.host}:{srv.port}/"
         if shutil.which("wrk"):
             return wrk(url, connections, duration, close)
@@ -223,14 +260,14 @@ def http(close: bool) -> Callable[[Running, float], tuple[float, int]]:
     return measure
 
 
-def echo(scheme: str, connect: str) -> Callable[[Running, float], tuple[float, int]]:
-    def measure(srv: Running, duration: float) -> tuple[float, int]:
+def echo(scheme: str, connect: str) -> Measure:
+    def measure(srv: Running, duration: float) -> Measured:
         return loadtest(f"{scheme}://{srv.host}:{srv.port}", CONNECTIONS, duration, connect)
 
     return measure
 
 
-WORKLOADS: dict[str, tuple[str, Callable[[Running, float], tuple[float, int]]]] = {
+WORKLOADS: dict[str, tuple[str, Measure]] = {
     "http keep-alive": (HTTP, http(close=False)),
     "http conn-per-request": (HTTP, http(close=True)),
     "tcp echo persistent": (TCP_ECHO, echo("tcp", "persistent")),
@@ -244,6 +281,27 @@ WORKLOADS: dict[str, tuple[str, Callable[[Running, float], tuple[float, int]]]] 
 class Cell:
     rps: list[float] = field(default_factory=list)
     errors: int = 0
+    server_us: list[float] = field(default_factory=list)  # server CPU per request
+    client_us: list[float] = field(default_factory=list)  # client CPU per request
+    faults: list[float] = field(default_factory=list)  # server page faults per request
+
+
+def client_cpu() -> float:
+    """CPU seconds of this process and the clients it ran and collected (wrk, loadtest's
+    processes). The server is our child too, but it is collected only after the window."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    clients = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + clients.ru_utime + clients.ru_stime
+
+
+def measure_costs(
+    measure: Measure, running: Running, duration: float
+) -> tuple[Measured, Usage, float]:
+    """One measurement, with what the server's process tree and the client spent on it."""
+    server_before, client_before = tree_usage(running.proc.pid), client_cpu()
+    done = measure(running, duration)
+    server = tree_usage(running.proc.pid) - server_before
+    return done, server, client_cpu() - client_before
 
 
 def run(rows: list[Row], workloads: list[str], duration: float, repeats: int) -> dict:
@@ -257,14 +315,19 @@ def run(rows: list[Row], workloads: list[str], duration: float, repeats: int) ->
                 running = row.start(kind)
                 try:
                     measure(running, min(1.0, duration / 2))  # warm-up, not counted
-                    rps, errors = measure(running, duration)
+                    done, server, client = measure_costs(measure, running, duration)
                 finally:
                     running.stop()
                 cell = results.setdefault((row.name, workload), Cell())
-                cell.rps.append(rps)
-                cell.errors += errors
-                print(f"round {round_no + 1}/{repeats} {workload:22} {row.name:26} {rps:10.0f} req/s"
-                      f"  errors {errors}", flush=True)  # fmt: skip
+                cell.rps.append(done.rps)
+                cell.errors += done.errors
+                if done.requests:
+                    cell.server_us.append(server.cpu / done.requests * 1e6)
+                    cell.client_us.append(client / done.requests * 1e6)
+                    cell.faults.append(server.faults / done.requests)
+                print(f"round {round_no + 1}/{repeats} {workload:22} {row.name:26} {done.rps:10.0f}"
+                      f" req/s  errors {done.errors}  cpu/request: server {server.cpu / max(1, done.requests) * 1e6:.1f} us,"
+                      f" client {client / max(1, done.requests) * 1e6:.1f} us", flush=True)  # fmt: skip
     return results
 
 
@@ -287,6 +350,95 @@ def fairness(workers: int, duration: float) -> tuple[list[int], float]:
 
 def median(cell: Cell) -> float:
     return statistics.median(cell.rps)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A speed target of the issues: ``row`` at ``ratio`` times ``peer`` in ``workload``.
+    ``reference`` is the no-framework loop of the same kind: the least such a server costs."""
+
+    row: str
+    workload: str
+    peer: str
+    ratio: float
+    reference: str
+
+
+BARE_PREFORK, BARE_FORK = "bare prefork loop", "bare fork-per-request loop"
+TARGETS = [
+    Target("cluster sync", "http conn-per-request", "gunicorn sync", 2.5, BARE_PREFORK),
+    Target("cluster sync", "http conn-per-request", "nginx return 200", 0.9, BARE_PREFORK),
+    Target("cluster sync", "http conn-per-request", "stdlib ThreadingTCPServer", 5.0, BARE_PREFORK),
+    Target("cluster thread", "http keep-alive", "stdlib ThreadingTCPServer", 1.2, BARE_PREFORK),
+    Target("cluster fork", "http conn-per-request", "stdlib ForkingTCPServer", 1.5, BARE_FORK),
+    Target("cluster sync", "udp echo", "stdlib UDPServer", 2.0, BARE_PREFORK),
+]
+
+
+def server_budget(rate: float, client_us: float, cores: int) -> float:
+    """Microseconds of server CPU per request that ``cores`` leave at ``rate`` requests per
+    second once the client has spent ``client_us`` on each; negative when the client alone
+    needs more than the machine has."""
+    return cores * 1e6 / rate - client_us
+
+
+def verdict(reached: float, target: Target, budget: float, ours: float, floor: float) -> str:
+    """Why a target is met or not, from the measured costs alone. ``floor`` is what the
+    reference loop spends per request."""
+    if reached >= target.ratio:
+        return "met"
+    if budget <= 0:
+        return "out of reach here: the client alone needs more CPU than the machine has"
+    if floor > budget:
+        return f"out of reach here: even the {target.reference} spends {floor:.0f} us"
+    if ours <= budget:
+        return (f"missed by {1 - reached / target.ratio:.0%}, within the CPU budget: the cores "
+                "were not all busy")  # fmt: skip
+    return f"missed: ours spends {ours - budget:.0f} us per request over the budget"
+
+
+def cost_us(cell: Cell | None, costs: str) -> float | None:
+    values = getattr(cell, costs) if cell else None
+    return statistics.median(values) if values else None
+
+
+def budgets(rows: list[Row], results: dict, cores: int) -> str:
+    """The targets table: what each target needs, and whether this machine can give it."""
+    lines = ["| target | needs | reached | server CPU budget per request | ours | no-framework "
+             "loop | verdict |", "|" + " --- |" * 7]  # fmt: skip
+    for target in TARGETS:
+        mine = results.get((target.row, target.workload))
+        theirs = results.get((target.peer, target.workload))
+        clients = [cost_us(results.get((row.name, target.workload)), "client_us") for row in rows]
+        clients = [cost for cost in clients if cost is not None]
+        ours = cost_us(mine, "server_us")
+        floor = cost_us(results.get((target.reference, target.workload)), "server_us")
+        if not mine or not theirs or not clients or ours is None or floor is None:
+            continue
+        rate = target.ratio * median(theirs)
+        budget = server_budget(rate, min(clients), cores)
+        reached = median(mine) / median(theirs)
+        lines.append(
+            f"| {target.row}, {target.workload}: {target.ratio:g}x {target.peer} | {rate:,.0f} req/s "
+            f"| {reached:.2f}x | {budget:.1f} us | {ours:.1f} us | {floor:.1f} us "
+            f"| {verdict(reached, target, budget, ours, floor)} |"
+        )
+    return "\n".join(lines)
+
+
+def costs_table(rows: list[Row], workloads: list[str], results: dict) -> str:
+    """CPU per request of server and client, and the server's page faults per request."""
+    lines = ["| server | " + " | ".join(workloads) + " |", "|" + " --- |" * (len(workloads) + 1)]
+    for row in rows:
+        cells = []
+        for w in workloads:
+            cell = results.get((row.name, w))
+            server, client = cost_us(cell, "server_us"), cost_us(cell, "client_us")
+            faults = cost_us(cell, "faults")
+            cells.append("" if server is None or client is None or faults is None else
+                         f"{server:.1f} + {client:.1f} ({faults:.0f} faults)")  # fmt: skip
+        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(rows: list[Row], workloads: list[str], results: dict) -> str:
@@ -331,6 +483,7 @@ def machine() -> str:
 
 
 def main() -> int:
+    global CLIENT_THREADS
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -338,22 +491,34 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--rows", help="comma-separated subset of row names (default: all)")
+    parser.add_argument("--client-threads", type=int, default=CLIENT_THREADS,
+                        help="wrk threads and loadtest processes")  # fmt: skip
     parser.add_argument("--no-fairness", action="store_true", help="skip the fairness runs")
     parser.add_argument("--write", metavar="FILE", help="write the results as Markdown")
     args = parser.parse_args()
     workloads = args.workloads.split(",")
+    CLIENT_THREADS = args.client_threads
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(unknown)}")
     rows = [cluster_row("sync"), cluster_row("thread"), cluster_row("fork"),
-            stdlib_row("threading"), stdlib_row("forking"), stdlib_row("udp")]  # fmt: skip
+            stdlib_row("threading"), stdlib_row("forking"), stdlib_row("udp"),
+            bare_row("prefork"), bare_row("fork")]  # fmt: skip
     rows += [row for row in (gunicorn_row("sync"), gunicorn_row("gthread"), nginx_row()) if row]
     if args.rows:
         wanted = args.rows.split(",")
         rows = [row for row in rows if row.name in wanted]
     started = time.monotonic()
     results = run(rows, workloads, args.duration, args.repeats)
-    text = table(rows, workloads, results)
+    cores = os.cpu_count() or 1
+    text = (table(rows, workloads, results)
+            + "\n\nCPU per request in microseconds, server + client (the server's whole process "
+            "tree: master, workers, request children), and the server's minor page faults per "
+            "request, medians of the rounds:\n\n" + costs_table(rows, workloads, results)
+            + f"\n\nThe speed targets against what {cores} cores allow. Budget: the server CPU per "
+            "request that the cores leave at the target's rate, once the client has spent what "
+            "it spends per request (its cheapest measured cost in that workload):\n\n"
+            + budgets(rows, results, cores))  # fmt: skip
     fair = ""
     if not args.no_fairness:
         fair_lines = ["", "Accept fairness, sync mode, HTTP connection-per-request for "
@@ -366,12 +531,14 @@ def main() -> int:
     print(f"\n(took {time.monotonic() - started:.0f} s)")
     if args.write:
         command = "python scripts/bench.py " + " ".join(sys.argv[1:])
-        client = "wrk, 1 thread" if shutil.which("wrk") else "our loadtest"
+        client = f"wrk with {CLIENT_THREADS} threads" if shutil.which("wrk") else "our loadtest"
         Path(args.write).write_text(
             "# Benchmarks\n\n"
             f"Made by `{command}` (`make bench`) on {time.strftime('%Y-%m-%d')}.\n\n"
-            f"Machine: {machine()}. HTTP client: {client}; echo clients: our loadtest (1 process); "
-            "both share the cores with the servers.\n"
+            f"Machine: {machine()}. HTTP client: {client}; echo clients: our loadtest with "
+            f"{CLIENT_THREADS} processes; both share the cores with the servers. Two rows are "
+            "references, not servers: `scripts/bare_server.py`, the same handler called by two "
+            "forked processes with no framework around it.\n"
             f"Servers: {WORKERS} workers (cluster, gunicorn, nginx); thread mode and gthread "
             f"{THREADS} threads per worker. Keep-alive and echo with {CONNECTIONS} connections, "
             f"HTTP connection-per-request with {CLOSE_CONNECTIONS}. Each cell: median (min..max) "

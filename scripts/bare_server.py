@@ -1,0 +1,82 @@
+"""A reference for the benchmarks: the least any Python prefork server can do for a handler.
+
+    python scripts/bare_server.py prefork|fork tcp|udp [APP]
+
+No framework at all: the parent binds 127.0.0.1 port 0, prints ``listening on
+SCHEME://127.0.0.1:PORT`` and forks one sibling, so two processes serve, as the cluster's two
+workers do. ``prefork``: each process blocks in ``accept()`` (or ``recvfrom()``) and calls the
+handler class directly. ``fork``: each accepts and forks a child per connection, which runs the
+handler and ``_exit``s; the parent reaps without blocking before each fork.
+
+It loads the very handler class the cluster serves for APP, so it carries the same imports
+(and pays for them in every fork). Whatever this loop reaches is a ceiling for any server
+running that handler on this machine: scripts/bench.py shows it beside the real servers. It
+has no error handling, bounds, or graceful stop, so it is not a server to use; TERM ends the
+process group's two processes at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+from cluster.app import load_handler
+
+
+def serve_prefork_stream(listener: socket.socket, handler: type) -> None:
+    while True:
+        conn, address = listener.accept()
+        try:
+            handler(conn, address, None)
+        finally:
+            conn.close()
+
+
+def serve_fork_stream(listener: socket.socket, handler: type) -> None:
+    while True:
+        conn, address = listener.accept()
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        if os.fork() == 0:
+            try:
+                handler(conn, address, None)
+            finally:
+                os._exit(0)
+        conn.close()
+
+
+def serve_datagrams(listener: socket.socket, handler: type) -> None:
+    while True:
+        data, address = listener.recvfrom(65536)
+        handler((data, listener), address, None)
+
+
+def main() -> None:
+    mode, transport = sys.argv[1], sys.argv[2]
+    app = sys.argv[3] if len(sys.argv) > 3 else ("echo" if transport == "udp" else "http-hello")
+    handler = load_handler(app)
+    kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+    listener = socket.socket(socket.AF_INET, kind)
+    listener.bind(("127.0.0.1", 0))
+    if transport == "tcp":
+        listener.listen(1024)
+    serve = {
+        ("prefork", "tcp"): serve_prefork_stream,
+        ("fork", "tcp"): serve_fork_stream,
+        ("prefork", "udp"): serve_datagrams,
+    }[mode, transport]
+    os.setpgid(0, 0)  # TERM to the group ends both processes, and nothing else
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    print(f"listening on {transport}://127.0.0.1:{listener.getsockname()[1]}", file=sys.stderr,
+          flush=True)  # fmt: skip
+    os.fork()
+    serve(listener, handler)
+
+
+if __name__ == "__main__":
+    main()
