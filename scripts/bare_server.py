@@ -3,16 +3,16 @@
     python scripts/bare_server.py prefork|fork tcp|udp [APP]
 
 No framework at all: the parent binds 127.0.0.1 port 0, prints ``listening on
-SCHEME://127.0.0.1:PORT`` and forks one sibling, so two processes serve, as the cluster's two
-workers do. ``prefork``: each process blocks in ``accept()`` (or ``recvfrom()``) and calls the
-handler class directly. ``fork``: each accepts and forks a child per connection, which runs the
-handler and ``_exit``s; the parent reaps without blocking before each fork.
+SCHEME://127.0.0.1:PORT`` and forks two children that serve, as the cluster's two workers do,
+while it only waits. ``prefork``: each child blocks in ``accept()`` (or ``recvfrom()``) and
+calls the handler class directly. ``fork``: each accepts and forks a grandchild per
+connection, which runs the handler and ``_exit``s; it reaps without blocking before each fork.
 
 It loads the very handler class the cluster serves for APP, so it carries the same imports
 (and pays for them in every fork). Whatever this loop reaches is a ceiling for any server
 running that handler on this machine: scripts/bench.py shows it beside the real servers. It
-has no error handling, bounds, or graceful stop, so it is not a server to use; TERM ends the
-process group's two processes at once.
+has no bounds, logging or graceful stop, so it is not a server to use: a handler's error just
+drops that one connection, and TERM to the parent ends the whole process group at once.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def serve_prefork_stream(listener: socket.socket, handler: type) -> None:
         conn, address = listener.accept()
         try:
             handler(conn, address, None)
+        except OSError:
+            pass  # that client reset or timed out: drop it, serve the next
         finally:
             conn.close()
 
@@ -45,6 +47,8 @@ def serve_fork_stream(listener: socket.socket, handler: type) -> None:
         if os.fork() == 0:
             try:
                 handler(conn, address, None)
+            except OSError:
+                pass
             finally:
                 os._exit(0)
         conn.close()
@@ -53,7 +57,10 @@ def serve_fork_stream(listener: socket.socket, handler: type) -> None:
 def serve_datagrams(listener: socket.socket, handler: type) -> None:
     while True:
         data, address = listener.recvfrom(65536)
-        handler((data, listener), address, None)
+        try:
+            handler((data, listener), address, None)
+        except OSError:
+            pass
 
 
 def main() -> None:
@@ -70,12 +77,16 @@ def main() -> None:
         ("fork", "tcp"): serve_fork_stream,
         ("prefork", "udp"): serve_datagrams,
     }[mode, transport]
-    os.setpgid(0, 0)  # TERM to the group ends both processes, and nothing else
+    os.setpgid(0, 0)  # our own group: killing it ends our processes, and nothing else
     signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    for _ in range(2):
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            serve(listener, handler)
     print(f"listening on {transport}://127.0.0.1:{listener.getsockname()[1]}", file=sys.stderr,
           flush=True)  # fmt: skip
-    os.fork()
-    serve(listener, handler)
+    while True:
+        signal.pause()  # the parent only waits for TERM
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from cluster.procfs import Usage, parse_usage, tree_usage
-from tests.conftest import ROOT, cluster_env, tcp_connect, udp_roundtrip
+from tests.conftest import ROOT, cluster_env, stream_roundtrip, tcp_connect, udp_roundtrip
 from tests.procs import descendants, gone, kill_all, wait_for
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -123,7 +125,7 @@ def start_bare(started: list[subprocess.Popen], *args: str) -> tuple[subprocess.
     assert proc.stderr is not None
     line = proc.stderr.readline()
     assert line.startswith("listening on "), line
-    wait_for(lambda: len(descendants(proc.pid)) >= 1, what="the sibling process")
+    wait_for(lambda: len(descendants(proc.pid)) >= 2, what="the two serving processes")
     return proc, int(line.rsplit(":", 1)[1])
 
 
@@ -139,13 +141,30 @@ def http_get(port: int) -> bytes:
 @pytest.mark.parametrize("mode", ["prefork", "fork"])
 def test_bare_loops_serve_the_handler_and_end_whole_on_term(started, mode: str) -> None:
     proc, port = start_bare(started, mode, "tcp", "http-hello")
-    siblings = descendants(proc.pid)
+    servers = descendants(proc.pid)
     for _ in range(20):
         assert http_get(port).endswith(b"Hello, world!\n")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == -signal.SIGKILL  # killpg took the group, the parent included
-    for pid in siblings:
-        wait_for(lambda pid=pid: gone(pid), what=f"sibling {pid} to end")
+    for pid in servers:
+        wait_for(lambda pid=pid: gone(pid), what=f"serving process {pid} to end")
+
+
+def test_bare_loop_survives_clients_that_reset(started) -> None:
+    """A handler error drops that one connection: the serving processes live on (else a
+    benchmark's later rounds would measure one process, or none)."""
+    proc, port = start_bare(started, "prefork", "tcp", "echo")
+    servers = sorted(descendants(proc.pid))
+    for _ in range(6):
+        sock = tcp_connect(("127.0.0.1", port))
+        sock.sendall(b"x")
+        assert sock.recv(16) == b"x"  # the handler now waits in recv()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST: that recv() raises ConnectionResetError
+    for _ in range(6):
+        with tcp_connect(("127.0.0.1", port)) as sock:
+            assert stream_roundtrip(sock, b"still here") == b"still here"
+    assert sorted(descendants(proc.pid)) == servers
 
 
 def test_bare_prefork_loop_echoes_datagrams(started) -> None:
