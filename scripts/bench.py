@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster.procfs import Usage, tree_usage  # noqa: E402  (needs ROOT on the path)
+from cluster.procfs import Usage, alive, descendants, tree_usage  # noqa: E402  (needs ROOT on the path)
 
 WORKERS = 2
 CONNECTIONS = 8  # keep-alive and echo; thread mode has THREADS >= this per worker
@@ -70,6 +70,7 @@ class Running:
     cleanup: Callable[[], None] = lambda: None
 
     def stop(self) -> None:
+        tree = descendants(self.proc.pid)  # workers, request children, siblings
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -77,6 +78,9 @@ class Running:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for pid in tree:  # whatever the server failed to end does not outlive the run
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
         self.cleanup()
 
 
