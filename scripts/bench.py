@@ -430,31 +430,37 @@ def budgets(rows: list[Row], results: dict, cores: int) -> str:
     return "\n".join(lines)
 
 
-def costs_table(rows: list[Row], workloads: list[str], results: dict) -> str:
-    """CPU per request of server and client, and the server's page faults per request."""
+def grid(rows: list[Row], workloads: list[str], results: dict,
+         render: Callable[[Cell], str]) -> list[str]:  # fmt: skip
+    """A Markdown table with a row per server and a column per workload."""
     lines = ["| server | " + " | ".join(workloads) + " |", "|" + " --- |" * (len(workloads) + 1)]
     for row in rows:
-        cells = []
-        for w in workloads:
-            cell = results.get((row.name, w))
-            server, client = cost_us(cell, "server_us"), cost_us(cell, "client_us")
-            faults = cost_us(cell, "faults")
-            cells.append("" if server is None or client is None or faults is None else
-                         f"{server:.1f} + {client:.1f} ({faults:.0f} faults)")  # fmt: skip
-        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [results.get((row.name, w)) for w in workloads]
+        lines.append(
+            f"| {row.name} | " + " | ".join("" if c is None else render(c) for c in cells) + " |"
+        )
+    return lines
+
+
+def costs_table(rows: list[Row], workloads: list[str], results: dict) -> str:
+    """CPU per request of server and client, and the server's page faults per request."""
+
+    def render(cell: Cell) -> str:
+        server, client = cost_us(cell, "server_us"), cost_us(cell, "client_us")
+        faults = cost_us(cell, "faults")
+        if server is None or client is None or faults is None:
+            return ""
+        return f"{server:.1f} + {client:.1f} ({faults:.0f} faults)"
+
+    return "\n".join(grid(rows, workloads, results, render))
 
 
 def table(rows: list[Row], workloads: list[str], results: dict) -> str:
-    lines = ["| server | " + " | ".join(workloads) + " |", "|" + " --- |" * (len(workloads) + 1)]
-    for row in rows:
-        cells = []
-        for w in workloads:
-            cell = results.get((row.name, w))
-            cells.append("" if cell is None else
-                         f"{median(cell):,.0f} ({min(cell.rps):,.0f}..{max(cell.rps):,.0f})"
-                         + (f", {cell.errors} errors" if cell.errors else ""))  # fmt: skip
-        lines.append(f"| {row.name} | " + " | ".join(cells) + " |")
+    def render(cell: Cell) -> str:
+        errors = f", {cell.errors} errors" if cell.errors else ""
+        return f"{median(cell):,.0f} ({min(cell.rps):,.0f}..{max(cell.rps):,.0f}){errors}"
+
+    lines = grid(rows, workloads, results, render)
     peers = [row.name for row in rows if row.peer]
     lines += ["", "Ratios, median over median, of each cluster row to each peer in the same workload:",
               "", "| cluster row | workload | " + " | ".join(f"vs {p}" for p in peers) + " |",
