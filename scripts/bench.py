@@ -1,10 +1,11 @@
 """Side-by-side benchmark: the cluster's modes against their peers, same handler, same run.
 
-    python scripts/bench.py [--duration 2] [--repeats 3] [--write docs/benchmarks.md]
+    python scripts/bench.py [--duration 2] [--repeats 3] [--client-threads N] [--write docs/benchmarks.md]
 
 Rows run interleaved (every row once per round, rounds repeated) so that drift of the machine
 hits every row alike; each cell is the median of the rounds with min..max. The clients share
-the machine's cores with the servers, as the targets in the issues assume.
+the machine's cores with the servers, as the targets in the issues assume, and use all of them
+by default (wrk threads and loadtest processes: ``--client-threads``, default the core count).
 
 Rows: the cluster in sync, thread and fork modes; the standard library's ThreadingTCPServer,
 ForkingTCPServer and UDPServer serving the very same handler classes; gunicorn sync and gthread
