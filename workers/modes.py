@@ -114,12 +114,30 @@ class AcceptLoop:
 
     def next(self) -> Taken | None:
         """The next request, waiting for one; None once the worker is told to stop."""
+        waited = False
         while self.lifecycle.running:
             taken = self.take()
             if taken is not None:
+                if waited:
+                    self.step_back(taken[0])
                 return taken
             self.wait()
+            waited = True
         return None
+
+    def step_back(self, server: BaseServer) -> None:
+        """Move our place in the listener's queue of sleeping workers to its end.
+
+        When several workers sleep in epoll, the kernel wakes the first one registered on the
+        listener, so the same worker would take every connection that arrives while the others
+        sleep too: all of a client's kept-alive connections would land on one thread-mode
+        worker, on one core. Registering again after each connection a wake-up brought us
+        puts the others first for the next one. Under load, connections come by accept-first
+        without a wake-up, so this costs nothing there.
+        """
+        fd = server.fileno()
+        self.poller.unregister(fd)
+        self.poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
 
     def wait(self) -> None:
         """Sleep until a listener is readable, a signal arrives, or the parent check is due."""
