@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -118,7 +119,7 @@ class AcceptLoop:
         while self.lifecycle.running:
             taken = self.take()
             if taken is not None:
-                if waited:
+                if waited and getattr(taken[0], "socket_type", None) == socket.SOCK_STREAM:
                     self.step_back(taken[0])
                 return taken
             self.wait()
@@ -133,7 +134,8 @@ class AcceptLoop:
         sleep too: all of a client's kept-alive connections would land on one thread-mode
         worker, on one core. Registering again after each connection a wake-up brought us
         puts the others first for the next one. Under load, connections come by accept-first
-        without a wake-up, so this costs nothing there.
+        without a wake-up, so this costs nothing there. Datagrams hold no worker beyond their
+        own request, so datagram listeners skip it.
         """
         fd = server.fileno()
         self.poller.unregister(fd)
