@@ -84,20 +84,25 @@ def test_thread_mode_leaves_the_third_to_another_worker(start_cluster) -> None:
 
 def test_thread_mode_spreads_kept_alive_connections_over_idle_workers(start_cluster) -> None:
     """Connections that each stay open, arriving one after another while every worker sleeps
-    in epoll: the kernel would wake the first-registered worker every time (8/0), putting them
-    all on one process and one GIL. A worker that a wake-up brought a connection to steps back
-    in the listener's queue, so the next one goes to another worker."""
+    in epoll: the kernel would wake the first-registered worker nearly every time (8/0),
+    putting them all on one process and one GIL. A worker that a wake-up brought a connection
+    to steps back in the listener's queue, so the next one goes to another worker: usually
+    4/4. On a loaded machine a worker still awake can take one by accept-first before the
+    woken one gets to it, so over 3 rounds of 8 the check is that neither worker got fewer
+    than a quarter."""
     cluster = start_cluster("testapps:Gate", "-w", "2", "-k", "thread", "--threads", "8",
                             "-b", "127.0.0.1:0")  # fmt: skip
-    socks, pids = [], []
-    for _ in range(8):
-        socks.append(tcp_connect(cluster.address()))
-        pids.append(started_pid(socks[-1]))  # the handler runs (and holds on) before the next
-    assert sorted(set(pids)) == sorted(cluster.workers())
-    assert min(pids.count(pid) for pid in set(pids)) >= 2, pids
-    for sock in socks:
-        finish(sock)
-        sock.close()
+    pids: list[int] = []
+    for _ in range(3):
+        socks = []
+        for _ in range(8):
+            socks.append(tcp_connect(cluster.address()))
+            pids.append(started_pid(socks[-1]))  # its handler runs, and holds on, before the next
+        for sock in socks:
+            finish(sock)
+            sock.close()
+    assert sorted(set(pids)) == sorted(cluster.workers()), pids
+    assert min(pids.count(pid) for pid in set(pids)) >= 6, pids
 
 
 # ------------------------------------------------------------------------------- fork mode
