@@ -57,25 +57,38 @@ class Usage:
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+# Indexes into the fields after the comm field of /proc/PID/stat: state, ppid, pgrp, session,
+# tty, tpgid, flags, minflt, cminflt, majflt, cmajflt, utime, stime, cutime, cstime...
+_STATE, _MINFLT, _CMINFLT, _UTIME, _STIME, _CSTIME = 0, 7, 8, 11, 12, 14
 
 
-def parse_usage(stat_line: str) -> Usage:
-    """The ``Usage`` in one /proc/PID/stat line. After the comm field come: state, ppid,
-    pgrp, session, tty, tpgid, flags, minflt, cminflt, majflt, cmajflt, utime, stime,
-    cutime, cstime (times in clock ticks)."""
-    fields = stat_line.rsplit(")", 1)[1].split()
-    minflt, cminflt = int(fields[7]), int(fields[8])
-    ticks = sum(int(value) for value in fields[11:15])
-    return Usage(ticks / _TICKS, minflt + cminflt)
+def stat_fields(path: str) -> list[str] | None:
+    """The fields of a /proc stat file after the comm field, or None when it is gone. The
+    comm field may hold spaces and parentheses, so split after its last ``)``."""
+    try:
+        with open(path) as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def parse_usage(fields: list[str]) -> Usage:
+    """The ``Usage`` in the fields of one /proc/PID/stat: own and collected children's times
+    and minor faults (times in clock ticks)."""
+    ticks = sum(int(value) for value in fields[_UTIME : _CSTIME + 1])
+    return Usage(ticks / _TICKS, int(fields[_MINFLT]) + int(fields[_CMINFLT]))
 
 
 def usage(pid: int) -> Usage:
     """What ``pid`` used so far; nothing if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return parse_usage(fh.read())
-    except (OSError, IndexError):
-        return Usage()
+    fields = stat_fields(f"/proc/{pid}/stat")
+    return parse_usage(fields) if fields else Usage()
+
+
+def own_cpu(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` itself has used, without its children's."""
+    fields = stat_fields(f"/proc/{pid}/stat")
+    return (int(fields[_UTIME]) + int(fields[_STIME])) / _TICKS if fields else 0.0
 
 
 def tree_usage(pid: int) -> Usage:
@@ -92,13 +105,9 @@ def tree_usage(pid: int) -> Usage:
 
 
 def stat_state(path: str) -> str | None:
-    """The state letter (R, S, Z...) of a /proc stat file, or None when it is gone. The comm
-    field before it may hold spaces and parentheses, so split after its last ``)``."""
-    try:
-        with open(path) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
+    """The state letter (R, S, Z...) of a /proc stat file, or None when it is gone."""
+    fields = stat_fields(path)
+    return fields[_STATE] if fields else None
 
 
 def state(pid: int) -> str | None:

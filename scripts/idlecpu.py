@@ -18,12 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from cluster.procfs import own_cpu  # noqa: E402  (needs ROOT on the path)
 
 
 def main() -> int:
@@ -41,9 +38,9 @@ def main() -> int:
         for line in proc.stderr:
             if re.search(r"ready: \d+ workers", line):
                 break
-        before, started = cpu_seconds(proc.pid), time.monotonic()
+        before, started = own_cpu(proc.pid), time.monotonic()
         time.sleep(args.seconds)  # the measurement window itself
-        used = cpu_seconds(proc.pid) - before
+        used = own_cpu(proc.pid) - before
         elapsed = time.monotonic() - started
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -14,6 +14,7 @@ from cluster.procfs import (  # noqa: F401  (the tests' helpers, re-exported)
     become_subreaper,
     children,
     descendants,
+    own_cpu,
     reap_if_ours,
     state,
 )
@@ -66,13 +67,6 @@ def every(interval: float, count: int, action: Callable[[int], None]) -> None:
     for n in range(count):
         time.sleep(max(0.0, start + n * interval - time.monotonic()))  # a schedule, not a wait
         action(n)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time ``pid`` has used, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def zombies_of(pid: int) -> list[int]:

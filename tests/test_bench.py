@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster.procfs import Usage, parse_usage, tree_usage
+from cluster.procfs import Usage, parse_usage, stat_fields, tree_usage
 from tests.conftest import ROOT, cluster_env, stream_roundtrip, tcp_connect, udp_roundtrip
 from tests.procs import descendants, gone, kill_all, wait_for
 
@@ -25,12 +25,16 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # ------------------------------------------------------------------ /proc accounting
-def test_parse_usage_reads_times_and_faults_after_an_awkward_command_name() -> None:
+def test_parse_usage_reads_times_and_faults_after_an_awkward_command_name(tmp_path) -> None:
     # comm may hold spaces and parentheses; fields count from the last ")".
     # state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
-    line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 20 0 0 300 100 50 50 20 0 1 0"
+    path = tmp_path / "stat"
+    path.write_text("42 (a (b) c) S 1 42 42 0 -1 4194560 100 20 0 0 300 100 50 50 20 0 1 0\n")
+    fields = stat_fields(str(path))
+    assert fields is not None and fields[0] == "S"
     ticks = os.sysconf("SC_CLK_TCK")
-    assert parse_usage(line) == Usage(cpu=500 / ticks, faults=120)
+    assert parse_usage(fields) == Usage(cpu=500 / ticks, faults=120)
+    assert stat_fields(str(tmp_path / "gone")) is None
 
 
 @pytest.fixture
