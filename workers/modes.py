@@ -50,6 +50,8 @@ from workers.servers import BaseServer
 log = logging.getLogger("cluster.worker")
 
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# One woken worker per connection, not all of them (the thundering herd).
+LISTENER_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 RESOURCE_PAUSE = 0.1  # seconds between accept attempts while out of resources
 
 Binding = tuple[Endpoint, type]  # a listener and the handler class that serves it
@@ -73,9 +75,11 @@ class AcceptLoop:
         self.on_wake = on_wake  # runs after every sleep: fork mode reaps its children there
         self.turn = 0  # the listener to try first
         self.starving = False  # accept() failed for want of fds or memory
+        # Stream listeners whose connections can hold a worker for long (see step_back).
+        self.streams = {s for s in servers if getattr(s, "socket_type", None) == socket.SOCK_STREAM}
         self.poller = select.epoll()  # owned here; closed by close()
         for server in servers:
-            self.poller.register(server.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            self.poller.register(server.fileno(), LISTENER_EVENTS)
         self.poller.register(self.lifecycle.wake_r, select.EPOLLIN)
 
     def take(self) -> Taken | None:
@@ -119,7 +123,7 @@ class AcceptLoop:
         while self.lifecycle.running:
             taken = self.take()
             if taken is not None:
-                if waited and getattr(taken[0], "socket_type", None) == socket.SOCK_STREAM:
+                if waited and taken[0] in self.streams:
                     self.step_back(taken[0])
                 return taken
             self.wait()
@@ -139,7 +143,7 @@ class AcceptLoop:
         """
         fd = server.fileno()
         self.poller.unregister(fd)
-        self.poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.poller.register(fd, LISTENER_EVENTS)
 
     def wait(self) -> None:
         """Sleep until a listener is readable, a signal arrives, or the parent check is due."""
