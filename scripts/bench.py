@@ -290,6 +290,18 @@ class Cell:
     client_us: list[float] = field(default_factory=list)  # client CPU per request
     faults: list[float] = field(default_factory=list)  # server page faults per request
 
+    def add(self, done: Measured, server: Usage, client_cpu: float) -> str:
+        """Record one measurement; a line saying what it was."""
+        self.rps.append(done.rps)
+        self.errors += done.errors
+        line = f"{done.rps:10.0f} req/s  errors {done.errors}"
+        if done.requests:
+            self.server_us.append(server.cpu / done.requests * 1e6)
+            self.client_us.append(client_cpu / done.requests * 1e6)
+            self.faults.append(server.faults / done.requests)
+            line += f"  cpu/request: server {self.server_us[-1]:.1f} us, client {self.client_us[-1]:.1f} us"
+        return line
+
 
 def client_cpu() -> float:
     """CPU seconds of this process and the clients it ran and collected (wrk, loadtest's
@@ -323,16 +335,10 @@ def run(rows: list[Row], workloads: list[str], duration: float, repeats: int) ->
                     done, server, client = measure_costs(measure, running, duration)
                 finally:
                     running.stop()
-                cell = results.setdefault((row.name, workload), Cell())
-                cell.rps.append(done.rps)
-                cell.errors += done.errors
-                if done.requests:
-                    cell.server_us.append(server.cpu / done.requests * 1e6)
-                    cell.client_us.append(client / done.requests * 1e6)
-                    cell.faults.append(server.faults / done.requests)
-                print(f"round {round_no + 1}/{repeats} {workload:22} {row.name:26} {done.rps:10.0f}"
-                      f" req/s  errors {done.errors}  cpu/request: server {server.cpu / max(1, done.requests) * 1e6:.1f} us,"
-                      f" client {client / max(1, done.requests) * 1e6:.1f} us", flush=True)  # fmt: skip
+                said = results.setdefault((row.name, workload), Cell()).add(done, server, client)
+                print(
+                    f"round {round_no + 1}/{repeats} {workload:22} {row.name:26} {said}", flush=True
+                )
     return results
 
 
