@@ -13,6 +13,7 @@ import sys
 from cluster import config as config_module
 from cluster.app import BUILTIN_APPS
 from cluster.errors import ClusterError, OneLineParser
+from workers.runtime import modes
 
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 
@@ -42,9 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--max-workers", type=int, metavar="N",
                      help="upper bound of the pool for scaling (default: 4 per CPU)")  # fmt: skip
-    run.add_argument("-k", "--worker-class", choices=config_module.WORKER_CLASSES,
-                     help="sync (default): handle inline; thread: bounded thread pool; "
-                     "fork: one child per request")  # fmt: skip
+    run.add_argument("-k", "--worker-class", choices=modes.names(),
+                     help="; ".join(f"{m.name}: {m.summary}" for m in modes.MODES.values()))  # fmt: skip
     run.add_argument(
         "--threads",
         type=int,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_level)
         from cluster.master import Master  # after validation: `--help` and bad flags stay fast
 
-        return Master(config, reread_config=lambda: config_from_args(args)).run()
+        return Master(config, reread_config=lambda: config_from_args(args), upgradable=True).run()
     except ClusterError as err:
         print(f"cluster: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
+from workers.runtime import modes
 
-WORKER_CLASSES = ("sync", "thread", "fork")
 RELOAD_STRATEGIES = ("all", "rolling")
 DEFAULT_BIND = "tcp://127.0.0.1:8000"
 
@@ -26,7 +26,7 @@ class Config:
     bind: list[str] = field(default_factory=lambda: [DEFAULT_BIND])
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_workers: int = 0  # 0: no bound beyond what the machine allows (see ``pool_bound``)
-    worker_class: str = "sync"
+    worker_class: str = modes.DEFAULT
     threads: int = 8
     max_children: int = 40
     backlog: int = 2048
@@ -60,9 +60,9 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"--workers must be at least 1, got {config.workers}")
     if config.max_workers and config.max_workers < config.workers:
         raise ConfigError(f"--max-workers {config.max_workers} is below --workers {config.workers}")
-    if config.worker_class not in WORKER_CLASSES:
+    if config.worker_class not in modes.MODES:
         raise ConfigError(
-            f"--worker-class must be one of {', '.join(WORKER_CLASSES)}, got {config.worker_class!r}"
+            f"--worker-class must be one of {', '.join(modes.names())}, got {config.worker_class!r}"
         )
     if config.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {config.threads}")

@@ -1,6 +1,10 @@
 """Passing listening sockets to a new master: ``CLUSTER_FDS`` (our upgrade) and systemd's
 ``LISTEN_FDS``/``LISTEN_PID`` (socket activation).
 
+The new master also inherits the write end of a pipe (``CLUSTER_UPGRADE_FD``) on which it
+says ``ready PID`` once its workers serve: the old master's cue to stop. A TERM to the old
+master is only ever an operator's.
+
 On USR2 the master forks a child that execs the same command line with the listening fds
 made inheritable and described in ``CLUSTER_FDS`` as JSON, ``[[fd, "bind text"], ...]``. The
 new master adopts every inherited socket whose bind text it is configured with, binds only
@@ -22,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from cluster.errors import ConfigError
 
 ENV_FDS = "CLUSTER_FDS"
-ENV_PREDECESSOR = "CLUSTER_UPGRADE_FROM"  # pid of the master to retire once we are ready
+ENV_PREDECESSOR = "CLUSTER_UPGRADE_FROM"  # pid of the master that started us (USR2)
+ENV_READY_FD = "CLUSTER_UPGRADE_FD"  # where we say "ready" to it: the write end of a pipe
 SYSTEMD_FIRST_FD = 3
 
 
@@ -64,14 +69,16 @@ def successor_command() -> list[str]:
     return [sys.executable, "-m", "cluster", *sys.argv[1:]]
 
 
-def exec_successor(pairs: Sequence[tuple[int, str]], predecessor: int) -> None:
-    """In the forked child: hand the listening fds over and become the new master."""
-    for fd, _ in pairs:
+def exec_successor(pairs: Sequence[tuple[int, str]], predecessor: int, ready_fd: int) -> None:
+    """In the forked child: hand the listening fds and the ready pipe over, and become the
+    new master."""
+    for fd in (*(fd for fd, _ in pairs), ready_fd):
         os.set_inheritable(fd, True)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     env = dict(os.environ)
     env[ENV_FDS] = encode_fds(pairs)
     env[ENV_PREDECESSOR] = str(predecessor)
+    env[ENV_READY_FD] = str(ready_fd)
     env.pop("LISTEN_FDS", None)
     env.pop("LISTEN_PID", None)
     command = successor_command()

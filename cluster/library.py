@@ -14,19 +14,23 @@ as they would under the stdlib.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from dataclasses import fields
 from typing import Any
 
-from cluster import __all__  # noqa: F401  (the public names, listed once, in the package)
-from cluster.config import Config, validate
+from cluster import (
+    __all__,  # noqa: F401  (the public names, listed once, in the package)
+    commands,
+)
+from cluster.config import Config, build, read_toml
+from cluster.errors import ConfigError
 from cluster.listeners import Listener, format_uri, parse_bind, socket_kind
 from cluster.master import Master
 from workers.servers import TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 
-_OPTIONS = frozenset(f.name for f in fields(Config)) - {"app", "bind", "config", "pidfile"}
+_OPTIONS = frozenset(f.name for f in fields(Config)) - {"app", "bind", "pidfile"}
+_NOT_FROM_FILE = ("app", "bind", "pidfile")  # the library serves its own socket and handler
 
 
 class PreforkMixIn:
@@ -34,7 +38,8 @@ class PreforkMixIn:
 
     Keyword options are ``cluster run``'s long flags (``workers``, ``worker_class``,
     ``threads``, ``max_children``, ``graceful_timeout``, ``max_workers``, ``name``...); they
-    may also be set as class attributes of a subclass.
+    may also be set as class attributes of a subclass. ``config="FILE.toml"`` reads the same
+    keys from a file, under the keyword options; ``reload()`` (or HUP) reads it afresh.
     """
 
     prefork_options: dict[str, Any] = {}
@@ -55,11 +60,15 @@ class PreforkMixIn:
         """The Config the master runs with: our options over the defaults, validated."""
         uri = format_uri(socket_kind(self.socket), self.socket.getsockname())  # type: ignore[attr-defined]
         handler = self.RequestHandlerClass  # type: ignore[attr-defined]
-        config = Config(app=f"{handler.__module__}:{handler.__qualname__}", bind=[uri])
-        config.name = handler.__name__
-        for key, value in self.prefork_options.items():
-            setattr(config, key, value)
-        return validate(config)
+        base = {"app": f"{handler.__module__}:{handler.__qualname__}", "bind": [uri],
+                "name": handler.__name__}  # fmt: skip
+        path = self.prefork_options.get("config")
+        from_file = read_toml(path) if path else {}
+        for key in _NOT_FROM_FILE:
+            if key in from_file:
+                raise ConfigError(f"bad config file {path}: {key!r} is not for the library, "
+                                  "which serves its own socket and handler")  # fmt: skip
+        return build({**base, **from_file}, self.prefork_options)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Run the master loop until ``shutdown()`` (or TERM, when called in the main thread).
@@ -78,11 +87,11 @@ class PreforkMixIn:
         try:
             self._master = Master(
                 config, listeners=[listener], handler=self.RequestHandlerClass,  # type: ignore[attr-defined]
-                set_title=False,
+                set_title=False, reread_config=self.prefork_config,
             )  # fmt: skip
             self._master_created.set()
             if self._shutdown_requested:
-                self._master.request(signal.SIGTERM)
+                self._master.submit(commands.make("stop", origin="library"))
             self.exit_code = self._master.run()
         finally:
             sock.setblocking(True)
@@ -99,19 +108,36 @@ class PreforkMixIn:
         self._shutdown_requested = True
         master = self._master
         if master is not None:
-            master.request(signal.SIGTERM)
+            master.submit(commands.make("stop", origin="library"))
         self._serving_done.wait()
+
+    def _ask(self, name: str, n: int | None = None, timeout: float = 30.0) -> dict | None:
+        """Send one command to the master loop and wait for its reply (None: not serving)."""
+        master = self._master
+        if master is None:
+            return None
+        return master.submit(commands.make(name, n, origin="library")).wait(timeout)
+
+    def scale(self, n: int) -> dict | None:
+        """Set the pool's target to ``n`` workers (within 1 .. max_workers): the reply says
+        the new target, or why it was refused. Workers are forked or retired right after."""
+        return self._ask("scale", n)
+
+    def reload(self) -> dict | None:
+        """Start a new generation of workers (as HUP): every worker is replaced, without a
+        refused connection. Returns once the new generation has started booting."""
+        return self._ask("reload")
 
     def status(self) -> dict | None:
         """The master's status (workers with their scoreboard state), or None when not serving."""
-        master = self._master
-        return master.status() if master is not None else None
+        reply = self._ask("status")
+        return reply if reply and reply.get("ok") else None
 
     @property
     def worker_pids(self) -> list[int]:
         """The pids of the live workers (empty when not serving)."""
-        master = self._master
-        return sorted(master.workers) if master is not None else []
+        status = self.status()
+        return sorted(w["pid"] for w in status["workers"]) if status else []
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the first generation of workers is serving (for tests and scripts)."""

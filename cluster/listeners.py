@@ -7,6 +7,7 @@ Grammar (DESIGN section 2)::
     unix:PATH         unix-dgram:PATH
     fd://N            (a socket inherited from whoever started us)
     ANY-OF-THE-ABOVE=module:Class     serve this listener with its own handler
+    ANY-OF-THE-ABOVE=DEMO             ... or a built-in demo (echo, http-hello)
 
 Every listening socket is put in non-blocking mode once, here. The flag lives on the shared open
 file description, so all workers see the same mode: they try ``accept()`` first and only wait in
@@ -22,6 +23,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
+from cluster.app import BUILTIN_APPS
 from cluster.errors import BindError, ConfigError
 
 STREAM_KINDS = frozenset({"tcp", "unix"})
@@ -45,8 +47,15 @@ def parse_bind(text: str) -> BindSpec:
     """Parse one bind URI; raise ConfigError naming ``text`` when it does not fit the grammar."""
     raw = text.strip()
     address, sep, handler = raw.partition("=")
-    if sep and (":" not in handler or handler.startswith(":") or handler.endswith(":")):
-        raise ConfigError(f"bad bind {text!r}: handler must be module:Class, got {handler!r}")
+    if (
+        sep
+        and handler not in BUILTIN_APPS
+        and (":" not in handler or handler.startswith(":") or handler.endswith(":"))
+    ):
+        raise ConfigError(
+            f"bad bind {text!r}: handler must be module:Class or one of "
+            f"{', '.join(BUILTIN_APPS)}, got {handler!r}"
+        )
     handler_or_none = handler if sep else None
 
     def spec(**kw: object) -> BindSpec:

@@ -2,19 +2,33 @@
 
 Read ``Master.run`` top to bottom; it is the whole life of the process:
 
-    bind -> fork the pool -> loop { sleep until something happens; read what workers said;
-                                    act on queued signals; reap the dead; fix the pool size }
+    bind -> generation 1 -> loop { sleep until the earliest deadline or an event;
+                                   read what workers said; dispatch the commands;
+                                   reap the dead; put down the hung; fix the pool }
          -> stop: signal the workers, wait (bounded), close listeners, exit
 
-Signal handlers do nothing but queue the signal number; ``signal.set_wakeup_fd`` writes a byte
-to our wakeup pipe, which is one of the things the loop sleeps on. The others are each worker's
-``sentinel`` (a pidfd, readable once that worker exits) and the notify pipe the workers write
-``PID ready`` to. So the idle master wakes only for signals, exits, messages and its own timers.
+Who owns what. The master owns its loop plumbing (the selector, the wakeup pipe, the notify
+pipe's read end, the command inbox) and one object per part of its state, each answering
+``next_deadline()`` so that ``sleep`` is the minimum over them:
 
-Who owns what: the master owns the listening sockets (closed at exit, Unix socket files
-unlinked), the wakeup pipe, the notify pipe's read end, its selector, and one
-``WorkerProcess`` (with its pidfd) per worker. A worker closes every one of those it inherited
-except its listener copies and the notify pipe's write end (see ``workers.process``).
+- the generations (``cluster.generation``): ``current``, the ``incoming`` one during a reload,
+  and the ``draining`` older ones; each owns its config, workers and scoreboard;
+- ``stop`` (``cluster.stop``), from the first TERM, INT or QUIT on;
+- ``successor`` (``cluster.upgrade``), the new master of a USR2, and ``predecessor``, the old
+  master when a USR2 started us;
+- ``backoff`` (``cluster.backoff``), the crash-loop backoff;
+- ``hung`` (``workers.runtime.escalation``), the workers being put down, and ``watchdog``
+  (``cluster.watchdog``), which finds them;
+- ``adaptive`` (``cluster.pool``), the --min-spare/--max-spare pacing.
+
+Every request to act is a ``cluster.commands.Command``: a signal's byte on the wakeup pipe
+(``signal.set_wakeup_fd`` writes one byte per signal, so a burst of five TTINs is five
+commands), a library call, or (later) a control-socket line. ``dispatch`` runs one method per
+command. The decisions are pure functions elsewhere: ``pool.plan`` (what to fork and retire),
+``exits.judge`` (what an exit means), ``commands.target_after`` (where scaling lands).
+
+A worker closes every fd of the master's it inherited except its listener copies and the
+notify pipe's write end (``private_fds``).
 """
 
 from __future__ import annotations
@@ -26,50 +40,40 @@ import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 
-from cluster import handover, pidfile, pool
+from cluster import commands, exits, handover, pidfile, pool
 from cluster.app import load_handler
+from cluster.backoff import Backoff
+from cluster.commands import Command, Refused, Reply
 from cluster.config import Config
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError
+from cluster.generation import Generation, Worker
 from cluster.listeners import Listener, adopt, bind
-from cluster.reload import Reload, ReloadMixin
 from cluster.spawn import WorkerProcess
-from cluster.upgrade import UpgradeMixin
-from workers.process import HANDLED_SIGNALS, STACK_DUMP_SIGNAL, Endpoint, WorkerSpec, set_title
-from workers.process import run as worker_main
-from workers.scoreboard import Scoreboard, SlotView
+from cluster.stop import Stop
+from cluster.upgrade import BOOTING, Predecessor, Successor
+from cluster.watchdog import Watchdog
+from workers.runtime.entry import run as worker_main
+from workers.runtime.entry import set_title
+from workers.runtime.escalation import Escalation
+from workers.runtime.spec import HANDLED_SIGNALS
 
 log = logging.getLogger("cluster.master")
 
-QUICK_STOP_GRACE = 3.0  # seconds workers get to exit after QUIT before they are killed
 LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
-MAX_BOOT_FAILURES = 3  # consecutive workers dying before ready, with none ready yet: give up
-KILL_GRACE = 1.0  # after TERM to a hung worker, seconds before KILL
+QUIET_COMMANDS = frozenset({"status", "config"})  # asked often (ctl top): logged at debug
 
 
-@dataclass
-class Worker:
-    """The master's record of one worker process."""
-
-    process: WorkerProcess
-    pid: int
-    slot: int
-    generation: int
-    spawned_at: float
-    ready: bool = False
-    retiring: bool = False
-    kill_at: float = 0.0  # a hung worker was sent TERM: KILL it at this time
-    why_retired: str = ""  # "recycled after N requests", "scaled down"...
-
-
-class Master(ReloadMixin, UpgradeMixin):
+class Master:
     """One master loop, used by ``cluster run`` and by the library API alike.
 
     ``listeners`` may be given already bound (the library binds in its constructor, as
     socketserver does); otherwise ``run`` binds ``config.bind``. ``handler`` overrides
-    ``config.app`` with a class the caller already holds.
+    ``config.app`` with a class the caller already holds. ``upgradable`` is for the command
+    line only: an upgrade re-executes our command line, which inside a host program would
+    be the host's.
     """
 
     def __init__(
@@ -81,43 +85,44 @@ class Master(ReloadMixin, UpgradeMixin):
         install_signals: bool = True,
         set_title: bool = True,
         reread_config: Callable[[], Config] | None = None,
+        upgradable: bool = False,
     ) -> None:
-        self.config = config
-        self.reread_config = reread_config  # HUP: the config file and flags, read afresh
-        self.listeners = listeners or []
+        self.first_config = config
+        self.given_listeners = listeners or []
         self.handler = handler
+        self.reread_config = reread_config  # HUP: the config file and flags, read afresh
         self.install_signals = (
             install_signals and threading.current_thread() is threading.main_thread()
         )
         self.set_title = set_title
+        self.upgradable = upgradable and self.install_signals
         self.pid = os.getpid()
         self.name = config.name or config.app
-        self.workers: dict[int, Worker] = {}
-        self.target = config.workers
-        self.generation = 1
-        self.events: collections.deque[int] = collections.deque()
+        self.started_at = time.monotonic()
+        # Loop plumbing.
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.selector.register(self.notify_r, selectors.EVENT_READ, "notify")
         self.notify_buffer = b""
+        self.signals: list[int] = []  # signal numbers read off the wakeup pipe, in order
+        self.inbox: collections.deque[tuple[Command, Reply | None]] = collections.deque()
+        self.inbox_lock = threading.Lock()
+        self.closed = False  # the loop is over: commands are answered at once
         self.exited: list[Worker] = []  # workers whose sentinel fired, to be reaped
-        self.boot_failures = 0  # consecutive workers that died before they were ready
-        self.crashes = 0  # consecutive workers that died on their own soon after starting
-        self.next_spawn_at = 0.0  # crash-loop backoff: no fork before this time
-        self.scoreboard: Scoreboard | None = None
-        self.preloaded: dict[str | None, type] = {}  # --preload: handlers the master imported
-        self.reload: Reload | None = None  # a new generation is replacing the old one
-        self.closing: list[Listener] = []  # removed by a reload: closed once the old gen left
-        self.successor: WorkerProcess | None = None  # USR2: the new master, until it takes over
-        self.successor_deadline = 0.0
-        self.handed_over = False  # our successor serves: leave the socket files to it
-        self.adaptive_rate = 1  # --min-spare/--max-spare: forks per second while short
-        self.next_adapt_at = 0.0
-        self.stopping = False
-        self.stop_graceful = True
-        self.stop_deadline = 0.0
+        # The parts.
+        self.current: Generation | None = None
+        self.incoming: Generation | None = None
+        self.draining: list[Generation] = []
+        self.stop: Stop | None = None
+        self.successor: Successor | None = None
+        self.predecessor = Predecessor.from_environ(os.environ)
+        self.backoff = Backoff()
+        self.hung = Escalation()
+        self.watchdog = Watchdog()
+        self.adaptive: pool.Adaptive | None = None
+        # Outcome.
         self.exit_code = EXIT_OK
         self.ready = threading.Event()  # set once the first generation is serving
         self.stopped = threading.Event()
@@ -129,76 +134,95 @@ class Master(ReloadMixin, UpgradeMixin):
         """Serve until stopped; return the exit code (0 clean, 1 workers had to be killed)."""
         try:
             self.start()
-            while True:
+            while not (self.stop and not any(self.all_workers())):
                 self.sleep()
                 self.read_notifications()
-                self.handle_events()  # before reaping: Ctrl-C kills workers and us at once
+                self.handle_commands()  # before reaping: Ctrl-C kills workers and us at once
                 self.reap_workers()
-                if self.stopping:
-                    if not self.workers:
-                        break
-                    self.enforce_stop_deadline()
-                else:
-                    self.murder_workers()
-                    self.adapt_pool()
-                    self.manage_workers()
-                    self.watch_reload()
-                    self.watch_successor()
+                now = time.monotonic()
+                self.kill_past_grace(now)
+                if self.stop:
+                    self.enforce_stop(now)
+                    continue
+                self.put_down_hung(now)
+                self.adapt_pool(now)
+                self.manage_workers(now)
+                self.watch_generations(now)
+                self.watch_successor(now)
         finally:
             self.cleanup()
         return self.exit_code
 
     def start(self) -> None:
         """Load the app (a bad one fails here, before any fork), bind, and fork the pool."""
-        self.check_app(self.config)
-        if not self.listeners:
-            self.listeners = self.open_listeners(self.config)
-        for listener in self.listeners:
+        config = self.first_config
+        preloaded = self.check_app(config)
+        listeners = self.given_listeners or self.open_listeners(config)
+        for listener in listeners:
             log.info("listening on %s", listener.uri)
-        self.scoreboard = Scoreboard(2 * self.config.pool_bound, _lanes(self.config))
+        self.current = Generation(1, config, listeners, preloaded, self.handler)
         if self.set_title:
             set_title(f"cluster: master [{self.name}]")
-        pidfile.write(self.config.pidfile, self.pid)
+        pidfile.write(config.pidfile, self.pid)
         if self.install_signals:
             self.install_signal_handlers()
-        log.info(
-            "master %d starting %d %s workers", self.pid, self.target, self.config.worker_class
-        )
-        if self.config.min_spare or self.config.max_spare:
-            self.next_adapt_at = time.monotonic() + 1.0
-        self.manage_workers()
+        log.info("master %d starting %d %s workers", self.pid, self.current.target,
+                 config.worker_class)  # fmt: skip
+        if config.min_spare or config.max_spare:
+            self.adaptive = pool.Adaptive(time.monotonic())
+        self.manage_workers(time.monotonic())
 
     def sleep(self) -> None:
-        """Wait for a signal, a worker exit, a worker message, or the next timer."""
+        """Wait for a signal, a command, a worker exit or message, or the next deadline."""
         now = time.monotonic()
-        timers = [now + LOOP_TICK]
-        if self.config.timeout:
-            timers.append(now + self.config.timeout / 4)  # hung requests are seen within 1/4
-        if self.stopping:
-            timers.append(self.stop_deadline)
-        elif self.next_spawn_at > now:
-            timers.append(self.next_spawn_at)
-        timers.extend(w.kill_at for w in self.workers.values() if w.kill_at)
-        if self.successor is not None:
-            timers.append(self.successor_deadline)
-        if self.next_adapt_at:
-            timers.append(self.next_adapt_at)
-        timeout = max(0.0, min(timers) - now)
+        deadlines = [now + LOOP_TICK, self.hung.next_deadline(), self.backoff.next_deadline(now)]
+        for part in (self.stop, self.successor, self.adaptive):
+            if part is not None:
+                deadlines.append(part.next_deadline())
+        if not self.stop:
+            deadlines.append(self.watchdog.next_deadline())
+        timeout = max(0.0, min(deadlines) - now)
         for key, _ in self.selector.select(timeout):
             if key.data == "wake":
-                _drain(self.wake_r)
+                self.signals.extend(_drain(self.wake_r))
             elif isinstance(key.data, Worker):
                 self.exited.append(key.data)
-            elif key.data == "successor":
+            elif key.data == "successor-ready":
+                self.on_successor_message()
+            elif key.data == "successor-exit":
                 self.on_successor_exit()
 
-    # ----------------------------------------------------------------- signals and requests
+    @property
+    def config(self) -> Config:
+        """The config in force: the current generation's (the first one's before it exists)."""
+        return self.current.config if self.current else self.first_config
+
+    def generations(self) -> Iterator[Generation]:
+        """Every generation that still has a reason to exist, oldest first."""
+        yield from self.draining
+        if self.current is not None:
+            yield self.current
+        if self.incoming is not None:
+            yield self.incoming
+
+    def all_workers(self) -> Iterator[Worker]:
+        for generation in list(self.generations()):
+            yield from generation
+
+    def steered(self) -> Generation:
+        """The generation the pool is steered toward: the incoming one during a reload."""
+        generation = self.incoming or self.current
+        assert generation is not None
+        return generation
+
+    # ----------------------------------------------------------------- commands
     def install_signal_handlers(self) -> None:
-        """Queue our signals; remember what was there, for a host program (the library API
-        in a main thread) gets its own handlers back when we stop."""
+        """Have every signal of ours write its number to the wakeup pipe; remember what was
+        there, for a host program (the library API in a main thread) gets its own handlers
+        back when we stop. The handler itself does nothing: the byte is the message."""
         self.previous_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         self.previous_handlers = {
-            signum: signal.signal(signum, self.queue_signal)
+            signum: signal.signal(signum, _only_wake)
             for signum in (*HANDLED_SIGNALS, signal.SIGCHLD)
         }
 
@@ -207,172 +231,314 @@ class Master(ReloadMixin, UpgradeMixin):
         for signum, handler in self.previous_handlers.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
-    def queue_signal(self, signum: int, frame: object = None) -> None:
-        """The only thing a signal handler does: remember the signal (the wakeup fd wakes us)."""
-        self.events.append(signum)
-
-    def request(self, signum: int) -> None:
-        """Ask the loop to act as on ``signum``, from any thread (the library's ``shutdown``)."""
-        self.events.append(signum)
+    def submit(self, command: Command) -> Reply:
+        """Queue ``command`` from any thread (the library, the control socket); the reply
+        comes once the loop has handled it, or at once if the loop is over."""
+        reply = Reply()
+        with self.inbox_lock:
+            if self.closed:
+                reply.answer({"ok": False, "error": "the master is not running"})
+                return reply
+            self.inbox.append((command, reply))
         try:
-            os.write(self.wake_w, b"\0")
+            os.write(self.wake_w, b"\0")  # 0 is no signal: it only wakes the loop
         except OSError:
             pass
+        return reply
 
-    def handle_events(self) -> None:
-        while self.events:
-            signum = self.events.popleft()
-            if signum == signal.SIGCHLD:
-                continue  # reaping happens every turn of the loop anyway
-            log.info("received %s", signal.Signals(signum).name)
-            if signum == signal.SIGTERM:
-                if self.successor is not None and not self.stopping:
-                    self.handed_over = True  # the new master is ready and asks us to go
-                    log.info("the new master %d took over; stopping", self.successor.pid)
-                self.begin_stop(graceful=not self.stopping)
-            elif signum in (signal.SIGINT, signal.SIGQUIT):
-                self.begin_stop(graceful=False)
-            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-                self.scale(+1 if signum == signal.SIGTTIN else -1)
-            elif signum == signal.SIGHUP:
-                self.begin_reload()
-            elif signum == signal.SIGUSR1:
-                log.info("nothing to reopen: logs go to stderr")
-            elif signum == signal.SIGUSR2:
-                self.begin_upgrade()
+    def handle_commands(self) -> None:
+        """Dispatch the signals read off the wakeup pipe, then the queued commands."""
+        signums, self.signals = self.signals, []
+        for signum in signums:
+            if command := commands.from_signal(signum):
+                self.dispatch(command)
+        while self.inbox:
+            command, reply = self.inbox.popleft()
+            result = self.dispatch(command)
+            if reply is not None:
+                reply.answer(result)
 
-    def scale(self, delta: int) -> None:
-        if self.stopping:
+    def dispatch(self, command: Command) -> dict:
+        """Run the one method for ``command``; a refusal is logged and answered, not raised."""
+        log.log(logging.DEBUG if command.name in QUIET_COMMANDS else logging.INFO,
+                "command: %s", command)  # fmt: skip
+        handler = getattr(self, "do_" + command.name.replace("-", "_"))
+        try:
+            result = handler(command) or {}
+        except Refused as why:
+            log.warning("%s refused: %s", command.name, why)
+            return {"ok": False, "error": f"{command.name} refused: {why}"}
+        result.setdefault("ok", True)  # a handler that failed after trying says so itself
+        return result
+
+    def do_status(self, command: Command) -> dict:
+        return self.status()
+
+    def do_config(self, command: Command) -> dict:
+        return {"config": asdict(self.config)}
+
+    def do_scale(self, command: Command) -> dict:
+        if self.stop:
+            raise Refused("stopping")
+        generation = self.steered()
+        generation.target = commands.target_after(command, generation.target,
+                                                  generation.config.pool_bound)  # fmt: skip
+        log.info("pool target is now %d workers", generation.target)
+        return {"target": generation.target}
+
+    do_incr = do_decr = do_scale
+
+    def do_stop(self, command: Command) -> None:
+        """TERM: a graceful stop; during one an operator already asked for, a quick one."""
+        stop = self.stop
+        if stop is None:
+            self.begin_stop(graceful=True, reason=command.origin or "asked")
+        elif stop.graceful and stop.reason.startswith("handover"):
+            stop.reason = command.origin or "asked"  # the operator's own first stop: still graceful
+            log.info("already stopping gracefully after the handover; a second stop is quick")
+        elif stop.graceful:
+            self.begin_stop(graceful=False, reason=command.origin or "asked")
+
+    def do_quit(self, command: Command) -> None:
+        self.begin_stop(graceful=False, reason=command.origin or "asked")
+
+    def do_reopen_logs(self, command: Command) -> dict:
+        log.info("nothing to reopen: logs go to stderr")
+        return {"reopened": []}
+
+    # ----------------------------------------------------------------- reload
+    def do_reload(self, command: Command) -> dict:
+        """Re-read the config, check the app, open new binds, and start a new generation.
+
+        Anything that fails here leaves the running generation untouched and serving.
+        """
+        current = self.current
+        assert current is not None
+        if self.stop:
+            raise Refused("stopping")
+        if self.incoming is not None:
+            raise Refused(f"generation {self.incoming.number} is still booting")
+        try:
+            config = self.reread_config() if self.reread_config else current.config
+            preloaded = self.check_app(config)
+            listeners = self.open_listeners(config, keep=self.open_listener_set())
+        except ClusterError as err:
+            log.error("reload failed: %s; still serving generation %d", err, current.number)
+            return {"ok": False, "error": f"reload failed: {err}"}
+        known = {id(lst) for lst in self.open_listener_set()}
+        for listener in listeners:
+            if id(listener) not in known:
+                log.info("listening on %s", listener.uri)
+        self.incoming = Generation(current.number + 1, config, listeners, preloaded,
+                                   self.handler)  # fmt: skip
+        log.info("reload: starting generation %d (%d %s workers, %s)", self.incoming.number,
+                 self.incoming.target, config.worker_class, config.reload_strategy)  # fmt: skip
+        return {"generation": self.incoming.number}
+
+    def watch_generations(self, now: float) -> None:
+        """Promote the incoming generation once it serves alone; give it up if a worker does
+        not boot within the graceful timeout; drop the old ones whose last worker left."""
+        incoming = self.incoming
+        if incoming is not None:
+            limit = incoming.config.graceful_timeout
+            if any(not w.ready and now - w.spawned_at > limit for w in incoming):
+                self.abort_reload(f"a worker of generation {incoming.number} was not ready "
+                                  f"within {limit:g}s")  # fmt: skip
+            elif incoming.serving() and not any(
+                not w.retiring for g in self.generations() if g is not incoming for w in g
+            ):
+                assert self.current is not None
+                self.draining.append(self.current)
+                self.current, self.incoming = incoming, None
+                self.check_ready()  # a reload during the first boot
+        for generation in [g for g in self.draining if not g.workers]:
+            self.draining.remove(generation)
+            self.drop(generation)
+            if not self.draining and self.incoming is None:
+                log.info("reload complete: generation %d serving with %d workers",
+                         self.steered().number, len(self.steered().workers))  # fmt: skip
+
+    def abort_reload(self, why: str) -> None:
+        """The health gate: the new generation failed; put its workers down, stay on the old
+        one. Its workers drain (quickly: KILL) like any older generation's."""
+        incoming, self.incoming = self.incoming, None
+        assert incoming is not None and self.current is not None
+        for worker in incoming:
+            worker.retiring = "reload failed"
+            _send(worker.pid, signal.SIGKILL)
+        self.draining.append(incoming)
+        log.error("reload failed: %s; still serving generation %d", why, self.current.number)
+
+    def drop(self, generation: Generation) -> None:
+        """A generation with no worker left: close the listeners only it served."""
+        generation.close()
+        still = {id(lst) for lst in self.open_listener_set()}
+        for listener in generation.listeners:
+            if id(listener) not in still:
+                log.info("closed %s", listener.uri)
+                listener.close()
+
+    def open_listener_set(self) -> list[Listener]:
+        """Every listener a live generation serves, each once."""
+        seen: dict[int, Listener] = {}
+        for generation in self.generations():
+            for listener in generation.listeners:
+                seen.setdefault(id(listener), listener)
+        return list(seen.values())
+
+    # ----------------------------------------------------------------- upgrade
+    def do_upgrade(self, command: Command) -> dict:
+        """Fork and exec a new master of our command line that inherits our listeners."""
+        if self.stop:
+            raise Refused("stopping")
+        if self.successor is not None:
+            raise Refused(f"one is under way (new master {self.successor.pid})")
+        if not self.upgradable:
+            raise Refused("not running the command line (the library re-executes nothing)")
+        pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.open_listener_set()]
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(ready_r, False)
+        pidfile.move_aside(self.config.pidfile, to_old=True)
+        process = WorkerProcess(handover.exec_successor, (pairs, self.pid, ready_w))
+        try:
+            self.fork(process)
+        except OSError as err:
+            os.close(ready_r)
+            pidfile.move_aside(self.config.pidfile, to_old=False)
+            raise Refused(f"cannot fork the new master: {err.strerror}") from None
+        finally:
+            os.close(ready_w)  # the new master's end
+        deadline = time.monotonic() + self.config.graceful_timeout
+        self.successor = Successor(process, ready_r, deadline)
+        self.selector.register(process.sentinel, selectors.EVENT_READ, "successor-exit")
+        self.selector.register(ready_r, selectors.EVENT_READ, "successor-ready")
+        log.info("upgrade: started new master %d; it takes over once its workers are ready",
+                 process.pid)  # fmt: skip
+        return {"new_master": process.pid}
+
+    def on_successor_message(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        said = successor.read()
+        if said is None:
             return
-        self.target, refused = pool.rescale(self.target, delta, self.config.pool_bound)
-        if refused:
-            log.warning("scale %+d %s", delta, refused)
-        else:
-            log.info("pool target is now %d workers", self.target)
+        self.selector.unregister(successor.ready_r)
+        successor.close_pipe()
+        if said == "ready":
+            log.info("upgrade: the new master %d is ready; stopping gracefully", successor.pid)
+            self.begin_stop(graceful=True, reason=f"handover to new master {successor.pid}")
+
+    def on_successor_exit(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        self.forget_successor_fds(successor)
+        how = exits.describe(successor.process.join())
+        successor.close()
+        if successor.state != BOOTING:
+            log.info("upgrade: the new master %d %s", successor.pid, how)
+            return
+        self.successor = None
+        log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
+        pidfile.move_aside(self.config.pidfile, to_old=False)
+
+    def watch_successor(self, now: float) -> None:
+        successor = self.successor
+        if successor is not None and successor.overdue(now):
+            log.error("upgrade failed: new master %d not ready within %gs; killing it, still "
+                      "serving", successor.pid, self.config.graceful_timeout)  # fmt: skip
+            _send(successor.pid, signal.SIGKILL)  # its exit comes through on_successor_exit
+
+    def forget_successor_fds(self, successor: Successor) -> None:
+        for fd in successor.fds():
+            try:
+                self.selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
 
     # ----------------------------------------------------------------- workers
-    def manage_workers(self) -> None:
+    def manage_workers(self, now: float) -> None:
         """Fork or retire workers until the pool matches its target (forks wait out the
         crash-loop backoff)."""
-        views = [self.view(w) for w in self.workers.values()]
-        strategy = self.config.reload_strategy
-        decision = pool.plan(self.target, self.generation, strategy, views)
-        for pid in decision.retire:
-            worker = self.workers[pid]
-            self.retire(worker, "scaled down" if worker.generation == self.generation
-                        else f"replaced by generation {self.generation}")  # fmt: skip
-        if time.monotonic() < self.next_spawn_at:
+        steered = self.steered()
+        views = [worker.view() for worker in self.all_workers()]
+        decision = pool.plan(steered.target, steered.number, steered.config.reload_strategy,
+                             views)  # fmt: skip
+        for worker in self.all_workers():
+            if worker.pid in decision.retire:
+                self.retire(worker, "scaled down" if worker.generation is steered
+                            else f"replaced by generation {steered.number}")  # fmt: skip
+        if not self.backoff.allows(now):
             return
         for _ in range(decision.spawn):
-            self.spawn()
+            self.spawn(steered, now)
 
-    def view(self, worker: Worker) -> pool.WorkerView:
-        """The pool's view of a worker: its record plus whether the scoreboard says idle."""
-        idle = worker.ready and self.scoreboard is not None and self.scoreboard.is_idle(worker.slot)
-        return pool.WorkerView(worker.pid, worker.slot, worker.generation, worker.spawned_at,
-                               worker.ready, worker.retiring, idle)  # fmt: skip
-
-    def adapt_pool(self) -> None:
+    def adapt_pool(self, now: float) -> None:
         """--min-spare/--max-spare: once a second, move the target toward the idle band."""
-        now = time.monotonic()
-        if not self.next_adapt_at or now < self.next_adapt_at:
+        if self.adaptive is None:
             return
-        self.next_adapt_at = now + 1.0
-        idle = sum(1 for w in self.workers.values() if self.view(w).idle)
-        config = self.config
-        target, self.adaptive_rate = pool.adapt(
-            self.target, idle, config.min_spare, config.max_spare, config.pool_bound,
-            self.adaptive_rate,
-        )  # fmt: skip
-        if target != self.target:
-            log.info("adaptive: %d idle workers, pool target %d -> %d", idle, self.target, target)
-            self.target = target
+        generation = self.steered()
+        idle = sum(1 for w in generation if w.view().idle)
+        config = generation.config
+        target = self.adaptive.step(now, generation.target, idle, config.min_spare,
+                                    config.max_spare, config.pool_bound)  # fmt: skip
+        if target is not None and target != generation.target:
+            log.info("adaptive: %d idle workers, pool target %d -> %d", idle, generation.target,
+                     target)  # fmt: skip
+            generation.target = target
 
-    def spawn(self) -> None:
-        assert self.scoreboard is not None
-        slot = pool.free_slot(w.slot for w in self.workers.values())
-        if slot >= self.scoreboard.capacity:
-            log.error("no free scoreboard slot (%d in use): not forking", len(self.workers))
+    def spawn(self, generation: Generation, now: float) -> None:
+        slot = generation.free_slot()
+        if slot is None:
+            log.error("no free scoreboard slot (%d in use): not forking", len(generation.workers))
             return
-        self.scoreboard.claim(slot, 0, self.generation)
-        spec = self.worker_spec(slot)
+        generation.scoreboard.claim(slot, 0, generation.number)
+        config = generation.config
+        limit = pool.request_limit(config.max_requests, config.max_requests_jitter, _rand())
+        spec = generation.spec(slot, self.notify_w, self.private_fds(generation), limit,
+                               self.name)  # fmt: skip
         process = WorkerProcess(worker_main, (spec,))
-        # Block the worker's signals across the fork: the child unblocks them once its own
-        # handlers are installed, so a TERM sent during boot is neither lost nor run by ours.
+        self.fork(process)
+        worker = generation.add(process, slot, now)
+        self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
+        log.debug("spawned worker %d (slot %d, generation %d)", worker.pid, slot,
+                  generation.number)  # fmt: skip
+
+    def fork(self, process: WorkerProcess) -> None:
+        """Start ``process`` with our signals blocked across the fork: the child unblocks them
+        once its own handlers are installed, so a TERM sent during its boot is neither lost
+        nor run by our handler in the child."""
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        worker = Worker(process, process.pid, slot, self.generation, time.monotonic())
-        self.workers[worker.pid] = worker
-        self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
-        log.debug("spawned worker %d (slot %d)", worker.pid, slot)
 
-    def worker_spec(self, slot: int) -> WorkerSpec:
-        config = self.config
-        endpoints = [
-            Endpoint(lst.sock, lst.kind, lst.spec.handler, lst.server) for lst in self.listeners
-        ]
-        return WorkerSpec(
-            slot=slot,
-            generation=self.generation,
-            mode=config.worker_class,
-            name=self.name,
-            master_pid=os.getpid(),
-            endpoints=endpoints,
-            load_handler=self.worker_loader(),
-            notify_fd=self.notify_w,
-            inherited_fds=self.private_fds(),
-            scoreboard=self.scoreboard,
-            threads=config.threads,
-            max_children=config.max_children,
-            graceful_timeout=config.graceful_timeout,
-            timeout=config.timeout,
-            max_requests=pool.request_limit(
-                config.max_requests, config.max_requests_jitter, _rand()
-            ),
-        )
-
-    def worker_loader(self) -> Callable[[str | None], type]:
-        """What a worker calls after the fork to get its handlers: the class the library was
-        given, the classes the master preloaded, or a fresh import from disk, once per app
-        (listeners sharing an app share its class, and its class attributes)."""
-        loaded: dict[str | None, type] = dict(self.preloaded)
-        if self.handler is not None:
-            loaded[None] = self.handler
-        default_app = self.config.app
-
-        def load(app: str | None) -> type:
-            key = None if app == default_app else app
-            if key not in loaded:
-                loaded[key] = load_handler(app or default_app, fresh=True)
-            return loaded[key]
-
-        return load
-
-    def private_fds(self) -> list[int]:
-        """The master's own fds a worker inherits and must close (see module docstring)."""
+    def private_fds(self, generation: Generation) -> list[int]:
+        """The master's own fds a worker of ``generation`` inherits and must close: the loop's
+        pipes and selector, every pidfd, the upgrade's pipes, and the listeners that only
+        other generations serve (a worker holding one would keep it open, queueing
+        connections that nobody ever accepts)."""
         fds = [self.wake_r, self.wake_w, self.notify_r, self.selector.fileno()]
-        fds.extend(worker.process.sentinel for worker in self.workers.values())
-        # Listeners a reload removed (or that only an older generation serves): a worker
-        # holding one would keep it open, queueing connections that nobody ever accepts.
-        serving = {lst.sock.fileno() for lst in self.listeners}
-        others = [*self.closing, *(self.reload.previous_listeners if self.reload else [])]
-        fds.extend({lst.sock.fileno() for lst in others} - serving)
+        fds.extend(worker.process.sentinel for worker in self.all_workers())
+        if self.successor is not None:
+            fds.extend(self.successor.fds())
+        if self.predecessor is not None:
+            fds.extend(self.predecessor.fds())
+        ours = {lst.sock.fileno() for lst in generation.listeners}
+        fds.extend({lst.sock.fileno() for lst in self.open_listener_set()} - ours)
         return fds
 
     def retire(self, worker: Worker, why: str) -> None:
         """Ask one worker to finish what it is doing and exit."""
-        worker.retiring, worker.why_retired = True, why
-        self.kill(worker, signal.SIGTERM)
+        worker.retiring = why
+        _send(worker.pid, signal.SIGTERM)
         log.info("retiring worker %d (slot %d): %s", worker.pid, worker.slot, why)
 
-    def kill(self, worker: Worker, signum: int) -> None:
-        try:
-            os.kill(worker.pid, signum)
-        except ProcessLookupError:
-            pass  # already dead; reap_workers will collect it
+    def find(self, pid: int) -> Worker | None:
+        for generation in self.generations():
+            if pid in generation.workers:
+                return generation.workers[pid]
+        return None
 
     def read_notifications(self) -> None:
         """Read ``PID MESSAGE`` lines the workers wrote to the notify pipe."""
@@ -383,26 +549,32 @@ class Master(ReloadMixin, UpgradeMixin):
         self.notify_buffer = lines.pop()
         for line in lines:
             pid_text, _, message = line.partition(b" ")
-            worker = self.workers.get(int(pid_text)) if pid_text.isdigit() else None
+            worker = self.find(int(pid_text)) if pid_text.isdigit() else None
             if worker is None:
                 continue
             if message == b"ready":
                 self.on_ready(worker)
             elif message.startswith(b"recycle"):
                 # The worker stops taking requests by itself; its replacement forks now.
-                worker.retiring, worker.why_retired = True, "recycled"
+                worker.retiring = "recycled"
                 log.info("worker %d (slot %d) recycling after %s requests (--max-requests)",
                          worker.pid, worker.slot, message.split()[-1].decode())  # fmt: skip
 
     def on_ready(self, worker: Worker) -> None:
         worker.ready = True
-        if worker.generation == self.generation:
-            self.boot_failures = 0
+        worker.generation.boot_failures = 0
         log.debug("worker %d (slot %d) ready", worker.pid, worker.slot)
-        if not self.ready.is_set() and sum(w.ready for w in self.workers.values()) >= self.target:
-            log.info("ready: %d workers (%s)", self.target, self.config.worker_class)
-            self.ready.set()
-            self.retire_predecessor()
+        self.check_ready()
+
+    def check_ready(self) -> None:
+        """Announce, once, that the first generation to serve is up."""
+        current = self.current
+        if self.ready.is_set() or current is None or not current.serving():
+            return
+        log.info("ready: %d workers (%s)", current.target, current.mode.name)
+        self.ready.set()
+        if self.predecessor is not None:
+            self.predecessor.announce_ready()
 
     def reap_workers(self) -> None:
         """Collect every worker that exited: by its own pid, never ``waitpid(-1)``."""
@@ -411,148 +583,144 @@ class Master(ReloadMixin, UpgradeMixin):
             process = worker.process
             exitcode = process.join()  # by pid; the pidfd fired, so this does not block
             self.selector.unregister(process.sentinel)
-            del self.workers[worker.pid]
+            del worker.generation.workers[worker.pid]
             process.close()
+            self.hung.forget(worker.pid)
             self.on_exit(worker, exitcode)
 
     def on_exit(self, worker: Worker, exitcode: int | None) -> None:
-        """Log the death; count crashes and boot failures; free the scoreboard slot."""
-        assert self.scoreboard is not None
-        served = self.scoreboard.view(worker.slot).requests
-        self.scoreboard.release(worker.slot)
-        how = f"{pool.describe_exit(exitcode)} after {served} requests"
-        if worker.retiring or self.stopping:
+        """Log the death and act on what it means (``exits.judge``); free its slot."""
+        generation = worker.generation
+        served = generation.scoreboard.view(worker.slot).requests
+        generation.scoreboard.release(worker.slot)
+        now = time.monotonic()
+        verdict = exits.judge(exits.ExitFacts(
+            exitcode=exitcode, ready=worker.ready, retiring=bool(worker.retiring),
+            stopping=self.stop is not None, lived=now - worker.spawned_at,
+            incoming=generation is self.incoming, boot_failures=generation.boot_failures,
+            never_ready=not self.ready.is_set(),
+        ))  # fmt: skip
+        how = f"{exits.describe(exitcode)} after {served} requests"
+        if verdict.expected:
             log.info("worker %d (slot %d) %s", worker.pid, worker.slot, how)
             return
         log.warning("worker %d (slot %d) died: %s", worker.pid, worker.slot, how)
-        lived = time.monotonic() - worker.spawned_at
-        self.crashes = pool.count_crash(self.crashes, lived)
-        self.next_spawn_at = time.monotonic() + pool.respawn_delay(self.crashes, _rand())
-        if worker.ready:
-            return
-        if self.reload is not None and worker.generation == self.generation:
-            self.abort_reload(
-                f"worker {worker.pid} of the new generation {how} before it was ready"
-            )
-            return
-        self.boot_failures += 1
-        if not self.ready.is_set() and self.boot_failures >= MAX_BOOT_FAILURES:
+        if verdict.crash:
+            self.backoff.crashed(now - worker.spawned_at, now, _rand())
+        if verdict.kind == exits.RELOAD_FAILED:
+            self.abort_reload(f"worker {worker.pid} of the new generation {how} before it was "
+                              "ready")  # fmt: skip
+        elif verdict.kind in (exits.BOOT_FAILURE, exits.CANNOT_BOOT):
+            generation.boot_failures += 1
+        if verdict.kind == exits.CANNOT_BOOT:
             log.error("workers cannot boot: %d died before they were ready (last: %s); "
-                      "stopping", self.boot_failures, how)  # fmt: skip
+                      "stopping", generation.boot_failures, how)  # fmt: skip
             self.exit_code = EXIT_APP
-            self.begin_stop(graceful=False)
+            self.begin_stop(graceful=False, reason="workers cannot boot")
 
-    def murder_workers(self) -> None:
-        """Kill workers whose request ran past ``--timeout``: stack dump, TERM, then KILL.
+    def put_down_hung(self, now: float) -> None:
+        """Workers whose request ran past ``--timeout``: stack dump and TERM now, KILL after
+        the grace (``kill_past_grace``), a replacement at once."""
+        for hung in self.watchdog.scan(self.all_workers(), now):
+            worker = hung.worker
+            if worker.pid in self.hung:
+                continue
+            log.error("worker %d (slot %d): %s; dumping its stack, then TERM", worker.pid,
+                      worker.slot, hung.why)  # fmt: skip
+            worker.retiring = "timed out"
+            for signum in self.hung.begin(worker.pid, now):  # faulthandler writes to our stderr
+                _send(worker.pid, signum)
 
-        Fork-mode workers are left out: each kills its own overdue children, the requests.
-        """
-        assert self.scoreboard is not None
-        now = time.monotonic()
-        for worker in self.workers.values():
-            if worker.kill_at:
-                if now >= worker.kill_at:
-                    log.error("worker %d (slot %d) still alive %.1fs after TERM: KILL",
-                              worker.pid, worker.slot, KILL_GRACE)  # fmt: skip
-                    self.kill(worker, signal.SIGKILL)
-                    worker.kill_at = float("inf")
-                continue
-            if self.config.worker_class == "fork" or not self.config.timeout:
-                continue
-            lane = self.scoreboard.view(worker.slot).oldest_request()
-            if lane is None or not pool.overdue(lane.started, now, self.config.timeout):
-                continue
-            log.error(
-                "worker %d (slot %d): request from %s has run %.1fs, past --timeout %gs; "
-                "dumping its stack, then TERM", worker.pid, worker.slot, lane.client,
-                now - lane.started, self.config.timeout,
-            )  # fmt: skip
-            self.kill(worker, STACK_DUMP_SIGNAL)  # faulthandler writes it to our shared stderr
-            self.kill(worker, signal.SIGTERM)
-            worker.retiring, worker.why_retired = True, "timed out"
-            worker.kill_at = now + KILL_GRACE
+    def kill_past_grace(self, now: float) -> None:
+        for pid in self.hung.due(now):
+            log.error("worker %d still alive %.1fs after TERM: KILL", pid, self.hung.grace)
+            _send(pid, signal.SIGKILL)
 
     def status(self) -> dict:
-        """What ``ctl status`` (and the library's ``status()``) report: one place to read."""
+        """What ``ctl status`` and the library's ``status()`` report: one place to read."""
         now = time.monotonic()
-        workers = []
-        for worker in sorted(list(self.workers.values()), key=lambda w: w.slot):  # any thread
-            view: SlotView | None = self.scoreboard.view(worker.slot) if self.scoreboard else None
-            oldest = view.oldest_request() if view else None
-            workers.append({
-                "pid": worker.pid, "slot": worker.slot, "generation": worker.generation,
-                "state": view.state if view else "unknown",
-                "requests": view.requests if view else 0,
-                "request_age": round(now - oldest.started, 3) if oldest else None,
-                "client": oldest.client if oldest else None,
-                "busy_lanes": sum(1 for lane in view.lanes if lane.started > 0) if view else 0,
-                "heartbeat_age": round(now - view.heartbeat, 3) if view else None,
-                "retiring": worker.retiring,
-            })  # fmt: skip
+        generations = list(self.generations())
+        steered = self.steered()
         return {
-            "pid": self.pid, "name": self.name, "generation": self.generation,
-            "mode": self.config.worker_class, "target": self.target,
-            "listeners": [lst.uri for lst in self.listeners], "workers": workers,
+            "pid": self.pid, "name": self.name, "uptime": round(now - self.started_at, 3),
+            "generation": steered.number, "mode": steered.mode.name, "target": steered.target,
+            "listeners": [lst.uri for lst in self.open_listener_set()],
+            "generations": [g.summary() for g in generations],
+            "workers": [entry for g in generations for entry in g.status(now)],
+            "stopping": self.stop is not None,
+            "upgrade": {"new_master": self.successor.pid, "state": self.successor.state}
+            if self.successor else None,
         }  # fmt: skip
 
     # ----------------------------------------------------------------- stopping
-    def begin_stop(self, graceful: bool) -> None:
+    def begin_stop(self, graceful: bool, reason: str) -> None:
         """Signal every worker: TERM lets in-flight requests finish, QUIT ends them now."""
-        if self.stopping and not self.stop_graceful:
+        if self.stop and not self.stop.graceful:
             return  # a quick stop is already under way
-        self.stopping, self.stop_graceful = True, graceful
-        grace = self.config.graceful_timeout if graceful else QUICK_STOP_GRACE
-        self.stop_deadline = time.monotonic() + grace
-        log.info("%s stop: %d workers, up to %.1fs", "graceful" if graceful else "quick",
-                 len(self.workers), grace)  # fmt: skip
-        for worker in self.workers.values():
-            self.kill(worker, signal.SIGTERM if graceful else signal.SIGQUIT)
+        successor = self.successor
+        if successor is not None and successor.state == BOOTING:
+            successor.leave()
+            self.forget_successor_fds(successor)
+            log.info("stopping during the upgrade: leaving the new master %d to take over",
+                     successor.pid)  # fmt: skip
+        self.stop = Stop(graceful, self.config.graceful_timeout, time.monotonic(), reason)
+        workers = list(self.all_workers())
+        log.info("%s stop (%s): %d workers, up to %.1fs", "graceful" if graceful else "quick",
+                 reason, len(workers), self.stop.deadline - time.monotonic())  # fmt: skip
+        for worker in workers:
+            _send(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
-    def enforce_stop_deadline(self) -> None:
-        if time.monotonic() < self.stop_deadline:
+    def enforce_stop(self, now: float) -> None:
+        assert self.stop is not None
+        if not self.stop.overdue(now):
             return
-        pids = sorted(self.workers)
-        log.error("stop timed out: killing workers %s", ", ".join(map(str, pids)))
-        for worker in self.workers.values():
-            self.kill(worker, signal.SIGKILL)
-        if self.stop_graceful and self.exit_code == EXIT_OK:
+        workers = sorted(self.all_workers(), key=lambda w: w.pid)
+        log.error("stop timed out: killing workers %s", ", ".join(str(w.pid) for w in workers))
+        for worker in workers:
+            _send(worker.pid, signal.SIGKILL)
+        if self.stop.graceful and self.exit_code == EXIT_OK:
             self.exit_code = EXIT_RUNTIME
-        self.stop_deadline = float("inf")  # the kills are sent; now just reap them
 
     def cleanup(self) -> None:
         """Whatever happened, leave nothing behind: no worker, no fd, no socket file, no pidfile."""
-        for worker in self.workers.values():
-            self.kill(worker, signal.SIGKILL)
+        with self.inbox_lock:
+            self.closed = True
+            pending, self.inbox = list(self.inbox), collections.deque()
+        for _, reply in pending:
+            if reply is not None:
+                reply.answer({"ok": False, "error": "the master stopped"})
+        for worker in list(self.all_workers()):
+            _send(worker.pid, signal.SIGKILL)
             worker.process.join()
             worker.process.close()
-        self.workers.clear()
         if self.previous_handlers:
             self.restore_signal_handlers()
-        for listener in [*self.listeners, *self.closing]:
-            listener.close(unlink=not self.handed_over)  # the new master serves those files
+        handed_over = self.successor is not None  # the new master serves the socket files
+        for listener in self.open_listener_set() or self.given_listeners:
+            listener.close(unlink=not handed_over)
+        for generation in self.generations():
+            generation.close()
+        if self.successor is not None:
+            self.successor.close()
         self.selector.close()
         for fd in (self.wake_r, self.wake_w, self.notify_r, self.notify_w):
             os.close(fd)
-        if self.scoreboard is not None:
-            self.scoreboard.close()
         path = self.config.pidfile
-        if path and (self.successor is not None or self.handed_over):
+        if path and handed_over:
             path += pidfile.OLD_SUFFIX  # ours moved aside when the upgrade began
         pidfile.remove(path, self.pid)
         log.info("master %d exiting (code %d)", self.pid, self.exit_code)
         self.stopped.set()
 
-    # ----------------------------------------------------------------- app and pidfile
-    def check_app(self, config: Config) -> None:
+    # ----------------------------------------------------------------- app and listeners
+    def check_app(self, config: Config) -> dict[str | None, type]:
         """Import every handler once in the master, fresh from disk, so that a bad app fails
-        here (exit 3 at start, a refused reload later) before any fork. With ``--preload`` the
-        workers use these very classes."""
+        here (exit 3 at start, a refused reload later) before any fork. With ``--preload``
+        the workers use these very classes: they are returned, else an empty dict."""
         apps: list[str | None] = [] if self.handler is not None else [None]
         apps += [spec.handler for spec in config.binds if spec.handler]
-        preloaded: dict[str | None, type] = {}
-        for app in apps:
-            preloaded[app] = load_handler(app or config.app, fresh=True)
-        self.preloaded = preloaded if config.preload else {}
+        preloaded = {app: load_handler(app or config.app, fresh=True) for app in apps}
+        return preloaded if config.preload else {}
 
     def open_listeners(self, config: Config, keep: list[Listener] = ()) -> list[Listener]:
         """The listeners ``config`` asks for: those in ``keep`` with the same bind text as
@@ -581,9 +749,15 @@ class Master(ReloadMixin, UpgradeMixin):
         return opened
 
 
-def _lanes(config: Config) -> int:
-    """Requests one worker can run at once: the lanes of its scoreboard slot."""
-    return {"thread": config.threads, "fork": config.max_children}.get(config.worker_class, 1)
+def _only_wake(signum: int, frame: object) -> None:
+    """Our signal handler: nothing. ``set_wakeup_fd`` already wrote the signal's number."""
+
+
+def _send(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # already dead; reaping will collect it
 
 
 def _rand() -> float:

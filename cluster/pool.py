@@ -93,6 +93,30 @@ def adapt(
 
 
 MAX_SPAWN_RATE = 8
+ADAPT_PERIOD = 1.0  # seconds between two steps of the adaptive pool
+
+
+class Adaptive:
+    """The pacing of ``adapt``: one step a second, the spawn rate carried between steps.
+
+    A part of the master, present only with --min-spare/--max-spare: it answers
+    ``next_deadline()``, and ``step`` returns the new target when a step is due (else None).
+    """
+
+    def __init__(self, now: float) -> None:
+        self.rate = 1
+        self.due = now + ADAPT_PERIOD
+
+    def next_deadline(self) -> float:
+        return self.due
+
+    def step(self, now: float, target: int, idle: int, min_spare: int, max_spare: int,
+             bound: int) -> int | None:  # fmt: skip
+        if now < self.due:
+            return None
+        self.due = now + ADAPT_PERIOD
+        wanted, self.rate = adapt(target, idle, min_spare, max_spare, bound, self.rate)
+        return wanted
 
 
 def free_slot(used: Iterable[int]) -> int:
@@ -104,58 +128,9 @@ def free_slot(used: Iterable[int]) -> int:
     return slot
 
 
-def rescale(target: int, delta: int, bound: int) -> tuple[int, str | None]:
-    """The pool size after TTIN (+1) or TTOU (-1), and why it was refused, if it was."""
-    wanted = target + delta
-    if wanted < 1:
-        return target, f"refused: the pool cannot shrink below 1 worker (now {target})"
-    if wanted > bound:
-        return target, f"refused: the pool cannot grow past --max-workers {bound} (now {target})"
-    return wanted, None
-
-
 def request_limit(max_requests: int, jitter: int, rand: float) -> int:
     """One worker's ``--max-requests``: N plus a share ``rand`` in [0, 1) of 0..J, so that
     workers started together do not all recycle at the same moment. 0 means never."""
     if max_requests <= 0:
         return 0
     return max_requests + int(rand * (jitter + 1))
-
-
-CRASH_WINDOW = 10.0  # a worker that lived shorter than this and died on its own "crashed"
-BACKOFF_BASE, BACKOFF_CAP = 0.1, 5.0
-
-
-def respawn_delay(crashes: int, rand: float) -> float:
-    """Seconds to wait before forking again after ``crashes`` crashes in a row.
-
-    The first respawn is immediate; then 0.1 s doubling up to 5 s, each scaled by a jitter
-    of 0.5..1.5 (``rand`` in [0, 1)) so that many crashing workers do not fork in lock-step.
-    """
-    if crashes <= 1:
-        return 0.0
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (crashes - 2)) * (0.5 + rand)
-
-
-def count_crash(crashes: int, lived: float) -> int:
-    """The crash count after a worker died on its own having lived ``lived`` seconds."""
-    return crashes + 1 if lived < CRASH_WINDOW else 0
-
-
-def overdue(started: float, now: float, timeout: float) -> bool:
-    """Whether a request that began at ``started`` (0: no request) has run past ``timeout``."""
-    return timeout > 0 and started > 0 and now - started > timeout
-
-
-def describe_exit(exitcode: int | None) -> str:
-    """How a worker died, for the log: 'exited with code 0' or 'killed by SIGKILL'."""
-    import signal
-
-    if exitcode is None:
-        return "exit status unknown"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"

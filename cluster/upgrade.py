@@ -1,77 +1,118 @@
-"""Upgrade (USR2): exec a new master that inherits the listeners, then retire the old one.
+"""Upgrade (USR2): both sides of the handover between an old master and the new one it execs.
 
-A mixin of ``Master``. The old master forks a child that execs our command line with the
-listening fds (see ``cluster.handover``); the new master binds nothing it inherited, writes
-the pidfile (the old one's becomes ``PIDFILE.oldbin``) and, once its workers are ready, sends
-TERM to the old master, which then stops gracefully and leaves the Unix socket files alone. If
-the new master exits or is not ready within ``--graceful-timeout``, the old one kills it,
-moves its pidfile back and keeps serving.
+``Successor`` is the old master's part: the new master it forked, from the exec until the new
+one says ``ready`` on the pipe it inherited (the old master then stops gracefully), exits (the
+upgrade failed: the old master keeps serving), or misses its deadline (the old master kills
+it). ``Predecessor`` is the new master's part: the pid of the old one and the pipe to say
+``ready`` on, once.
+
+An explicit message, not a signal, because a TERM to the old master is an operator's: it stops
+the old master gracefully and leaves the new one, booting or serving, in place.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import selectors
-import signal
-import time
+from collections.abc import MutableMapping
 
-from cluster import handover, pidfile, pool
+from cluster import handover
 from cluster.spawn import WorkerProcess
-from workers.process import HANDLED_SIGNALS
 
 log = logging.getLogger("cluster.master")
 
+BOOTING, SERVING, LEFT = "booting", "serving", "left"
 
-class UpgradeMixin:
-    """USR2 handling for ``Master``."""
 
-    successor: WorkerProcess | None
+class Successor:
+    """The new master of an upgrade under way, as its parent, the old master, sees it."""
 
-    def begin_upgrade(self) -> None:
-        """Fork and exec a new master of our command line that inherits our listeners."""
-        if self.stopping or self.successor is not None or not self.install_signals:
-            log.warning("upgrade refused: %s", "stopping" if self.stopping else
-                        "one is under way" if self.successor else "not running the CLI")  # fmt: skip
-            return
-        pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.listeners]
-        pidfile.move_aside(self.config.pidfile, to_old=True)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    def __init__(self, process: WorkerProcess, ready_r: int, deadline: float) -> None:
+        self.process = process
+        self.ready_r = ready_r  # read end of the ready pipe; owned here, closed by close()
+        self.deadline = deadline
+        self.state = BOOTING
+        self._buffer = b""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def fds(self) -> list[int]:
+        """Ours to close in every worker forked meanwhile."""
+        return [fd for fd in (self.process.sentinel, self.ready_r) if fd >= 0]
+
+    def next_deadline(self) -> float:
+        return self.deadline if self.state == BOOTING else float("inf")
+
+    def overdue(self, now: float) -> bool:
+        """Not ready in time (true once: the caller kills it, then waits for its exit)."""
+        if self.state != BOOTING or now < self.deadline:
+            return False
+        self.deadline = float("inf")
+        return True
+
+    def read(self) -> str | None:
+        """Read the pipe: "ready" when the new master just said so, "eof" when it closed
+        its end without (it is dying), None while nothing came. After either answer the
+        pipe is done with: the caller unregisters it and calls ``close_pipe``."""
         try:
-            successor = WorkerProcess(handover.exec_successor, (pairs, self.pid))
-            successor.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        self.successor = successor
-        self.successor_deadline = time.monotonic() + self.config.graceful_timeout
-        self.selector.register(successor.sentinel, selectors.EVENT_READ, "successor")
-        log.info("upgrade: started new master %d; it takes over once its workers are ready",
-                 successor.pid)  # fmt: skip
+            data = os.read(self.ready_r, 256)
+        except BlockingIOError:
+            return None
+        if not data:
+            return "eof"
+        self._buffer += data
+        if self._buffer.startswith(b"ready"):
+            self.state = SERVING
+            return "ready"
+        return None
 
-    def watch_successor(self) -> None:
-        if self.successor is not None and time.monotonic() > self.successor_deadline:
-            log.error("upgrade failed: new master %d not ready within %gs; killing it, still "
-                      "serving", self.successor.pid, self.config.graceful_timeout)  # fmt: skip
-            os.kill(self.successor.pid, signal.SIGKILL)
-            self.successor_deadline = float("inf")  # its exit is reaped by on_successor_exit
+    def close_pipe(self) -> None:
+        if self.ready_r >= 0:
+            os.close(self.ready_r)
+            self.ready_r = -1
 
-    def on_successor_exit(self) -> None:
-        successor, self.successor = self.successor, None
-        assert successor is not None
-        self.selector.unregister(successor.sentinel)
-        how = pool.describe_exit(successor.join())
-        successor.close()
-        if self.handed_over:
+    def leave(self) -> None:
+        """We stop before the new master is ready: it boots and serves on its own."""
+        self.state = LEFT
+
+    def close(self) -> None:
+        self.close_pipe()
+        self.process.close()
+
+
+class Predecessor:
+    """The old master, as the new master that an upgrade exec'd sees it."""
+
+    def __init__(self, pid: int, ready_w: int) -> None:
+        self.pid = pid
+        self.ready_w = ready_w
+
+    @classmethod
+    def from_environ(cls, env: MutableMapping[str, str]) -> Predecessor | None:
+        """Take (and remove) the handover variables; None when no upgrade started us."""
+        pid = env.pop(handover.ENV_PREDECESSOR, "")
+        fd = env.pop(handover.ENV_READY_FD, "")
+        if not (pid.isdigit() and fd.isdigit()):
+            return None
+        try:
+            os.set_inheritable(int(fd), False)  # never into a later upgrade's exec
+        except OSError:
+            return None  # not open: nobody to tell
+        return cls(int(pid), int(fd))
+
+    def fds(self) -> list[int]:
+        return [self.ready_w] if self.ready_w >= 0 else []
+
+    def announce_ready(self) -> None:
+        """Say ready, once; the old master then stops gracefully."""
+        if self.ready_w < 0:
             return
-        log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
-        pidfile.move_aside(self.config.pidfile, to_old=False)
-
-    def retire_predecessor(self) -> None:
-        """As a new master from an upgrade, once ready: tell the old master to go."""
-        old = os.environ.pop(handover.ENV_PREDECESSOR, None)
-        if old and old.isdigit():
-            log.info("upgrade: ready, retiring the old master %s", old)
-            try:
-                os.kill(int(old), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        log.info("upgrade: ready, telling the old master %d to stop", self.pid)
+        try:
+            os.write(self.ready_w, b"ready %d\n" % os.getpid())
+        except OSError as err:  # it is gone already (an operator stopped it)
+            log.info("upgrade: the old master %d is gone (%s)", self.pid, err.strerror)
+        os.close(self.ready_w)
+        self.ready_w = -1

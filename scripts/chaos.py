@@ -97,6 +97,7 @@ from cluster.procfs import (  # noqa: E402
     reap_if_ours,
     stat_state,
 )
+from workers.runtime import modes  # noqa: E402
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_DURATION = 3600.0  # bounded runs only
@@ -107,7 +108,7 @@ SCALE_SPAN = (-1, 1)  # ttin/ttou keep the pool within these many workers of its
 MAX_BURST = 256  # connections one burst may open
 MIN_EVERY = 0.1  # seconds between actions, at least: signals, not a flood
 POLL = 0.02  # how often waits look at /proc and the pidfile
-MODES = ("sync", "thread", "fork")
+MODES = modes.names()  # the one registry of worker modes
 
 
 class ClusterFailed(RuntimeError):

@@ -23,8 +23,8 @@ CASES = {
     "stdlib socketserver": "import socketserver",
     "the http-hello handler's imports": "from cluster.app import load_handler; "
     "load_handler('http-hello')",
-    "cluster master + workers (ours)": "import cluster.master, workers.modes",
-    "ours + multiprocess": "import cluster.master, workers.modes, multiprocess",
+    "cluster master + workers (ours)": "import cluster.master",
+    "ours + multiprocess": "import cluster.master, multiprocess",
 }
 
 PROBE = """

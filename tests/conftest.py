@@ -30,8 +30,8 @@ become_subreaper()
 APPS = ROOT / "tests" / "apps"
 
 
-def cluster_env() -> dict[str, str]:
-    env = dict(os.environ)
+def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(ROOT), env.get("PYTHONPATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # apps rewritten by tests must never run stale .pyc
@@ -47,12 +47,13 @@ class Cluster:
         cwd: Path | None = None,
         command: list[str] | None = None,
         pass_fds: tuple[int, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.args = command or [sys.executable, "-m", "cluster", "run", *args]
         self.proc = subprocess.Popen(
             self.args,
             cwd=cwd or ROOT,
-            env=cluster_env(),
+            env=cluster_env(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -164,8 +165,10 @@ def start_cluster(tmp_path: Path) -> Iterator:
     """``start_cluster(args...)`` starts a master (not yet waited for); all are ended at teardown."""
     started: list[Cluster] = []
 
-    def start(*args: str, wait: bool = True, cwd: Path | None = None) -> Cluster:
-        cluster = Cluster(list(args), cwd=cwd)
+    def start(
+        *args: str, wait: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> Cluster:
+        cluster = Cluster(list(args), cwd=cwd, env=env)
         started.append(cluster)
         if wait:
             cluster.wait_ready()

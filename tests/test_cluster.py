@@ -20,6 +20,7 @@ from tests.conftest import (
     unix_dgram_roundtrip,
 )
 from tests.procs import alive, children, state, wait_for, zombies_of
+from workers.runtime import modes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,7 +34,7 @@ def has_ipv6() -> bool:
         return False
 
 
-MODES = ["sync", "thread", "fork"]
+MODES = list(modes.names())
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -331,3 +331,78 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
         )
     finally:
         cluster.end()
+
+
+def masters_serving(port: int) -> list[int]:
+    """Pids of the cluster masters that hold a listener on 127.0.0.1:``port``."""
+    inode = None
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[1] == f"0100007F:{port:04X}":
+            inode = fields[9]
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            title = open(f"/proc/{pid}/cmdline", "rb").read()
+            if not title.startswith(b"cluster: master"):
+                continue
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            continue
+        if f"socket:[{inode}]" in links:
+            found.append(pid)
+    return found
+
+
+def test_term_to_the_old_master_before_the_new_one_is_ready(start_cluster, tmp_path: Path) -> None:
+    """The operator stops the old master while the new one still boots: the old one stops
+    gracefully and leaves the new one, which then serves; a client that came meanwhile waits
+    in the listener's queue and is answered."""
+    hold = tmp_path / "hold"
+    cluster = start_cluster("slowboot:Handler", "-w", "1", "-b", "127.0.0.1:0",
+                            env={"SLOWBOOT_HOLD": str(hold)})  # fmt: skip
+    port = cluster.address()[1]
+    hold.write_text("held")  # the new master's workers cannot finish booting
+    cluster.signal(signal.SIGUSR2)
+    new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
+    cluster.adopt(new_pid)
+    wait_for(lambda: new_pid in masters_serving(port), 10, "the new master to hold the listener")
+    cluster.signal(signal.SIGTERM)
+    cluster.wait_log(f"stopping during the upgrade: leaving the new master {new_pid} to take over")
+    assert cluster.wait_exit(timeout=15) == 0
+    waiting = tcp_connect(("127.0.0.1", port), timeout=30)  # queued: nobody accepts yet
+    waiting.sendall(b"queued while the new master boots")
+    cluster.adopt(new_pid)
+    hold.unlink()
+    assert stream_roundtrip(waiting, b"") == b"queued while the new master boots"
+    assert masters_serving(port) == [new_pid]
+    assert stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"after") == b"after"
+    os.kill(new_pid, signal.SIGTERM)
+    wait_for(lambda: not alive(new_pid), 10, "the new master to stop")
+
+
+def test_term_to_the_old_master_after_the_new_one_is_ready(start_cluster) -> None:
+    """The new master said ready and the old one is draining a long request when the operator
+    sends TERM: the stop stays graceful (the request finishes), and the new master serves."""
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-b", "127.0.0.1:0")
+    port = cluster.address()[1]
+    busy = tcp_connect(("127.0.0.1", port), timeout=30)
+    assert read_line(busy).startswith(b"started")  # the old worker is in a request
+    cluster.signal(signal.SIGUSR2)
+    new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
+    cluster.adopt(new_pid)
+    cluster.wait_log(rf"upgrade: the new master {new_pid} is ready; stopping gracefully")
+    cluster.signal(signal.SIGTERM)
+    cluster.wait_log("already stopping gracefully after the handover")
+    with tcp_connect(("127.0.0.1", port)) as fresh:  # served by the new master's worker
+        assert read_line(fresh).startswith(b"started")
+        fresh.sendall(b"finish\n")
+        assert read_line(fresh).startswith(b"done")
+    busy.sendall(b"finish\n")
+    assert read_line(busy).startswith(b"done")  # the old worker finished its request
+    busy.close()
+    assert cluster.wait_exit(timeout=15) == 0
+    cluster.adopt(new_pid)
+    assert masters_serving(port) == [new_pid]
+    os.kill(new_pid, signal.SIGTERM)
+    wait_for(lambda: not alive(new_pid), 10, "the new master to stop")

@@ -22,6 +22,7 @@ from tests.procs import (
     state,
     wait_for,
 )
+from workers.runtime import modes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -200,7 +201,7 @@ def served():
         server.server_close()
 
 
-@pytest.mark.parametrize("mode", ["sync", "thread", "fork"])
+@pytest.mark.parametrize("mode", list(modes.names()))
 def test_library_tcp_server_serves_and_shuts_down(served, mode: str) -> None:
     from cluster import PreforkTCPServer
 

@@ -12,6 +12,7 @@ import pytest
 from tests.apps.testapps import Gate
 from tests.conftest import read_line, stream_roundtrip, tcp_connect
 from tests.procs import alive, children, descendants, gone, holds_for, own_cpu, wait_for
+from workers.runtime import modes
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -113,7 +114,7 @@ def test_crash_loop_forks_at_a_bounded_rate(start_cluster) -> None:
     assert time.monotonic() - stop < 5  # responsive to TERM throughout
 
 
-@pytest.mark.parametrize("mode", ["sync", "thread", "fork"])
+@pytest.mark.parametrize("mode", list(modes.names()))
 def test_kill_9_of_the_master_leaves_no_process(start_cluster, mode: str) -> None:
     cluster = start_cluster("testapps:Gate", "-w", "2", "-k", mode, "-b", "127.0.0.1:0")
     with tcp_connect(cluster.address()) as sock:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import pool
+from cluster import backoff, commands, exits, pool
 from cluster.apps.http_hello import body_length, wants_close
 from cluster.config import Config, build, read_toml, validate
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, format_uri, parse_bind
+from workers.runtime.escalation import overdue
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -195,16 +196,22 @@ def test_free_slot_reuses_the_lowest() -> None:
     assert pool.free_slot([0, 1, 3]) == 2
 
 
-def test_rescale_stays_within_bounds() -> None:
-    assert pool.rescale(2, +1, 4) == (3, None)
-    assert pool.rescale(4, +1, 4)[0] == 4 and "max-workers 4" in pool.rescale(4, +1, 4)[1]
-    assert pool.rescale(1, -1, 4)[0] == 1 and "below 1" in pool.rescale(1, -1, 4)[1]
+def test_scaling_commands_stay_within_bounds() -> None:
+    assert commands.target_after(commands.make("incr"), 2, 4) == 3
+    assert commands.target_after(commands.make("decr", 2), 4, 4) == 2
+    assert commands.target_after(commands.make("scale", 4), 1, 4) == 4
+    with pytest.raises(commands.Refused, match="max-workers 4"):
+        commands.target_after(commands.make("incr"), 4, 4)
+    with pytest.raises(commands.Refused, match="below 1"):
+        commands.target_after(commands.make("decr"), 1, 4)
+    with pytest.raises(commands.Refused, match="max-workers 4"):
+        commands.target_after(commands.make("scale", 5), 2, 4)
 
 
 def test_describe_exit() -> None:
-    assert pool.describe_exit(0) == "exited with code 0"
-    assert pool.describe_exit(-9) == "killed by SIGKILL"
-    assert pool.describe_exit(3) == "exited with code 3"
+    assert exits.describe(0) == "exited with code 0"
+    assert exits.describe(-9) == "killed by SIGKILL"
+    assert exits.describe(3) == "exited with code 3"
 
 
 @pytest.mark.parametrize(
@@ -229,27 +236,27 @@ def test_request_limit_adds_jitter_within_bounds() -> None:
 
 
 def test_respawn_delay_backs_off_and_caps() -> None:
-    assert pool.respawn_delay(0, 0.5) == 0 and pool.respawn_delay(1, 0.5) == 0
-    delays = [pool.respawn_delay(n, 0.5) for n in range(2, 12)]
+    assert backoff.delay(0, 0.5) == 0 and backoff.delay(1, 0.5) == 0
+    delays = [backoff.delay(n, 0.5) for n in range(2, 12)]
     assert delays == sorted(delays) and delays[0] == pytest.approx(0.1)
-    assert max(delays) == pool.BACKOFF_CAP
-    assert pool.respawn_delay(3, 0.0) == pytest.approx(0.1) and pool.respawn_delay(3, 0.99) < 0.3
+    assert max(delays) == backoff.CAP
+    assert backoff.delay(3, 0.0) == pytest.approx(0.1) and backoff.delay(3, 0.99) < 0.3
 
 
 def test_crash_count_resets_after_a_long_life() -> None:
-    assert pool.count_crash(2, 0.5) == 3
-    assert pool.count_crash(7, pool.CRASH_WINDOW + 1) == 0
+    assert backoff.count(2, 0.5) == 3
+    assert backoff.count(7, backoff.CRASH_WINDOW + 1) == 0
 
 
 def test_overdue() -> None:
-    assert pool.overdue(100.0, 131.0, 30.0)
-    assert not pool.overdue(100.0, 129.0, 30.0)
-    assert not pool.overdue(0.0, 1e9, 30.0)  # no request running
-    assert not pool.overdue(100.0, 1e9, 0.0)  # timeouts off
+    assert overdue(100.0, 131.0, 30.0)
+    assert not overdue(100.0, 129.0, 30.0)
+    assert not overdue(0.0, 1e9, 30.0)  # no request running
+    assert not overdue(100.0, 1e9, 0.0)  # timeouts off
 
 
 def test_scoreboard_lanes_and_states() -> None:
-    from workers.scoreboard import IDLE, Scoreboard
+    from workers.runtime.scoreboard import IDLE, Scoreboard
 
     board = Scoreboard(capacity=3, lanes=2)
     board.claim(2, pid=42, generation=7)

@@ -119,3 +119,15 @@ class Sequence(StreamRequestHandler):
         self.rfile.readline()
         self.wfile.write(b"%d\n" % Sequence.served)
         Sequence.served += 1
+
+
+class Slow(StreamRequestHandler):
+    """Reads a line with a number of seconds, works that long, then says ``done PID``: a
+    request of a known length, to keep many lanes of a worker busy at once."""
+
+    def handle(self) -> None:
+        import time
+
+        seconds = float(self.rfile.readline() or 0)
+        time.sleep(seconds)
+        self.wfile.write(b"done %d\n" % os.getpid())

@@ -1,0 +1,158 @@
+"""A generation: one config in force, with its listeners, handlers, workers and scoreboard.
+
+The master starts generation 1 and, on every reload, a new one beside it. A generation owns
+everything that one config decides: its number, the config itself, the listeners it serves
+(shared with the other generations that name the same bind), the handler classes the master
+preloaded for it, its target size, its workers, and its scoreboard, sized for its own mode,
+threads and max_children. Its workers write into its scoreboard only, so a reload that
+changes the mode or the thread count cannot send a worker past the end of its lanes.
+
+The master holds a ``current`` generation, during a reload the ``incoming`` one, and the
+older ones that still have workers finishing (``draining``). A failed reload drops the
+incoming generation; the current one was never touched, so there is nothing to restore.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from cluster import pool
+from cluster.app import load_handler
+from cluster.config import Config
+from cluster.listeners import Listener
+from cluster.spawn import WorkerProcess
+from workers.runtime import modes
+from workers.runtime.mode import Mode
+from workers.runtime.scoreboard import Scoreboard, SlotView
+from workers.runtime.spec import Endpoint, WorkerSpec
+
+
+@dataclass(eq=False)
+class Worker:
+    """The master's record of one worker process (identity, not value: a selector key)."""
+
+    process: WorkerProcess
+    generation: Generation
+    slot: int
+    spawned_at: float
+    ready: bool = False
+    retiring: str = ""  # why the master asked it to go ("scaled down", "timed out"...)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def view(self) -> pool.WorkerView:
+        """What the pool decisions need to know of this worker."""
+        idle = self.ready and self.generation.scoreboard.is_idle(self.slot)
+        return pool.WorkerView(self.pid, self.slot, self.generation.number, self.spawned_at,
+                               self.ready, bool(self.retiring), idle)  # fmt: skip
+
+    def slot_view(self) -> SlotView:
+        return self.generation.scoreboard.view(self.slot)
+
+
+@dataclass(eq=False)
+class Generation:
+    """One config's workers (see the module docstring)."""
+
+    number: int
+    config: Config
+    listeners: list[Listener]
+    preloaded: dict[str | None, type]  # --preload: the handler classes the master imported
+    handler: type | None = None  # the library API's own handler class, used as is
+    target: int = 0
+    workers: dict[int, Worker] = field(default_factory=dict)  # by pid
+    boot_failures: int = 0  # its workers that died before ready, in a row
+
+    def __post_init__(self) -> None:
+        self.target = self.target or self.config.workers
+        self.mode: Mode = modes.get(self.config.worker_class)
+        self.lanes = self.mode.lanes(self.config)
+        # Twice the bound: retiring workers overlap their replacements (recycling, scaling).
+        self.scoreboard = Scoreboard(2 * self.config.pool_bound, self.lanes)
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(list(self.workers.values()))
+
+    @property
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.ready and not w.retiring)
+
+    def serving(self) -> bool:
+        """Its whole target is up and ready, none of its active workers still booting."""
+        active = [w for w in self.workers.values() if not w.retiring]
+        return len(active) >= self.target and all(w.ready for w in active)
+
+    def free_slot(self) -> int | None:
+        """A scoreboard slot for a new worker, or None when every one is taken."""
+        slot = pool.free_slot(w.slot for w in self.workers.values())
+        return slot if slot < self.scoreboard.capacity else None
+
+    def add(self, process: WorkerProcess, slot: int, now: float) -> Worker:
+        worker = Worker(process, self, slot, now)
+        self.workers[worker.pid] = worker
+        return worker
+
+    def spec(self, slot: int, notify_fd: int, private_fds: list[int], max_requests: int,
+             name: str) -> WorkerSpec:  # fmt: skip
+        """What a worker of this generation in ``slot`` needs (the slot claimed already)."""
+        config = self.config
+        return WorkerSpec(
+            slot=slot, generation=self.number, mode=self.mode.name, name=name,
+            master_pid=os.getpid(),
+            endpoints=[Endpoint(lst.sock, lst.kind, lst.spec.handler, lst.server)
+                       for lst in self.listeners],
+            load_handler=self.loader(), notify_fd=notify_fd, scoreboard=self.scoreboard,
+            inherited_fds=private_fds, threads=config.threads,
+            max_children=config.max_children, graceful_timeout=config.graceful_timeout,
+            timeout=config.timeout, max_requests=max_requests,
+        )  # fmt: skip
+
+    def loader(self) -> Callable[[str | None], type]:
+        """What a worker calls after the fork to get its handlers: the class the library was
+        given, the classes the master preloaded, or a fresh import from disk, once per app
+        (listeners sharing an app share its class, and its class attributes)."""
+        loaded: dict[str | None, type] = dict(self.preloaded)
+        if self.handler is not None:
+            loaded[None] = self.handler
+        default_app = self.config.app
+
+        def load(app: str | None) -> type:
+            key = None if app == default_app else app
+            if key not in loaded:
+                loaded[key] = load_handler(app or default_app, fresh=True)
+            return loaded[key]
+
+        return load
+
+    def status(self, now: float) -> list[dict]:
+        """One entry per worker, from its scoreboard slot (what ``status`` reports)."""
+        entries = []
+        for worker in sorted(self, key=lambda w: w.slot):
+            view = worker.slot_view()
+            oldest = view.oldest_request()
+            entries.append({
+                "pid": worker.pid, "slot": worker.slot, "generation": self.number,
+                "mode": self.mode.name, "lanes": self.lanes, "state": view.state,
+                "requests": view.requests,
+                "request_age": round(now - oldest.started, 3) if oldest else None,
+                "client": oldest.client if oldest else None,
+                "busy_lanes": sum(1 for lane in view.lanes if lane.started > 0),
+                "heartbeat_age": round(now - view.heartbeat, 3),
+                "age": round(now - worker.spawned_at, 3),
+                "retiring": worker.retiring or None,
+            })  # fmt: skip
+        return entries
+
+    def summary(self) -> dict:
+        config = self.config
+        return {"number": self.number, "mode": self.mode.name, "lanes": self.lanes,
+                "threads": config.threads, "max_children": config.max_children,
+                "target": self.target, "workers": len(self.workers)}  # fmt: skip
+
+    def close(self) -> None:
+        """Its last worker is gone: free the scoreboard (listeners are the master's call)."""
+        self.scoreboard.close()

@@ -1,0 +1,172 @@
+"""The accept discipline every mode shares: accept first, wait in epoll only when idle.
+
+``AcceptLoop`` tries ``accept()`` (or ``recvfrom``) on each listener first, and only when every
+one of them says EAGAIN waits in ``epoll`` with ``EPOLLEXCLUSIVE``, so that one new connection
+wakes one idle worker rather than all of them. Under load a worker goes from one request
+straight to the next with a single system call; idle, it sleeps in the kernel until a
+connection, a signal, or the parent check is due.
+
+Each request runs in a scoreboard *lane* (``in_lane``: begin with start time and client; end:
+back to idle, one more served) so that the master sees what every worker is doing and can kill
+one whose request hangs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+
+from workers.runtime.context import Context
+from workers.runtime.lifecycle import Lifecycle, master_alive
+from workers.runtime.scoreboard import WorkerSlot
+from workers.runtime.spec import PARENT_CHECK_INTERVAL
+from workers.servers import BaseServer
+
+log = logging.getLogger("cluster.worker")
+
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# One woken worker per connection, not all of them (the thundering herd).
+LISTENER_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
+RESOURCE_PAUSE = 0.1  # seconds between accept attempts while out of resources
+
+Taken = tuple[BaseServer, object, object]  # server, request, client address
+
+
+class AcceptLoop:
+    """Accept-first, epoll-when-idle over every listener, plus the worker's wakeup pipe."""
+
+    def __init__(
+        self,
+        servers: list[BaseServer],
+        context: Context,
+        on_wake: Callable[[], None] | None = None,
+    ) -> None:
+        self.servers = servers
+        self.lifecycle: Lifecycle = context.lifecycle
+        self.slot = context.slot
+        self.master_pid = context.spec.master_pid
+        self.on_wake = on_wake  # runs after every sleep: fork mode reaps its children there
+        self.turn = 0  # the listener to try first
+        self.starving = False  # accept() failed for want of fds or memory
+        # Stream listeners whose connections can hold a worker for long (see step_back).
+        self.streams = {s for s in servers if getattr(s, "socket_type", None) == socket.SOCK_STREAM}
+        self.poller = select.epoll()  # owned here; closed by close()
+        for server in servers:
+            self.poller.register(server.fileno(), LISTENER_EVENTS)
+        self.poller.register(self.lifecycle.wake_r, select.EPOLLIN)
+
+    def take(self) -> Taken | None:
+        """One queued request from any listener, or None when all are empty right now.
+
+        The listeners are tried in turn, starting after the one that gave the last request, so
+        that a saturated listener cannot starve the others.
+        """
+        servers = self.servers
+        count = len(servers)
+        for step in range(count):
+            index = (self.turn + step) % count
+            server = servers[index]
+            try:
+                request, client_address = server.get_request()
+            except BlockingIOError:
+                continue
+            except OSError as err:
+                if err.errno in OUT_OF_RESOURCES:
+                    self.starved(server, err)
+                # else ECONNABORTED and the like: that one client is gone, not us
+                continue
+            self.turn = index + 1
+            if self.starving:
+                log.warning("worker %d accepting again", os.getpid())
+                self.starving = False
+            return server, request, client_address
+        return None
+
+    def starved(self, server: BaseServer, err: OSError) -> None:
+        """Out of fds or memory: the connection stays queued, and the listener stays readable,
+        so waiting in epoll would spin. Say so once, then pause between attempts."""
+        if not self.starving:
+            log.error("worker %d cannot accept on %s: %s; retrying every %gs", os.getpid(),
+                      server.server_address, err.strerror, RESOURCE_PAUSE)  # fmt: skip
+            self.starving = True
+
+    def next(self) -> Taken | None:
+        """The next request, waiting for one; None once the worker is told to stop."""
+        waited = False
+        while self.lifecycle.running:
+            taken = self.take()
+            if taken is not None:
+                if waited and taken[0] in self.streams:
+                    self.step_back(taken[0])
+                return taken
+            self.wait()
+            waited = True
+        return None
+
+    def step_back(self, server: BaseServer) -> None:
+        """Move our place in the listener's queue of sleeping workers to its end.
+
+        When several workers sleep in epoll, the kernel wakes the first one registered on the
+        listener, so the same worker would take every connection that arrives while the others
+        sleep too: all of a client's kept-alive connections would land on one thread-mode
+        worker, on one core. Registering again after each connection a wake-up brought us
+        puts the others first for the next one. Under load, connections come by accept-first
+        without a wake-up, so this costs nothing there. Datagrams hold no worker beyond their
+        own request, so datagram listeners skip it.
+        """
+        fd = server.fileno()
+        self.poller.unregister(fd)
+        self.poller.register(fd, LISTENER_EVENTS)
+
+    def wait(self) -> None:
+        """Sleep until a listener is readable, a signal arrives, or the parent check is due."""
+        if self.starving:  # only a signal cuts the pause short
+            select.select([self.lifecycle.wake_r], [], [], RESOURCE_PAUSE)
+        else:
+            self.poller.poll(PARENT_CHECK_INTERVAL)
+        self.lifecycle.drain_wakeups()
+        self.slot.beat()
+        if self.on_wake is not None:
+            self.on_wake()
+        if not master_alive(self.master_pid):
+            log.warning("worker %d: master %d is gone, stopping", os.getpid(), self.master_pid)
+            self.lifecycle.running = False
+
+    def drain(self, within: float, dispatch: Callable[[BaseServer, object, object], None]) -> None:
+        """Serve what the kernel already queued on our listeners, so that a stop resets nobody.
+
+        Bounded in time: under a steady stream of new connections the queue never empties, and
+        the master kills us at the end of the graceful timeout anyway.
+        """
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and (taken := self.take()) is not None:
+            dispatch(*taken)
+
+    def close(self) -> None:
+        self.poller.close()
+
+
+def dispatch(server: BaseServer, request: object, client_address: object) -> None:
+    """Run one accepted request through the server's socketserver steps (verify, process)."""
+    server._handle_accepted(request, client_address)
+
+
+def in_lane(
+    slot: WorkerSlot, lane: int, server: BaseServer, request: object, client: object
+) -> None:
+    """Dispatch one request with its lane marked busy on the scoreboard meanwhile."""
+    slot.begin(lane, client)
+    try:
+        dispatch(server, request, client)
+    finally:
+        slot.end(lane)
+
+
+def close_all(servers: list[BaseServer]) -> None:
+    for server in servers:
+        server.server_close()

@@ -1,0 +1,90 @@
+"""What a mode needs at run time besides its servers, and the server objects themselves."""
+
+from __future__ import annotations
+
+import os
+
+from workers.runtime.lifecycle import Lifecycle
+from workers.runtime.scoreboard import DRAINING, IDLE, WorkerSlot
+from workers.runtime.spec import Endpoint, WorkerSpec
+from workers.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
+
+SERVER_CLASSES: dict[str, type[BaseServer]] = {
+    "tcp": TCPServer,
+    "udp": UDPServer,
+    "unix": UnixStreamServer,
+    "unix-dgram": UnixDatagramServer,
+}
+
+
+class Context:
+    """The spec, the signal flags, our scoreboard slot, and the request count that
+    ``--max-requests`` recycles on."""
+
+    def __init__(self, spec: WorkerSpec, lifecycle: Lifecycle, slot: WorkerSlot) -> None:
+        self.spec = spec
+        self.lifecycle = lifecycle
+        self.slot = slot
+        self.served = 0
+        self.limit = spec.max_requests
+        self.recycled = False  # we hit --max-requests: the master is forking our replacement
+
+    def tell(self, message: bytes) -> None:
+        notify(self.spec.notify_fd, message)
+
+    def ready(self) -> None:
+        """We can take requests: the master counts us as serving from now on."""
+        self.slot.set_state(IDLE)
+        self.tell(b"ready")
+
+    def counted(self) -> None:
+        """One more request taken; at the limit, take no more and let the master replace us."""
+        self.served += 1
+        if self.served == self.limit:
+            self.lifecycle.running = False
+            self.recycled = True
+            self.tell(b"recycle %d" % self.served)
+
+    def draining(self) -> bool:
+        """We stopped taking new requests; whether to serve what is already queued first.
+
+        On a stop, yes: the listeners may close after us. A worker recycling itself leaves
+        them to the other workers and its replacement, so that its count stays exact.
+        """
+        self.slot.set_state(DRAINING)
+        return not self.recycled
+
+
+def notify(fd: int, message: bytes) -> None:
+    """One line to the master: ``PID MESSAGE``; shorter than PIPE_BUF, so the write is atomic."""
+    try:
+        os.write(fd, b"%d %s\n" % (os.getpid(), message))
+    except OSError:
+        pass  # the master is gone; the parent check ends us soon
+
+
+def make_server(endpoint: Endpoint, handler: type, mixin: type | None = None) -> BaseServer:
+    """A socketserver-style server object wrapped around an already bound, shared socket.
+
+    Handlers receive it as ``self.server``, exactly as under the stdlib, so code that reads
+    ``server.server_address`` (or ``server_name``, as http.server does) keeps working.
+    """
+    if endpoint.server is not None:
+        # The library API: the user's own server object (a PreforkTCPServer subclass, say),
+        # forked along with us, so that its overrides and attributes reach the handlers.
+        server = endpoint.server
+        if mixin is not None:
+            server.__class__ = type(
+                f"{mixin.__name__}{type(server).__name__}", (mixin, type(server)), {}
+            )
+        return server
+    server_class = SERVER_CLASSES[endpoint.kind]
+    if mixin is not None:
+        server_class = type(f"{mixin.__name__}{server_class.__name__}", (mixin, server_class), {})
+    server = server_class(endpoint.sock.getsockname(), handler, bind_and_activate=False)
+    server.socket.close()  # the placeholder the constructor made; we serve the shared one
+    server.socket = endpoint.sock
+    server.server_address = endpoint.sock.getsockname()
+    if endpoint.kind == "tcp":
+        server.server_name, server.server_port = server.server_address[:2]
+    return server

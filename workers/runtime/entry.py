@@ -1,0 +1,74 @@
+"""A worker's entry point: what runs between the master's fork and the accept loop.
+
+A worker owns very little: its copies of the listening sockets, the write end of the master's
+notify pipe, and a wakeup pipe of its own. Everything else it inherited from the master (the
+master's wakeup pipe and selector, the pidfds of its siblings, listeners of other
+generations) is closed first thing, so that no fd outlives its owner's intent.
+
+The master blocks the worker's signals around the fork (``spec.HANDLED_SIGNALS``) and the
+worker unblocks them only once its own handlers are in place, so a TERM sent during boot is
+never lost nor handled by the master's code.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+
+from workers.runtime import modes
+from workers.runtime.context import Context
+from workers.runtime.lifecycle import Lifecycle, set_parent_death_signal
+from workers.runtime.spec import EXIT_BOOT_ERROR, HANDLED_SIGNALS, STACK_DUMP_SIGNAL, WorkerSpec
+
+log = logging.getLogger("cluster.worker")
+
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
+
+
+def run(spec: WorkerSpec) -> None:
+    """The worker's life: boot, tell the master we're ready, serve, exit."""
+    lifecycle = boot(spec)
+    slot = spec.scoreboard.worker_slot(spec.slot)
+    slot.header.pid = os.getpid()
+    try:
+        handlers = [spec.load_handler(ep.app) for ep in spec.endpoints]
+    except Exception as err:  # an app that fails to import in the worker: a boot error
+        log.error("worker %d cannot load the app: %s", os.getpid(), err)
+        sys.exit(EXIT_BOOT_ERROR)
+    mode = modes.get(spec.mode)
+    mode.serve(list(zip(spec.endpoints, handlers, strict=True)), Context(spec, lifecycle, slot))
+
+
+def boot(spec: WorkerSpec) -> Lifecycle:
+    """Undo what the worker inherited from the master and set up its own signals."""
+    for fd in spec.inherited_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    lifecycle = Lifecycle()
+    signal.set_wakeup_fd(lifecycle.wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lifecycle.request_stop)
+    signal.signal(signal.SIGINT, lifecycle.quick_stop)
+    signal.signal(signal.SIGQUIT, lifecycle.quick_stop)
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, lifecycle.child_exited)
+    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+    set_parent_death_signal(signal.SIGQUIT, spec.master_pid)  # master gone: a quick stop
+    name = f" [{spec.name}]" if spec.name else ""
+    set_title(f"cluster: worker{name} {spec.mode} slot={spec.slot} gen={spec.generation}")
+    return lifecycle
+
+
+def set_title(title: str) -> None:
+    """Set the process title; titles are cosmetic, so a missing setproctitle never fails us."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)

@@ -1,0 +1,162 @@
+"""``fork``: ``ForkingMixIn`` semantics: one child per request, at most ``max_children`` alive
+at once per worker, reaped by pid before each fork, waited for on a graceful stop.
+
+The worker applies ``--timeout`` to each child itself (``kills_own_overdue``): a hung request
+costs its child, and the worker with its other children lives on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+
+from workers.mixins import ForkingMixIn
+from workers.runtime.accept import AcceptLoop, dispatch
+from workers.runtime.context import Context, make_server
+from workers.runtime.escalation import Escalation, overdue
+from workers.runtime.lifecycle import set_parent_death_signal
+from workers.runtime.mode import Binding, Mode
+from workers.runtime.scoreboard import WorkerSlot
+from workers.runtime.spec import PARENT_CHECK_INTERVAL
+from workers.servers import BaseServer
+
+log = logging.getLogger("cluster.worker")
+
+
+class WorkerForkingMixIn(ForkingMixIn):
+    """``ForkingMixIn`` whose children die with the worker that forked them."""
+
+    def finish_request(self, request: object, client_address: object) -> None:
+        # In the child. Everything a child touches first costs it a copy-on-write page fault,
+        # so it does the one thing it must: ask to die with the worker (a worker killed -9
+        # would otherwise leave its children running). The worker's inherited signal
+        # handlers already do the right thing here: INT and QUIT raise SystemExit, which
+        # ForkingMixIn turns into _exit(1); TERM lets the request finish, as for a worker;
+        # USR2 dumps the child's stack (faulthandler survives the fork).
+        set_parent_death_signal(signal.SIGKILL, os.getppid())
+        super().finish_request(request, client_address)
+
+
+class Children(set):
+    """The worker's ``active_children``, shared by its listeners, that also keeps the
+    scoreboard: each child gets a lane when ForkingMixIn adds it and frees it when reaped.
+
+    It also puts down children that run past ``--timeout``, with the same escalation the
+    master uses for hung workers.
+    """
+
+    def __init__(self, slot: WorkerSlot, lanes: int, timeout: float) -> None:
+        super().__init__()
+        self.slot = slot
+        self.free_lanes = list(range(lanes - 1, -1, -1))
+        self.lane_of: dict[int, int] = {}
+        self.started: dict[int, tuple[float, object]] = {}
+        self.timeout = timeout
+        self.escalation = Escalation()
+        self.client: object = None  # the request about to be forked (set by the loop)
+
+    def add(self, pid: int) -> None:
+        super().add(pid)
+        lane = self.free_lanes.pop()
+        self.lane_of[pid] = lane
+        self.started[pid] = (time.monotonic(), self.client)
+        self.slot.begin(lane, self.client)
+
+    def discard(self, pid: int) -> None:
+        super().discard(pid)
+        lane = self.lane_of.pop(pid, None)
+        if lane is not None:
+            self.slot.end(lane)
+            self.free_lanes.append(lane)
+        self.started.pop(pid, None)
+        self.escalation.forget(pid)
+
+    def kill_overdue(self) -> None:
+        now = time.monotonic()
+        for pid in self.escalation.due(now):
+            _signal(pid, signal.SIGKILL)
+        for pid, (started, client) in list(self.started.items()):
+            if pid in self.escalation or not overdue(started, now, self.timeout):
+                continue
+            log.error(
+                "request child %d (client %s) ran %.1fs, past --timeout %gs: dumping its "
+                "stack, then TERM", pid, client, now - started, self.timeout,
+            )  # fmt: skip
+            for signum in self.escalation.begin(pid, now):
+                _signal(pid, signum)
+
+    def kill_all(self) -> None:
+        for pid in self:
+            _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def serve(bindings: list[Binding], context: Context) -> None:
+    """Fork a child per request, never more than ``max_children`` alive at once per worker."""
+    spec, lifecycle = context.spec, context.lifecycle
+    lanes = MODE.lanes(spec)
+    mixin = type("Forking", (WorkerForkingMixIn,), {"max_children": lanes})
+    servers = [make_server(endpoint, handler, mixin) for endpoint, handler in bindings]
+    # One table for every listener: the bound is per worker, not per listener.
+    children = Children(context.slot, lanes, spec.timeout)
+    for server in servers:
+        server.active_children = children
+
+    def reap() -> None:
+        """Collect exited children by pid, only when a SIGCHLD said one exited."""
+        if lifecycle.children_exited:
+            lifecycle.children_exited = False
+            servers[0].collect_children()
+
+    def on_wake() -> None:
+        reap()
+        children.kill_overdue()
+
+    def wait_for_room() -> None:
+        """At ``max_children``, wait for a child to exit: woken by SIGCHLD through the wakeup
+        pipe, and at least once a second, so overdue children are still killed meanwhile."""
+        while len(children) >= lanes:
+            select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
+            lifecycle.drain_wakeups()
+            on_wake()
+
+    def fork_one(server: BaseServer, request: object, client: object) -> None:
+        context.counted()
+        reap()  # before each fork, without blocking
+        wait_for_room()
+        children.client = client
+        dispatch(server, request, client)
+
+    loop = AcceptLoop(servers, context, on_wake=on_wake)
+    context.ready()
+    try:
+        while (taken := loop.next()) is not None:
+            fork_one(*taken)
+        if context.draining():
+            loop.drain(spec.graceful_timeout, fork_one)
+    finally:
+        loop.close()
+        for server in servers:
+            server.socket.close()
+        if lifecycle.quick:  # they would die with us (PDEATHSIG); say so at once
+            children.kill_all()
+        else:  # graceful: every request runs to its end
+            servers[0].collect_children(blocking=True)
+
+
+MODE = Mode(
+    name="fork",
+    summary="fork a child per request, at most --max-children at once per worker",
+    serve=serve,
+    lanes=lambda sizes: sizes.max_children,
+    kills_own_overdue=True,
+)
