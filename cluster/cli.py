@@ -100,7 +100,7 @@ def setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadtest"]:  # its own parser: `cluster loadtest --help` documents it
-        from cluster.loadtest import main as loadtest_main
+        from loadtest import main as loadtest_main
 
         return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -243,7 +243,7 @@ def wrk(url: str, connections: int, duration: float, close: bool) -> Measured:
 
 
 def loadtest(target: str, connections: int, duration: float, connect: str) -> Measured:
-    from cluster.loadtest import LoadConfig, run
+    from loadtest import LoadConfig, run
 
     result = run(LoadConfig(target, duration=duration, concurrency=connections, connect=connect,
                             payload=64, max_errors=10**9, processes=CLIENT_THREADS))  # fmt: skip

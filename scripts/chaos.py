@@ -18,7 +18,7 @@ How a run goes:
   what is left of them and of their workers. As the child subreaper it also collects the new
   masters an upgrade leaves orphaned. Or it attaches to a running master: ``--pid PID`` (or
   ``--pidfile PATH``) and ``--target URI``, and leaves it running.
-- **The load**: ``cluster.loadtest`` as a library, in-process: ``run(LoadConfig(...),
+- **The load**: ``loadtest`` as a library, in-process: ``run(LoadConfig(...),
   events=events)`` with ``--concurrency``, ``--processes`` and ``--connect`` (default: a new
   connection per request on stream targets, which is what a reload's accept hand-over is
   about). Loadtest refuses anything but loopback and Unix targets.
@@ -74,7 +74,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runnable from a checkout
 
 from cluster.errors import OneLineParser  # noqa: E402
-from cluster.loadtest import (  # noqa: E402
+from cluster.procfs import (  # noqa: E402
+    alive,
+    become_subreaper,
+    children,
+    descendants,
+    reap_if_ours,
+    stat_state,
+)
+from loadtest import (  # noqa: E402
     ClientCrash,
     Events,
     LoadConfig,
@@ -88,14 +96,6 @@ from cluster.loadtest import (  # noqa: E402
     plot,
     result_to_json,
     run,
-)
-from cluster.procfs import (  # noqa: E402
-    alive,
-    become_subreaper,
-    children,
-    descendants,
-    reap_if_ours,
-    stat_state,
 )
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--pid", type=int, help="its master's pid")
     attach.add_argument("--pidfile", metavar="PATH", help="its pidfile (needed to follow usr2)")
     attach.add_argument("--target", metavar="URI", help="where to send load (required here)")
-    load = parser.add_argument_group("load (cluster.loadtest)")
+    load = parser.add_argument_group("load (loadtest)")
     load.add_argument("-c", "--concurrency", type=int, default=4, metavar="C", help="default 4")
     load.add_argument("-p", "--processes", type=int, default=1, metavar="P", help="default 1")
     load.add_argument("--connect", choices=("persistent", "per-request"),

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from cluster import loadtest
-from cluster.loadtest import (
+import loadtest
+from loadtest import (
     Event,
     Events,
     LoadConfig,
@@ -51,7 +51,7 @@ from tests.procs import children, descendants, kill_all, reap_if_ours
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "loadtest.py"
+COMMAND = [sys.executable, "-m", "loadtest"]  # as users run it, from the installed package
 PERCENTILE_KEYS = ("p50", "p90", "p99", "p99.9", "max")
 
 
@@ -369,7 +369,7 @@ class Ran:
 
 @pytest.fixture
 def loadtest_cli(tmp_path: Path) -> Iterator[Callable[..., Ran]]:
-    """``loadtest_cli(args...)`` runs ``scripts/loadtest.py`` to its end; teardown ends, by pid,
+    """``loadtest_cli(args...)`` runs ``python -m loadtest`` to its end; teardown ends, by pid,
     anything of it still running (the tool itself and its client processes)."""
     started: list[subprocess.Popen] = []
     seen: set[int] = set()
@@ -381,7 +381,7 @@ def loadtest_cli(tmp_path: Path) -> Iterator[Callable[..., Ran]]:
         extra = ["--json", str(json_path)] if json_path else []
         env = dict(os.environ, TMPDIR=str(tmpdir))
         proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args, *extra],
+            [*COMMAND, *args, *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -486,9 +486,7 @@ def test_http_hello_over_ipv6(
 
 
 def test_cli_help() -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([*COMMAND, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     for flag in ("--duration", "--requests", "--rate", "--connect", "--allow-remote", "--plot"):
         assert flag in done.stdout
@@ -733,7 +731,7 @@ def read_pty(fd: int, proc: subprocess.Popen, timeout: float) -> bytes:
 def test_live_progress_on_a_terminal(quiet: bool, tmp_path: Path) -> None:
     master, slave = pty.openpty()
     options = "-d 2.3 --rate 200 --max-errors 1000000000" + (" --quiet" if quiet else "")
-    args = [sys.executable, str(SCRIPT), f"unix:{tmp_path}/nobody.sock", *options.split()]
+    args = [*COMMAND, f"unix:{tmp_path}/nobody.sock", *options.split()]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
     try:

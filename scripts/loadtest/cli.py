@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cluster.errors import OneLineParser
-from cluster.loadtest.config import CONNECT_MODES, LoadConfig, make_plan
-from cluster.loadtest.errors import ClientCrash, UsageError
-from cluster.loadtest.report import format_summary, plot, write_json
-from cluster.loadtest.results import EXIT_ERRORS, EXIT_USAGE
-from cluster.loadtest.runner import Progress, run
+from loadtest.config import CONNECT_MODES, LoadConfig, make_plan
+from loadtest.errors import ClientCrash, UsageError
+from loadtest.report import format_summary, plot, write_json
+from loadtest.results import EXIT_ERRORS, EXIT_USAGE
+from loadtest.runner import Progress, run
 
 
 def build_parser() -> argparse.ArgumentParser:

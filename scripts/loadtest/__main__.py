@@ -2,6 +2,6 @@
 
 import sys
 
-from cluster.loadtest.cli import main
+from loadtest.cli import main
 
 sys.exit(main())

@@ -8,7 +8,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cluster.loadtest.errors import UsageError
+from loadtest.errors import UsageError
 
 STREAM_KINDS = ("tcp", "unix", "http")
 DATAGRAM_KINDS = ("udp", "unix-dgram")
