@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -89,10 +90,20 @@ def terminal_progress(stream: Any) -> Callable[[Progress], None]:
     return show
 
 
+def check_lazy_dependencies(plot: bool) -> None:
+    """The extra's modules that are imported only when needed (multiprocess to run, matplotlib
+    to plot): raise ``ModuleNotFoundError`` for a missing one now rather than after the run.
+    (``hdrh`` is imported with the package itself.)"""
+    for name in ("multiprocess", "matplotlib") if plot else ("multiprocess",):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: returns the exit code (0 pass, 1 too many errors, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_lazy_dependencies(plot=bool(args.plot))
     config = config_from_args(args)
     try:
         make_plan(config, resolve=False)  # refuse before anything starts
