@@ -8,6 +8,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cluster.errors import ConfigError
+from cluster.listeners import BindSpec, parse_bind
 from loadtest.errors import UsageError
 
 STREAM_KINDS = ("tcp", "unix", "http")
@@ -40,65 +42,68 @@ class Target:
         return f"{host}:{self.port}"
 
 
-def _split_host_port(rest: str, uri: str, default_port: int | None = None) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); the port may default (http only)."""
-    if rest.startswith("["):
-        host, sep, tail = rest[1:].partition("]")
-        if not sep or (tail and not tail.startswith(":")):
-            raise UsageError(f"bad target {uri!r}: unbalanced [ ] around an IPv6 address")
-        port_text = tail[1:] if tail else ""
-    else:
-        host, _, port_text = rest.rpartition(":") if ":" in rest else (rest, "", "")
-        if ":" in host:
-            raise UsageError(f"bad target {uri!r}: write IPv6 addresses as [ADDR]:PORT")
-    if not host:
-        raise UsageError(f"bad target {uri!r}: no host")
-    if not port_text:
-        if default_port is None:
-            raise UsageError(f"bad target {uri!r}: no port")
-        return host, default_port
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise UsageError(f"bad target {uri!r}: port {port_text!r} is not a number") from None
-    if not 1 <= port <= 65535:
-        raise UsageError(f"bad target {uri!r}: port {port} out of range 1..65535")
-    return host, port
+TARGET_FORMS = (
+    "tcp://HOST:PORT, HOST:PORT, [IPV6]:PORT, udp://HOST:PORT, unix:PATH, unix-dgram:PATH "
+    "or http://HOST[:PORT][/PATH]"
+)
 
 
 def parse_target(uri: str) -> Target:
-    """Parse ``tcp://H:P`` (or just ``H:P``), ``udp://H:P``, ``unix:PATH``, ``unix-dgram:PATH``
-    or ``http://H[:P][/path]`` (the bind syntax of the cluster, so URIs from its ``listening on``
-    lines can be pasted as they are)."""
-    scheme, sep, rest = uri.partition(":")
-    if not sep:
-        raise UsageError(
-            f"bad target {uri!r}: expected tcp://HOST:PORT, udp://HOST:PORT, unix:PATH, "
-            "unix-dgram:PATH or http://HOST:PORT/PATH"
-        )
-    if "://" not in uri and scheme not in ("unix", "unix-dgram", "tcp", "udp", "http"):
-        host, port = _split_host_port(uri, uri)  # HOST:PORT or [V6]:PORT, as for bind: tcp
-        return Target(uri, "tcp", host=host, port=port)
-    if scheme in ("unix", "unix-dgram"):
-        path = rest[2:] if rest.startswith("///") else rest
-        if not path:
-            raise UsageError(f"bad target {uri!r}: no socket path")
-        return Target(uri, scheme, path=path)
-    if scheme not in ("tcp", "udp", "http"):
+    """Parse a target: the cluster's bind grammar (``cluster.listeners.parse_bind``: ``tcp://H:P``
+    or just ``H:P``, ``[V6]:P``, ``udp://H:P``, ``unix:PATH``, ``unix-dgram:PATH``), so URIs
+    from its ``listening on`` lines can be pasted as they are, plus ``http://H[:P][/path]``.
+
+    What binds but cannot be loaded is refused: port 0, ``fd://N`` and a ``=module:Class``
+    handler suffix."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and scheme == "http":
+        return _parse_http(uri, rest)
+    if sep and scheme == "fd":
+        raise UsageError(f"bad target {uri!r}: fd://N is a listener to inherit, not a target")
+    if sep and scheme not in ("tcp", "udp", "unix", "unix-dgram"):
         hint = " (TLS is not supported)" if scheme == "https" else ""
-        raise UsageError(f"bad target {uri!r}: unknown scheme {scheme!r}{hint}")
-    if not rest.startswith("//"):
-        raise UsageError(f"bad target {uri!r}: expected {scheme}://HOST:PORT")
-    rest = rest[2:]
-    if scheme == "http":
-        slash = rest.find("/")
-        authority, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
-        if any(c in path for c in " \r\n"):
-            raise UsageError(f"bad target {uri!r}: spaces or line breaks in the path")
-        host, port = _split_host_port(authority, uri, default_port=80)
-        return Target(uri, "http", host=host, port=port, path=path)
-    host, port = _split_host_port(rest, uri)
-    return Target(uri, scheme, host=host, port=port)
+        raise UsageError(f"bad target {uri!r}: unknown scheme {scheme!r}{hint}; {TARGET_FORMS}")
+    spec = _parse_bind(uri, uri)
+    if spec.kind in ("unix", "unix-dgram"):
+        return Target(uri, spec.kind, path=spec.path)
+    return Target(uri, spec.kind, host=spec.host, port=spec.port)
+
+
+def _parse_http(uri: str, rest: str) -> Target:
+    """``http://`` + ``HOST[:PORT][/path]``: the authority in the bind grammar's ``HOST:PORT``
+    (port 80 when there is none), the path sent as it is."""
+    slash = rest.find("/")
+    authority, path = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    if any(c in path for c in " \r\n"):
+        raise UsageError(f"bad target {uri!r}: spaces or line breaks in the path")
+    if ":" not in authority or authority.endswith("]"):  # no port: HOST or [V6]
+        authority += ":80"
+    spec = _parse_bind(f"tcp://{authority}", uri)
+    return Target(uri, "http", host=spec.host, port=spec.port, path=path)
+
+
+def _parse_bind(text: str, uri: str) -> BindSpec:
+    """``parse_bind(text)`` with the bind errors reworded for ``uri``, and the forms that bind
+    but are no target refused."""
+    if "=" in text:  # parse_bind would take it for a handler suffix
+        handler = text.partition("=")[2]
+        raise UsageError(
+            f"bad target {uri!r}: ={handler} names a listener's handler; a target has none"
+        )
+    try:
+        spec = parse_bind(text)
+    except ConfigError as err:
+        reason = str(err).removeprefix(f"bad bind {text!r}: ")
+        raise UsageError(f"bad target {uri!r}: {reason}") from None
+    if spec.kind in ("tcp", "udp"):
+        if not spec.host:
+            raise UsageError(f"bad target {uri!r}: no host")
+        if spec.port == 0:
+            raise UsageError(
+                f"bad target {uri!r}: port 0 is for binding; give the port the server "
+                "listens on (1..65535, as its `listening on` line shows)"
+            )
+    return spec
 
 
 def is_loopback_host(host: str) -> bool:
