@@ -47,10 +47,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from cluster.procfs import Usage, alive, descendants, tree_usage
 
-from cluster.procfs import Usage, alive, descendants, tree_usage  # noqa: E402  (needs ROOT on the path)
+ROOT = Path(__file__).resolve().parent.parent
 
 WORKERS = 2
 CONNECTIONS = 8  # keep-alive and echo; thread mode has THREADS >= this per worker
@@ -95,9 +94,8 @@ class Row:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), str(ROOT / "scripts"), env.get("PYTHONPATH", "")]
-    )
+    # the project itself comes from the install (no ROOT here); scripts/ stays, as before
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "scripts"), env.get("PYTHONPATH", "")])
     return env
 
 

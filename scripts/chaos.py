@@ -67,14 +67,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NoReturn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # runnable from a checkout
-
-from cluster.errors import OneLineParser  # noqa: E402
-from cluster.procfs import (  # noqa: E402
+from cluster.errors import OneLineParser
+from cluster.procfs import (
     alive,
     become_subreaper,
     children,
@@ -82,7 +78,7 @@ from cluster.procfs import (  # noqa: E402
     reap_if_ours,
     stat_state,
 )
-from loadtest import (  # noqa: E402
+from loadtest import (
     ClientCrash,
     Events,
     LoadConfig,
@@ -441,11 +437,9 @@ class OwnCluster:
 
     def start(self) -> None:
         become_subreaper()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 process_group=0,  # Ctrl-C in the terminal is ours; we end the cluster
             )  # fmt: skip
 
