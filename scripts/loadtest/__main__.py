@@ -1,4 +1,4 @@
-"""``python -m cluster.loadtest ...``: the same as ``scripts/loadtest.py``."""
+"""``python -m loadtest ...``: the same as ``cluster loadtest ...``."""
 
 import sys
 
