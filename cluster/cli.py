@@ -100,9 +100,16 @@ def setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadtest"]:  # its own parser: `cluster loadtest --help` documents it
-        from cluster.loadtest import main as loadtest_main
+        try:  # imported lazily: the load tester and its dependencies are an optional extra
+            from loadtest import main as loadtest_main
 
-        return loadtest_main(argv[1:])
+            return loadtest_main(argv[1:])
+        except ModuleNotFoundError as err:
+            if err.name is None or err.name.startswith(("loadtest.", "cluster.", "workers.")):
+                raise  # one of our own modules: a bug, not a missing extra
+            print("cluster: error: the load tester is an optional extra: "
+                  "pip install 'prefork-cluster[loadtest]'", file=sys.stderr)  # fmt: skip
+            return 2
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)

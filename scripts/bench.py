@@ -47,10 +47,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from cluster.procfs import Usage, alive, descendants, tree_usage
 
-from cluster.procfs import Usage, alive, descendants, tree_usage  # noqa: E402  (needs ROOT on the path)
+ROOT = Path(__file__).resolve().parent.parent
 
 WORKERS = 2
 CONNECTIONS = 8  # keep-alive and echo; thread mode has THREADS >= this per worker
@@ -95,9 +94,8 @@ class Row:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), str(ROOT / "scripts"), env.get("PYTHONPATH", "")]
-    )
+    # the project itself comes from the install (no ROOT here); scripts/ stays, as before
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "scripts"), env.get("PYTHONPATH", "")])
     return env
 
 
@@ -243,7 +241,7 @@ def wrk(url: str, connections: int, duration: float, close: bool) -> Measured:
 
 
 def loadtest(target: str, connections: int, duration: float, connect: str) -> Measured:
-    from cluster.loadtest import LoadConfig, run
+    from loadtest import LoadConfig, run
 
     result = run(LoadConfig(target, duration=duration, concurrency=connections, connect=connect,
                             payload=64, max_errors=10**9, processes=CLIENT_THREADS))  # fmt: skip

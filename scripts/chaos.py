@@ -18,7 +18,7 @@ How a run goes:
   what is left of them and of their workers. As the child subreaper it also collects the new
   masters an upgrade leaves orphaned. Or it attaches to a running master: ``--pid PID`` (or
   ``--pidfile PATH``) and ``--target URI``, and leaves it running.
-- **The load**: ``cluster.loadtest`` as a library, in-process: ``run(LoadConfig(...),
+- **The load**: ``loadtest`` as a library, in-process: ``run(LoadConfig(...),
   events=events)`` with ``--concurrency``, ``--processes`` and ``--connect`` (default: a new
   connection per request on stream targets, which is what a reload's accept hand-over is
   about). Loadtest refuses anything but loopback and Unix targets.
@@ -67,14 +67,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NoReturn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # runnable from a checkout
-
-from cluster.errors import OneLineParser  # noqa: E402
-from cluster.loadtest import (  # noqa: E402
+from cluster.errors import OneLineParser
+from cluster.procfs import (
+    alive,
+    become_subreaper,
+    children,
+    descendants,
+    reap_if_ours,
+    stat_state,
+)
+from loadtest import (
     ClientCrash,
     Events,
     LoadConfig,
@@ -89,15 +93,7 @@ from cluster.loadtest import (  # noqa: E402
     result_to_json,
     run,
 )
-from cluster.procfs import (  # noqa: E402
-    alive,
-    become_subreaper,
-    children,
-    descendants,
-    reap_if_ours,
-    stat_state,
-)
-from workers.runtime import modes  # noqa: E402
+from workers.runtime import modes
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_DURATION = 3600.0  # bounded runs only
@@ -442,11 +438,9 @@ class OwnCluster:
 
     def start(self) -> None:
         become_subreaper()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 process_group=0,  # Ctrl-C in the terminal is ours; we end the cluster
             )  # fmt: skip
 
@@ -585,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--pid", type=int, help="its master's pid")
     attach.add_argument("--pidfile", metavar="PATH", help="its pidfile (needed to follow usr2)")
     attach.add_argument("--target", metavar="URI", help="where to send load (required here)")
-    load = parser.add_argument_group("load (cluster.loadtest)")
+    load = parser.add_argument_group("load (loadtest)")
     load.add_argument("-c", "--concurrency", type=int, default=4, metavar="C", help="default 4")
     load.add_argument("-p", "--processes", type=int, default=1, metavar="P", help="default 1")
     load.add_argument("--connect", choices=("persistent", "per-request"),

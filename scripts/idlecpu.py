@@ -9,18 +9,13 @@ timer (at most once a second), so idle it should use next to nothing: the target
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cluster.procfs import own_cpu  # noqa: E402  (needs ROOT on the path)
+from cluster.procfs import own_cpu
 
 
 def main() -> int:
@@ -28,10 +23,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster", "run", "echo", "-w", str(args.workers), "-b", "127.0.0.1:0"],
-        env=env, stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert proc.stderr is not None

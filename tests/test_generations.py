@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.loadtest import Events, LoadConfig, run
+from loadtest import Events, LoadConfig, run
 from tests.conftest import read_line, tcp_connect
 from tests.procs import children, kill_all, wait_for
 

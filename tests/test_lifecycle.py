@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.loadtest import Events, LoadConfig, Result, run
+from loadtest import Events, LoadConfig, Result, run
 from tests.conftest import read_line, stream_roundtrip, tcp_connect
 from tests.procs import alive, children, every, sample_until, wait_for
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from cluster import loadtest
-from cluster.loadtest import (
+import loadtest
+from loadtest import (
     Event,
     Events,
     LoadConfig,
@@ -51,7 +51,7 @@ from tests.procs import children, descendants, kill_all, reap_if_ours
 pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "loadtest.py"
+COMMAND = [sys.executable, "-m", "loadtest"]  # as users run it, from the installed package
 PERCENTILE_KEYS = ("p50", "p90", "p99", "p99.9", "max")
 
 
@@ -74,6 +74,9 @@ PERCENTILE_KEYS = ("p50", "p90", "p99", "p99.9", "max")
         ),
         ("http://[::1]:8080", Target("http://[::1]:8080", "http", "::1", 8080, "/")),
         ("http://localhost/x", Target("http://localhost/x", "http", "localhost", 80, "/x")),
+        ("http://[::1]/x", Target("http://[::1]/x", "http", "::1", 80, "/x")),
+        ("udp://[::1]:53", Target("udp://[::1]:53", "udp", "::1", 53)),
+        ("unix-dgram:///d", Target("unix-dgram:///d", "unix-dgram", path="/d")),
     ],
 )
 def test_parse_target(uri: str, expected: Target) -> None:
@@ -83,23 +86,38 @@ def test_parse_target(uri: str, expected: Target) -> None:
 @pytest.mark.parametrize(
     ("uri", "message"),
     [
-        ("127.0.0.1", "expected tcp://HOST:PORT"),
-        ("localhost:", "no port"),
-        ("nonsense", "expected tcp://HOST:PORT"),
-        ("ftp://127.0.0.1:21", "unknown scheme"),
+        ("127.0.0.1", "expected HOST:PORT"),
+        ("localhost:", "port must be a number"),
+        ("nonsense", "expected HOST:PORT"),
+        ("ftp://127.0.0.1:21", "unknown scheme 'ftp'"),
         ("https://127.0.0.1:443/", "TLS"),
-        ("tcp://127.0.0.1", "no port"),
-        ("tcp://127.0.0.1:http", "not a number"),
-        ("tcp://127.0.0.1:70000", "out of range"),
-        ("tcp://::1:80", r"\[ADDR\]:PORT"),
-        ("tcp://[::1:80", "unbalanced"),
-        ("unix:", "no socket path"),
-        ("tcp:127.0.0.1:80", "expected tcp://"),
+        ("tcp://127.0.0.1", "expected HOST:PORT"),
+        ("tcp://127.0.0.1:http", "port must be a number"),
+        ("tcp://127.0.0.1:70000", "port must be a number from 0 to 65535"),
+        ("tcp://::1:80", "expected HOST:PORT"),
+        ("tcp://[::1:80", r"\[ADDR\]:PORT"),
+        ("unix:", "empty socket path"),
+        ("tcp:127.0.0.1:80", "expected HOST:PORT"),
+        # what binds but cannot be loaded
+        ("tcp://127.0.0.1:0", "port 0"),
+        ("127.0.0.1:0", "port 0"),
+        ("udp://[::1]:0", "port 0"),
+        ("http://127.0.0.1:0/", "port 0"),
+        ("fd://3", "fd://N is a listener"),
+        ("tcp://127.0.0.1:8000=myapp:Handler", "=myapp:Handler names a listener's handler"),
+        ("unix:/run/e.sock=echo", "=echo names a listener's handler"),
+        ("tcp://:8000", "no host"),
+        ("http://:8080/", "no host"),
+        ("http://::1:80/", "expected HOST:PORT"),
+        ("http://127.0.0.1:x/", "port must be a number"),
     ],
 )
 def test_parse_target_rejects(uri: str, message: str) -> None:
-    with pytest.raises(UsageError, match=message):
+    """The bind grammar's errors (``cluster.listeners.parse_bind``), reworded: each names the
+    bad target, never the bind."""
+    with pytest.raises(UsageError, match=message) as raised:
         parse_target(uri)
+    assert str(raised.value).startswith(f"bad target {uri!r}: ")
 
 
 @pytest.mark.parametrize(
@@ -369,7 +387,7 @@ class Ran:
 
 @pytest.fixture
 def loadtest_cli(tmp_path: Path) -> Iterator[Callable[..., Ran]]:
-    """``loadtest_cli(args...)`` runs ``scripts/loadtest.py`` to its end; teardown ends, by pid,
+    """``loadtest_cli(args...)`` runs ``python -m loadtest`` to its end; teardown ends, by pid,
     anything of it still running (the tool itself and its client processes)."""
     started: list[subprocess.Popen] = []
     seen: set[int] = set()
@@ -381,7 +399,7 @@ def loadtest_cli(tmp_path: Path) -> Iterator[Callable[..., Ran]]:
         extra = ["--json", str(json_path)] if json_path else []
         env = dict(os.environ, TMPDIR=str(tmpdir))
         proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args, *extra],
+            [*COMMAND, *args, *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -486,9 +504,7 @@ def test_http_hello_over_ipv6(
 
 
 def test_cli_help() -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([*COMMAND, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     for flag in ("--duration", "--requests", "--rate", "--connect", "--allow-remote", "--plot"):
         assert flag in done.stdout
@@ -733,7 +749,7 @@ def read_pty(fd: int, proc: subprocess.Popen, timeout: float) -> bytes:
 def test_live_progress_on_a_terminal(quiet: bool, tmp_path: Path) -> None:
     master, slave = pty.openpty()
     options = "-d 2.3 --rate 200 --max-errors 1000000000" + (" --quiet" if quiet else "")
-    args = [sys.executable, str(SCRIPT), f"unix:{tmp_path}/nobody.sock", *options.split()]
+    args = [*COMMAND, f"unix:{tmp_path}/nobody.sock", *options.split()]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
     try:

@@ -9,8 +9,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.loadtest.errors import UsageError
-from cluster.loadtest.targets import Target, check_allowed, parse_target
+from loadtest.errors import UsageError
+from loadtest.targets import Target, check_allowed, parse_target
 
 HARD_CAP_SECONDS = 3600.0  # no run lasts longer, whatever the bounds say
 CONNECT_MODES = ("persistent", "per-request")

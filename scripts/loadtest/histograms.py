@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hdrh.histogram import HdrHistogram
 
-from cluster.loadtest.config import HARD_CAP_SECONDS
+from loadtest.config import HARD_CAP_SECONDS
 
 # HDR histogram range: 1 us .. twice the hard cap (open-loop latency can exceed the timeout,
 # being measured from the intended send time), 3 significant digits.

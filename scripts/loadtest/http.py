@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.loadtest.targets import Target
+from loadtest.targets import Target
 
 MAX_HTTP_HEAD = 65536
 

@@ -11,11 +11,11 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from cluster.loadtest.errors import classify_errno, describe
-from cluster.loadtest.http import parse_http_response
+from loadtest.errors import classify_errno, describe
+from loadtest.http import parse_http_response
 
 if TYPE_CHECKING:
-    from cluster.loadtest.clients import Client
+    from loadtest.clients import Client
 
 DUE, RETRY = 0, 1  # timer kinds: an open-loop send, a retry after EAGAIN
 

@@ -9,9 +9,9 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from cluster.loadtest.config import LoadConfig
-from cluster.loadtest.results import Result
-from cluster.loadtest.targets import Target
+from loadtest.config import LoadConfig
+from loadtest.results import Result
+from loadtest.targets import Target
 
 
 def format_latency(micros: float) -> str:
@@ -75,7 +75,7 @@ def result_to_json(result: Result) -> dict[str, Any]:
     config = asdict(result.config)
     config["allow_remote"] = list(result.config.allow_remote)
     return {
-        "tool": "cluster.loadtest",
+        "tool": "loadtest",
         "config": config,
         "target": asdict(result.target),
         "started_at": result.started_at,

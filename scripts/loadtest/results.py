@@ -10,11 +10,11 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from cluster.loadtest.config import LoadConfig, Plan
-from cluster.loadtest.errors import ERROR_KINDS, MAX_EXAMPLES
-from cluster.loadtest.events import Event
-from cluster.loadtest.histograms import new_histogram
-from cluster.loadtest.targets import Target
+from loadtest.config import LoadConfig, Plan
+from loadtest.errors import ERROR_KINDS, MAX_EXAMPLES
+from loadtest.events import Event
+from loadtest.histograms import new_histogram
+from loadtest.targets import Target
 
 EXIT_OK = 0
 EXIT_ERRORS = 1

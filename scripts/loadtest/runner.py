@@ -9,11 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.loadtest.clients import _client_main
-from cluster.loadtest.config import LoadConfig, Plan, make_plan
-from cluster.loadtest.errors import ClientCrash
-from cluster.loadtest.events import Events, read_events
-from cluster.loadtest.results import Result, summarize
+from loadtest.clients import _client_main
+from loadtest.config import LoadConfig, Plan, make_plan
+from loadtest.errors import ClientCrash
+from loadtest.events import Events, read_events
+from loadtest.results import Result, summarize
 
 START_MARGIN = 0.02  # seconds between "all clients ready" and the common start time
 

@@ -1,7 +1,12 @@
 """``loadtest``: drive a running cluster (or any echo / HTTP server) with load and report.
 
-    python scripts/loadtest.py TARGET (--duration S | --requests N) [options]
-    python -m cluster.loadtest ...                     (the same)
+    cluster loadtest TARGET (--duration S | --requests N) [options]
+    python -m loadtest ...                     (the same)
+
+A tool for the product, not part of it: the top-level package ``loadtest`` (source in
+``scripts/loadtest/``) ships with prefork-cluster, but its dependencies (multiprocess,
+hdrhistogram, matplotlib) come only with the optional extra ``prefork-cluster[loadtest]``.
+It uses ``cluster`` (the bind grammar, the one-line parser); ``cluster`` never imports it.
 
 The design, in the order a run goes (the module that holds each part in brackets):
 
@@ -33,7 +38,7 @@ The design, in the order a run goes (the module that holds each part in brackets
 
 Library use, e.g. from a chaos script that acts on the master from another thread::
 
-    from cluster.loadtest import Events, LoadConfig, run
+    from loadtest import Events, LoadConfig, run
     events = Events()
     threading.Thread(target=chaos, args=(events,)).start()   # calls events.mark("HUP sent")
     result = run(LoadConfig("tcp://127.0.0.1:8000", duration=10, concurrency=8), events=events)
@@ -42,11 +47,11 @@ Library use, e.g. from a chaos script that acts on the master from another threa
 Every loop stops by itself: at the end of ``duration``, when the request budget is spent, or
 at ``HARD_CAP_SECONDS`` whatever was asked; client processes also stop when their parent dies.
 
-This package re-exports every public name, so ``from cluster.loadtest import X`` works for all
-of them.
+This package re-exports every public name, so ``from loadtest import X`` works for all of
+them.
 """
 
-from cluster.loadtest.cli import (
+from loadtest.cli import (
     OneLineParser,
     build_parser,
     config_from_args,
@@ -54,11 +59,11 @@ from cluster.loadtest.cli import (
     progress_line,
     terminal_progress,
 )
-from cluster.loadtest.clients import (
+from loadtest.clients import (
     TIMER_SCAN,
     Client,
 )
-from cluster.loadtest.config import (
+from loadtest.config import (
     CONNECT_MODES,
     HARD_CAP_SECONDS,
     MAX_DATAGRAM,
@@ -69,7 +74,7 @@ from cluster.loadtest.config import (
     split_evenly,
     validate,
 )
-from cluster.loadtest.errors import (
+from loadtest.errors import (
     ERROR_KINDS,
     MAX_EXAMPLES,
     ClientCrash,
@@ -77,26 +82,26 @@ from cluster.loadtest.errors import (
     classify_errno,
     describe,
 )
-from cluster.loadtest.events import (
+from loadtest.events import (
     Event,
     Events,
     append_event,
     parse_events,
     read_events,
 )
-from cluster.loadtest.histograms import (
+from loadtest.histograms import (
     HDR_DIGITS,
     HDR_HIGHEST_US,
     HDR_LOWEST_US,
     new_histogram,
 )
-from cluster.loadtest.http import (
+from loadtest.http import (
     MAX_HTTP_HEAD,
     HttpResponse,
     http_request,
     parse_http_response,
 )
-from cluster.loadtest.lanes import (
+from loadtest.lanes import (
     DUE,
     LANE_CLASSES,
     RETRY,
@@ -105,7 +110,7 @@ from cluster.loadtest.lanes import (
     Lane,
     StreamEchoLane,
 )
-from cluster.loadtest.report import (
+from loadtest.report import (
     describe_mode,
     format_latency,
     format_summary,
@@ -113,7 +118,7 @@ from cluster.loadtest.report import (
     result_to_json,
     write_json,
 )
-from cluster.loadtest.results import (
+from loadtest.results import (
     EXIT_ERRORS,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -124,13 +129,13 @@ from cluster.loadtest.results import (
     percentiles_of,
     summarize,
 )
-from cluster.loadtest.runner import (
+from loadtest.runner import (
     START_MARGIN,
     Progress,
     Shared,
     run,
 )
-from cluster.loadtest.targets import (
+from loadtest.targets import (
     DATAGRAM_KINDS,
     STREAM_KINDS,
     Target,

@@ -18,11 +18,11 @@ import traceback
 from collections import deque
 from typing import Any
 
-from cluster.loadtest.config import Plan
-from cluster.loadtest.errors import ERROR_KINDS, MAX_EXAMPLES
-from cluster.loadtest.histograms import HDR_HIGHEST_US, HDR_LOWEST_US, new_histogram
-from cluster.loadtest.http import http_request
-from cluster.loadtest.lanes import DUE, LANE_CLASSES, RETRY, Lane
+from loadtest.config import Plan
+from loadtest.errors import ERROR_KINDS, MAX_EXAMPLES
+from loadtest.histograms import HDR_HIGHEST_US, HDR_LOWEST_US, new_histogram
+from loadtest.http import http_request
+from loadtest.lanes import DUE, LANE_CLASSES, RETRY, Lane
 
 TIMER_SCAN = 0.02  # how often a client loop checks timeouts, stop flag and parent
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cluster.errors import OneLineParser
-from cluster.loadtest.config import CONNECT_MODES, LoadConfig, make_plan
-from cluster.loadtest.errors import ClientCrash, UsageError
-from cluster.loadtest.report import format_summary, plot, write_json
-from cluster.loadtest.results import EXIT_ERRORS, EXIT_USAGE
-from cluster.loadtest.runner import Progress, run
+from loadtest.config import CONNECT_MODES, LoadConfig, make_plan
+from loadtest.errors import ClientCrash, UsageError
+from loadtest.report import format_summary, plot, write_json
+from loadtest.results import EXIT_ERRORS, EXIT_USAGE
+from loadtest.runner import Progress, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +90,20 @@ def terminal_progress(stream: Any) -> Callable[[Progress], None]:
     return show
 
 
+def check_lazy_dependencies(plot: bool) -> None:
+    """The extra's modules that are imported only when needed (multiprocess to run, matplotlib
+    to plot): raise ``ModuleNotFoundError`` for a missing one now rather than after the run.
+    (``hdrh`` is imported with the package itself.)"""
+    for name in ("multiprocess", "matplotlib") if plot else ("multiprocess",):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: returns the exit code (0 pass, 1 too many errors, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_lazy_dependencies(plot=bool(args.plot))
     config = config_from_args(args)
     try:
         make_plan(config, resolve=False)  # refuse before anything starts
