@@ -1,8 +1,8 @@
 """What a worker's exit means, and what follows from it: a pure function of the facts.
 
 The master gathers the facts of an exit (``ExitFacts``) and asks ``judge`` for the verdict; it
-then logs, counts, backs off, aborts a reload or gives up as the verdict says. Tests call
-``judge`` with made-up facts, no processes.
+then logs, backs off, aborts a reload or gives up as the verdict says. Tests call ``judge``
+with made-up facts, no processes.
 """
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ from dataclasses import dataclass
 MAX_BOOT_FAILURES = 3  # workers of the first generation dying before ready, in a row: give up
 
 RETIRED = "retired"  # we asked it to go (scale down, reload, recycle, timeout) or we stop
-DIED = "died"  # it was serving and exited without being asked
+KILLED = "killed"  # it was serving and a signal from outside ended it (kill -9, the OOM killer)
+CRASHED = "crashed"  # it was serving and failed on its own (an exit, a segfault, an abort)
 BOOT_FAILURE = "boot failure"  # it died before it was ever ready
 RELOAD_FAILED = "reload failed"  # a worker of a reload's new generation died before ready
 CANNOT_BOOT = "cannot boot"  # the first generation keeps dying before ready: stop, exit 3
+
+# Signals a process raises against itself when it fails: these are crashes, not kills.
+SELF_INFLICTED = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                            signal.SIGABRT, signal.SIGSYS, signal.SIGTRAP})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -35,14 +40,19 @@ class ExitFacts:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the exit means (``kind``) and whether it counts toward the crash-loop backoff."""
+    """What the exit means (``kind``), and whether its slot backs off before the next fork
+    (``backoff``: the worker failed on its own, so its replacement may fail the same way)."""
 
     kind: str
-    crash: bool = False
+    backoff: bool = False
 
     @property
     def expected(self) -> bool:
         return self.kind == RETIRED
+
+
+def killed_from_outside(exitcode: int | None) -> bool:
+    return exitcode is not None and exitcode < 0 and -exitcode not in SELF_INFLICTED
 
 
 def judge(facts: ExitFacts) -> Verdict:
@@ -51,19 +61,21 @@ def judge(facts: ExitFacts) -> Verdict:
     - Asked to go, or stopping: expected, nothing follows.
     - Never ready, in a reload's new generation: the health gate fails the reload.
     - Never ready, in the first generation: a boot failure; the third in a row gives up.
-    - Otherwise it died while serving.
-
-    Every exit that was not asked for counts toward the crash-loop backoff.
+    - Serving, and killed by a signal from outside: replaced at once, no backoff, for the
+      replacement has no reason to fail too.
+    - Serving, and failed on its own (an exit code, a crash signal): backoff for its slot.
     """
     if facts.retiring or facts.stopping:
         return Verdict(RETIRED)
     if not facts.ready:
         if facts.incoming:
-            return Verdict(RELOAD_FAILED, crash=True)
+            return Verdict(RELOAD_FAILED, backoff=True)
         if facts.never_ready and facts.boot_failures + 1 >= MAX_BOOT_FAILURES:
-            return Verdict(CANNOT_BOOT, crash=True)
-        return Verdict(BOOT_FAILURE, crash=True)
-    return Verdict(DIED, crash=True)
+            return Verdict(CANNOT_BOOT, backoff=True)
+        return Verdict(BOOT_FAILURE, backoff=True)
+    if killed_from_outside(facts.exitcode):
+        return Verdict(KILLED)
+    return Verdict(CRASHED, backoff=True)
 
 
 def describe(exitcode: int | None) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from cluster import pool
 from cluster.app import load_handler
+from cluster.backoff import Backoff
 from cluster.config import Config
 from cluster.listeners import Listener
 from cluster.spawn import WorkerProcess
@@ -66,6 +67,7 @@ class Generation:
     target: int = 0
     workers: dict[int, Worker] = field(default_factory=dict)  # by pid
     boot_failures: int = 0  # its workers that died before ready, in a row
+    backoff: Backoff = field(default_factory=Backoff)  # per slot: failures on their own
 
     def __post_init__(self) -> None:
         self.target = self.target or self.config.workers
@@ -86,10 +88,10 @@ class Generation:
         active = [w for w in self.workers.values() if not w.retiring]
         return len(active) >= self.target and all(w.ready for w in active)
 
-    def free_slot(self) -> int | None:
-        """A scoreboard slot for a new worker, or None when every one is taken."""
-        slot = pool.free_slot(w.slot for w in self.workers.values())
-        return slot if slot < self.scoreboard.capacity else None
+    def free_slots(self, count: int) -> list[int]:
+        """The ``count`` lowest scoreboard slots no worker holds (fewer at capacity)."""
+        return pool.free_slots((w.slot for w in self.workers.values()), count,
+                               self.scoreboard.capacity)  # fmt: skip
 
     def add(self, process: WorkerProcess, slot: int, now: float) -> Worker:
         worker = Worker(process, self, slot, now)

@@ -16,7 +16,8 @@ pipe's read end, the command inbox) and one object per part of its state, each a
 - ``stop`` (``cluster.stop``), from the first TERM, INT or QUIT on;
 - ``successor`` (``cluster.upgrade``), the new master of a USR2, and ``predecessor``, the old
   master when a USR2 started us;
-- ``backoff`` (``cluster.backoff``), the crash-loop backoff;
+- each generation's ``backoff`` (``cluster.backoff``): per slot, for workers that failed on
+  their own, and for the whole pool when the kernel refuses a fork;
 - ``hung`` (``workers.runtime.escalation``), the workers being put down, and ``watchdog``
   (``cluster.watchdog``), which finds them;
 - ``adaptive`` (``cluster.pool``), the --min-spare/--max-spare pacing.
@@ -45,7 +46,6 @@ from dataclasses import asdict
 
 from cluster import commands, exits, handover, pidfile, pool
 from cluster.app import load_handler
-from cluster.backoff import Backoff
 from cluster.commands import Command, Refused, Reply
 from cluster.config import Config
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError
@@ -118,7 +118,6 @@ class Master:
         self.stop: Stop | None = None
         self.successor: Successor | None = None
         self.predecessor = Predecessor.from_environ(os.environ)
-        self.backoff = Backoff()
         self.hung = Escalation()
         self.watchdog = Watchdog()
         self.adaptive: pool.Adaptive | None = None
@@ -131,9 +130,14 @@ class Master:
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> int:
-        """Serve until stopped; return the exit code (0 clean, 1 workers had to be killed)."""
+        """Serve until stopped; return the exit code (0 clean, 1 workers had to be killed).
+
+        A ClusterError at start (a bad app, a bind that fails) propagates for the caller to
+        print as its one line, with no log line of ours after it."""
+        started = False
         try:
             self.start()
+            started = True
             while not (self.stop and not any(self.all_workers())):
                 self.sleep()
                 self.read_notifications()
@@ -149,8 +153,12 @@ class Master:
                 self.manage_workers(now)
                 self.watch_generations(now)
                 self.watch_successor(now)
+        except BaseException:
+            if started and self.exit_code == EXIT_OK:
+                self.exit_code = EXIT_RUNTIME  # a bug of ours: the last line must not say 0
+            raise
         finally:
-            self.cleanup()
+            self.cleanup(log_exit=started)
         return self.exit_code
 
     def start(self) -> None:
@@ -175,7 +183,9 @@ class Master:
     def sleep(self) -> None:
         """Wait for a signal, a command, a worker exit or message, or the next deadline."""
         now = time.monotonic()
-        deadlines = [now + LOOP_TICK, self.hung.next_deadline(), self.backoff.next_deadline(now)]
+        deadlines = [now + LOOP_TICK, self.hung.next_deadline()]
+        if self.current is not None:
+            deadlines.append(self.steered().backoff.next_deadline(now))
         for part in (self.stop, self.successor, self.adaptive):
             if part is not None:
                 deadlines.append(part.next_deadline())
@@ -457,8 +467,8 @@ class Master:
 
     # ----------------------------------------------------------------- workers
     def manage_workers(self, now: float) -> None:
-        """Fork or retire workers until the pool matches its target (forks wait out the
-        crash-loop backoff)."""
+        """Fork or retire workers until the pool matches its target. A fork into a slot
+        whose last worker failed on its own waits out that slot's backoff."""
         steered = self.steered()
         views = [worker.view() for worker in self.all_workers()]
         decision = pool.plan(steered.target, steered.number, steered.config.reload_strategy,
@@ -467,10 +477,9 @@ class Master:
             if worker.pid in decision.retire:
                 self.retire(worker, "scaled down" if worker.generation is steered
                             else f"replaced by generation {steered.number}")  # fmt: skip
-        if not self.backoff.allows(now):
-            return
-        for _ in range(decision.spawn):
-            self.spawn(steered, now)
+        for slot in steered.free_slots(decision.spawn):
+            if steered.backoff.allows(slot, now) and not self.spawn(steered, slot, now):
+                return  # the kernel refused: every slot waits now
 
     def adapt_pool(self, now: float) -> None:
         """--min-spare/--max-spare: once a second, move the target toward the idle band."""
@@ -486,22 +495,29 @@ class Master:
                      target)  # fmt: skip
             generation.target = target
 
-    def spawn(self, generation: Generation, now: float) -> None:
-        slot = generation.free_slot()
-        if slot is None:
-            log.error("no free scoreboard slot (%d in use): not forking", len(generation.workers))
-            return
+    def spawn(self, generation: Generation, slot: int, now: float) -> bool:
+        """Fork one worker of ``generation`` into ``slot``; False if the kernel refused (no
+        process or fd left), which is logged and retried with backoff: the master serves on
+        with the workers it has."""
         generation.scoreboard.claim(slot, 0, generation.number)
         config = generation.config
         limit = pool.request_limit(config.max_requests, config.max_requests_jitter, _rand())
         spec = generation.spec(slot, self.notify_w, self.private_fds(generation), limit,
                                self.name)  # fmt: skip
         process = WorkerProcess(worker_main, (spec,))
-        self.fork(process)
+        try:
+            self.fork(process)
+        except OSError as err:
+            wait = generation.backoff.start_failed(now, _rand())
+            log.error("cannot start a worker: %s; %d of %d running, retrying in %.1fs",
+                      err.strerror or err, len(generation.workers), generation.target, wait)  # fmt: skip
+            return False
+        generation.backoff.started()
         worker = generation.add(process, slot, now)
         self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
         log.debug("spawned worker %d (slot %d, generation %d)", worker.pid, slot,
                   generation.number)  # fmt: skip
+        return True
 
     def fork(self, process: WorkerProcess) -> None:
         """Start ``process`` with our signals blocked across the fork: the child unblocks them
@@ -604,9 +620,14 @@ class Master:
         if verdict.expected:
             log.info("worker %d (slot %d) %s", worker.pid, worker.slot, how)
             return
-        log.warning("worker %d (slot %d) died: %s", worker.pid, worker.slot, how)
-        if verdict.crash:
-            self.backoff.crashed(now - worker.spawned_at, now, _rand())
+        lived = now - worker.spawned_at
+        if verdict.backoff:
+            wait = generation.backoff.failed(worker.slot, lived, now, _rand())
+            then = f"respawn in {wait:.1f}s" if wait else "respawning"
+        else:
+            then = "replacing it now"
+        log.warning("worker %d (slot %d) died: %s, %.1fs old (%s); %s", worker.pid,
+                    worker.slot, how, lived, verdict.kind, then)  # fmt: skip
         if verdict.kind == exits.RELOAD_FAILED:
             self.abort_reload(f"worker {worker.pid} of the new generation {how} before it was "
                               "ready")  # fmt: skip
@@ -681,8 +702,10 @@ class Master:
         if self.stop.graceful and self.exit_code == EXIT_OK:
             self.exit_code = EXIT_RUNTIME
 
-    def cleanup(self) -> None:
-        """Whatever happened, leave nothing behind: no worker, no fd, no socket file, no pidfile."""
+    def cleanup(self, log_exit: bool = True) -> None:
+        """Whatever happened, leave nothing behind: no worker, no fd, no socket file, no
+        pidfile. The last log line gives the exit code (``log_exit``: we got as far as
+        serving; a failure at start is the caller's one line)."""
         with self.inbox_lock:
             self.closed = True
             pending, self.inbox = list(self.inbox), collections.deque()
@@ -709,7 +732,8 @@ class Master:
         if path and handed_over:
             path += pidfile.OLD_SUFFIX  # ours moved aside when the upgrade began
         pidfile.remove(path, self.pid)
-        log.info("master %d exiting (code %d)", self.pid, self.exit_code)
+        if log_exit:
+            log.info("master %d exiting (code %d)", self.pid, self.exit_code)
         self.stopped.set()
 
     # ----------------------------------------------------------------- app and listeners

@@ -119,13 +119,12 @@ class Adaptive:
         return wanted
 
 
-def free_slot(used: Iterable[int]) -> int:
-    """The lowest slot number no live worker holds (slots index the scoreboard)."""
+def free_slots(used: Iterable[int], count: int, capacity: int) -> list[int]:
+    """The ``count`` lowest slot numbers below ``capacity`` that no live worker holds (slots
+    index the scoreboard). The fixed choice matters for backoff: a slot that waits out its
+    backoff is not dodged by forking into the next free one instead."""
     taken = set(used)
-    slot = 0
-    while slot in taken:
-        slot += 1
-    return slot
+    return [slot for slot in range(capacity) if slot not in taken][:count]
 
 
 def request_limit(max_requests: int, jitter: int, rand: float) -> int:

@@ -15,6 +15,7 @@ sentinel fires as the child's fds close, a moment earlier).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -31,11 +32,19 @@ class WorkerProcess:
         self.exitcode: int | None = None
 
     def start(self) -> None:
+        """Fork and run the target in the child. Raises OSError when the kernel refuses
+        (EAGAIN, ENOMEM: no process left; EMFILE, ENFILE: no fd for the pidfd), leaving no
+        child behind: one forked before its pidfd failed is killed and reaped here."""
         pid = os.fork()
         if pid == 0:
             os._exit(self._run_child())
+        try:
+            self.sentinel = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         self.pid = pid
-        self.sentinel = os.pidfd_open(pid)
 
     def _run_child(self) -> int:
         """The child's whole life: never returns into the parent's code, always ``_exit``s."""

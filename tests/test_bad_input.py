@@ -32,6 +32,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, n
     assert "Traceback" not in result.stderr, result.stderr
     errors = error_lines(result)
     assert len(errors) == 1 and needle in errors[0], result.stderr
+    assert result.stderr.splitlines()[-1] == errors[0], result.stderr  # nothing after it
+    assert "exiting (code 0)" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -76,6 +78,9 @@ def test_address_in_use_exits_4() -> None:
         holder.listen()
         port = holder.getsockname()[1]
         assert_one_line_error(run_cluster("-b", f"127.0.0.1:{port}"), 4, f"127.0.0.1:{port}")
+        # A bind that fails after another one worked: still one line, the last.
+        result = run_cluster("-b", "127.0.0.1:0", "-b", f"127.0.0.1:{port}")
+        assert_one_line_error(result, 4, f"127.0.0.1:{port}")
 
 
 def test_regular_file_at_unix_path_is_never_deleted(tmp_path: Path) -> None:

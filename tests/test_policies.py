@@ -34,14 +34,45 @@ def facts(**kw: object) -> exits.ExitFacts:
         ({"ready": False, "never_ready": True, "boot_failures": 1}, exits.BOOT_FAILURE, True),
         ({"ready": False, "never_ready": True, "boot_failures": 2}, exits.CANNOT_BOOT, True),
         ({"ready": False, "never_ready": False, "boot_failures": 5}, exits.BOOT_FAILURE, True),
-        ({"exitcode": -9}, exits.DIED, True),
-        ({"exitcode": 1, "lived": 0.5}, exits.DIED, True),
+        ({"exitcode": -9}, exits.KILLED, False),  # kill -9, the OOM killer
+        ({"exitcode": -15, "lived": 0.5}, exits.KILLED, False),  # someone's TERM
+        ({"exitcode": -11}, exits.CRASHED, True),  # its own segfault
+        ({"exitcode": -6}, exits.CRASHED, True),  # its own abort()
+        ({"exitcode": 1, "lived": 0.5}, exits.CRASHED, True),
+        ({"exitcode": 0, "lived": 500.0}, exits.CRASHED, True),  # an exit nobody asked for
     ],
 )
 def test_what_an_exit_means(given: dict, kind: str, crash: bool) -> None:
     verdict = exits.judge(facts(**given))
-    assert (verdict.kind, verdict.crash) == (kind, crash)
+    assert (verdict.kind, verdict.backoff) == (kind, crash)
     assert verdict.expected is (kind == exits.RETIRED)
+
+
+def test_backoff_is_per_slot_and_never_for_other_slots() -> None:
+    from cluster.backoff import Backoff
+
+    hold = Backoff()
+    assert hold.failed(0, lived=0.5, now=100.0, rand=0.5) == 0.0  # the first respawn: at once
+    assert hold.failed(0, lived=0.5, now=100.0, rand=0.5) == pytest.approx(0.1)
+    assert not hold.allows(0, 100.05) and hold.allows(0, 100.1)
+    assert hold.allows(1, 100.0)  # the other slots fork on
+    assert hold.next_deadline(100.0) == pytest.approx(100.1)
+    for _ in range(10):
+        hold.failed(0, lived=0.5, now=100.0, rand=0.5)
+    assert hold.slots[0].until == pytest.approx(105.0)  # capped
+    assert hold.failed(0, lived=60.0, now=200.0, rand=0.5) == 0.0  # a long life: afresh
+
+
+def test_a_refused_fork_backs_off_every_slot_until_one_works() -> None:
+    from cluster.backoff import Backoff
+
+    hold = Backoff()
+    wait = hold.start_failed(now=10.0, rand=0.5)
+    assert wait == pytest.approx(0.1) and not hold.allows(0, 10.0) and not hold.allows(7, 10.0)
+    assert hold.start_failed(now=10.0, rand=0.5) > wait  # growing while the kernel refuses
+    assert hold.allows(3, 20.0)
+    hold.started()
+    assert hold.allows(0, 10.0) and hold.next_deadline(10.0) == float("inf")
 
 
 def test_escalation_dumps_and_terms_then_kills_once_after_the_grace() -> None:

@@ -191,9 +191,10 @@ def test_to_retire_prefers_booting_then_idle_then_youngest() -> None:
     assert pool.to_retire(1, [view(1), view(2, retiring=True)]) == []
 
 
-def test_free_slot_reuses_the_lowest() -> None:
-    assert pool.free_slot([]) == 0
-    assert pool.free_slot([0, 1, 3]) == 2
+def test_free_slots_are_the_lowest_below_capacity() -> None:
+    assert pool.free_slots([], 1, 4) == [0]
+    assert pool.free_slots([0, 1, 3], 2, 8) == [2, 4]
+    assert pool.free_slots([0, 1, 2], 3, 4) == [3]
 
 
 def test_scaling_commands_stay_within_bounds() -> None:
@@ -245,7 +246,7 @@ def test_respawn_delay_backs_off_and_caps() -> None:
 
 def test_crash_count_resets_after_a_long_life() -> None:
     assert backoff.count(2, 0.5) == 3
-    assert backoff.count(7, backoff.CRASH_WINDOW + 1) == 0
+    assert backoff.count(7, backoff.CRASH_WINDOW + 1) == 1  # a long life starts afresh
 
 
 def test_overdue() -> None:
