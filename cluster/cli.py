@@ -65,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-spare", type=int, metavar="N",
                      help="adaptive pool: retire one idle worker a second while more than N are idle")  # fmt: skip
     run.add_argument("--timeout", type=float, metavar="S",
-                     help="kill a worker whose current request runs longer than S seconds, after "
-                     "dumping its stack (default 30; 0: never)")  # fmt: skip
+                     help="kill a worker whose current request makes no progress for S seconds "
+                     "(waiting for the client's bytes is progress), after dumping its stack; "
+                     "also the idle heartbeat watchdog's interval (default 30; 0: no request "
+                     "timeout, heartbeat every 30 s)")  # fmt: skip
+    run.add_argument("--keep-alive", type=float, metavar="S",
+                     help="close a connection that waits for its next request longer than S "
+                     "seconds (http.server handlers and the demos mark those waits; default 5; "
+                     "0: never)")  # fmt: skip
     run.add_argument("--max-requests", type=int, metavar="N",
                      help="recycle a worker after N requests (default 0: never)")  # fmt: skip
     run.add_argument("--max-requests-jitter", type=int, metavar="J",

@@ -32,7 +32,8 @@ class Config:
     backlog: int = 2048
     reuse_port: bool = False
     graceful_timeout: float = 30.0
-    timeout: float = 30.0  # kill a worker whose request runs longer; 0: never
+    timeout: float = 30.0  # kill a worker whose request makes no progress this long; 0: never
+    keep_alive: float = 5.0  # close a connection idle between requests this long; 0: never
     max_requests: int = 0  # recycle a worker after this many requests; 0: never
     max_requests_jitter: int = 0
     reload_strategy: str = "all"  # all: a whole new generation, then retire the old; rolling
@@ -74,6 +75,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"--graceful-timeout must not be negative, got {config.graceful_timeout}")
     if config.timeout < 0:
         raise ConfigError(f"--timeout must not be negative, got {config.timeout}")
+    if config.keep_alive < 0:
+        raise ConfigError(f"--keep-alive must not be negative, got {config.keep_alive}")
     if config.max_requests < 0 or config.max_requests_jitter < 0:
         raise ConfigError(
             f"--max-requests and --max-requests-jitter must not be negative, got "

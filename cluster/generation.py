@@ -39,7 +39,7 @@ class Worker:
     slot: int
     spawned_at: float
     ready: bool = False
-    retiring: str = ""  # why the master asked it to go ("scaled down", "timed out"...)
+    retiring: str = ""  # why the master asked it to go ("scaled down", "hung"...)
 
     @property
     def pid(self) -> int:
@@ -110,7 +110,7 @@ class Generation:
             load_handler=self.loader(), notify_fd=notify_fd, scoreboard=self.scoreboard,
             inherited_fds=private_fds, threads=config.threads,
             max_children=config.max_children, graceful_timeout=config.graceful_timeout,
-            timeout=config.timeout, max_requests=max_requests,
+            timeout=config.timeout, keep_alive=config.keep_alive, max_requests=max_requests,
         )  # fmt: skip
 
     def loader(self) -> Callable[[str | None], type]:

@@ -55,6 +55,7 @@ from cluster.spawn import WorkerProcess
 from cluster.stop import Stop
 from cluster.upgrade import BOOTING, Predecessor, Successor
 from cluster.watchdog import Watchdog
+from workers.runtime.client import CUT_IDLE_SIGNAL
 from workers.runtime.entry import run as worker_main
 from workers.runtime.entry import set_title
 from workers.runtime.escalation import Escalation
@@ -602,6 +603,7 @@ class Master:
             del worker.generation.workers[worker.pid]
             process.close()
             self.hung.forget(worker.pid)
+            self.watchdog.forget(worker.pid)
             self.on_exit(worker, exitcode)
 
     def on_exit(self, worker: Worker, exitcode: int | None) -> None:
@@ -619,6 +621,8 @@ class Master:
         how = f"{exits.describe(exitcode)} after {served} requests"
         if verdict.expected:
             log.info("worker %d (slot %d) %s", worker.pid, worker.slot, how)
+            if self.stop and self.stop.graceful and exitcode and self.exit_code == EXIT_OK:
+                self.exit_code = EXIT_RUNTIME  # it had to cut requests short (thread mode)
             return
         lived = now - worker.spawned_at
         if verdict.backoff:
@@ -640,17 +644,23 @@ class Master:
             self.begin_stop(graceful=False, reason="workers cannot boot")
 
     def put_down_hung(self, now: float) -> None:
-        """Workers whose request ran past ``--timeout``: stack dump and TERM now, KILL after
-        the grace (``kill_past_grace``), a replacement at once."""
+        """Workers the watchdog names (a request past ``--timeout``, a silent idle worker, a
+        boot past ``--timeout``): stack dump and TERM now, KILL after the grace
+        (``kill_past_grace``), a replacement at once."""
         for hung in self.watchdog.scan(self.all_workers(), now):
             worker = hung.worker
             if worker.pid in self.hung:
                 continue
             log.error("worker %d (slot %d): %s; dumping its stack, then TERM", worker.pid,
                       worker.slot, hung.why)  # fmt: skip
-            worker.retiring = "timed out"
+            if worker.ready:  # a boot that hangs stays a boot failure (backoff, health gate)
+                worker.retiring = "hung"
             for signum in self.hung.begin(worker.pid, now):  # faulthandler writes to our stderr
                 _send(worker.pid, signum)
+        for worker in self.watchdog.idle:
+            log.debug("worker %d (slot %d): a connection idle past --keep-alive; cutting it",
+                      worker.pid, worker.slot)  # fmt: skip
+            _send(worker.pid, CUT_IDLE_SIGNAL)
 
     def kill_past_grace(self, now: float) -> None:
         for pid in self.hung.due(now):

@@ -1,9 +1,21 @@
 """The watchdog: which workers are hung, read from the scoreboard.
 
 A part of the master: it answers ``next_deadline()`` (a scan is due at least every quarter of
-``--timeout``, so a request past it is seen within 1.25 timeouts) and ``scan`` names the
-workers to put down. The decision for one slot is the pure ``hung_request``; putting a worker
-down is the shared ``workers.runtime.escalation`` sequence, which the master runs.
+the interval it watches with) and ``scan`` names the workers to put down, for one of three
+reasons:
+
+- a request that has made no progress for ``--timeout`` (``hung_request``; modes that put
+  down their own overdue requests, fork mode's children, are left to themselves);
+- a worker that serves nothing and has not beaten its heartbeat for the watchdog interval
+  (``--timeout``, or ``HEARTBEAT_DEFAULT`` when that is 0), nor served a request meanwhile:
+  stopped (SIGSTOP) or wedged while idle (``silent``);
+- a worker that did not become ready within ``--timeout`` of its fork.
+
+It also finds connections idle between requests past ``--keep-alive``; their workers are
+told to cut them (``workers.runtime.client``).
+
+The decisions for one slot are pure functions; putting a worker down is the shared
+``workers.runtime.escalation`` sequence, which the master runs.
 """
 
 from __future__ import annotations
@@ -12,16 +24,40 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cluster.generation import Worker
-from workers.runtime.escalation import overdue
+from workers.runtime.escalation import overdue, stalled_for
 from workers.runtime.scoreboard import LaneView, SlotView
 
-SCANS_PER_TIMEOUT = 4
+SCANS_PER_INTERVAL = 4
+HEARTBEAT_DEFAULT = 30.0  # seconds: the heartbeat watchdog's interval when --timeout is 0
 
 
 def hung_request(view: SlotView, now: float, timeout: float) -> LaneView | None:
-    """The oldest request of a slot if it has run past ``timeout``, else None."""
-    lane = view.oldest_request()
-    return lane if lane is not None and overdue(lane.started, now, timeout) else None
+    """A request of the slot that has made no progress for ``timeout`` (waiting for its
+    client's bytes is not hung), else None."""
+    for lane in view.lanes:
+        if overdue(lane.started, now, timeout, lane.io):
+            return lane
+    return None
+
+
+def idle_too_long(view: SlotView, now: float, keep_alive: float) -> bool:
+    """Whether a connection of the slot has waited for its next request past ``keep_alive``."""
+    return keep_alive > 0 and any(lane.idle and now - lane.idle > keep_alive
+                                  for lane in view.lanes if lane.started)  # fmt: skip
+
+
+def silent(view: SlotView, now: float, interval: float, quiet_since: float) -> bool:
+    """A worker with no request in progress whose heartbeat is older than ``interval`` and
+    whose request count has not moved since ``quiet_since`` for as long. (A sync worker
+    under load goes from request to request without the loop's idle wait that beats, so a
+    moving count is a heartbeat too: it costs the request path nothing.)"""
+    if view.state not in ("idle", "draining"):
+        return False
+    return now - view.heartbeat > interval and now - quiet_since > interval
+
+
+def watch_interval(timeout: float) -> float:
+    return timeout or HEARTBEAT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -35,24 +71,49 @@ class Hung:
 class Watchdog:
     def __init__(self) -> None:
         self.due = 0.0
+        self.counts: dict[int, tuple[int, float]] = {}  # pid -> (requests seen, since when)
 
     def next_deadline(self) -> float:
         return self.due
 
+    def forget(self, pid: int) -> None:
+        self.counts.pop(pid, None)
+
     def scan(self, workers: Iterable[Worker], now: float) -> list[Hung]:
-        """The workers whose request ran past their generation's ``--timeout``. Modes that
-        put down their own overdue requests (fork mode's children) are left to themselves."""
+        """The workers to put down; ``idle`` is left holding those with a connection idle
+        between requests past ``--keep-alive`` (told to cut it, not put down)."""
         found: list[Hung] = []
+        self.idle: list[Worker] = []
         period = float("inf")
         for worker in workers:
             generation = worker.generation
             timeout = generation.config.timeout
-            if not timeout or generation.mode.kills_own_overdue:
+            interval = watch_interval(timeout)
+            period = min(period, interval / SCANS_PER_INTERVAL)
+            if not worker.ready:
+                if timeout and now - worker.spawned_at > timeout:
+                    found.append(Hung(worker, f"not ready {now - worker.spawned_at:.1f}s after "
+                                              f"its start, past --timeout {timeout:g}s"))  # fmt: skip
                 continue
-            period = min(period, timeout / SCANS_PER_TIMEOUT)
-            lane = hung_request(worker.slot_view(), now, timeout)
-            if lane is not None:
-                found.append(Hung(worker, f"request from {lane.client} has run "
-                                          f"{now - lane.started:.1f}s, past --timeout {timeout:g}s"))  # fmt: skip
+            view = worker.slot_view()
+            if timeout and not generation.mode.kills_own_overdue:
+                lane = hung_request(view, now, timeout)
+                if lane is not None:
+                    stalled = stalled_for(lane.started, lane.io, now)
+                    found.append(Hung(worker, f"request from {lane.client} has made no "
+                                              f"progress for {stalled:.1f}s, past --timeout "
+                                              f"{timeout:g}s"))  # fmt: skip
+                    continue
+            keep_alive = generation.config.keep_alive
+            if keep_alive:
+                period = min(period, keep_alive / SCANS_PER_INTERVAL)
+                if idle_too_long(view, now, keep_alive):
+                    self.idle.append(worker)
+            seen, since = self.counts.get(worker.pid, (-1, now))
+            if view.requests != seen:
+                self.counts[worker.pid] = (view.requests, now)
+            elif silent(view, now, interval, since):
+                found.append(Hung(worker, f"no heartbeat for {now - view.heartbeat:.1f}s while "
+                                          f"idle (watchdog interval {interval:g}s)"))  # fmt: skip
         self.due = now + period
         return found

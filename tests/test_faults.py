@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from loadtest import Events, LoadConfig, run
-from tests.conftest import Cluster, stream_roundtrip, tcp_connect
-from tests.procs import alive, children, every, sample_until, wait_for
+from tests.conftest import Cluster, read_line, stream_roundtrip, tcp_connect
+from tests.procs import alive, children, every, holds_for, sample_until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,8 +51,9 @@ def test_fd_limit_fork_failures_are_survived_and_the_pool_fills_later(ended) -> 
     cluster = Cluster([], command=limited(script, "echo", "-w", "1", "-b", "127.0.0.1:0"))
     ended.append(cluster)
     cluster.wait_ready()
-    for _ in range(4):
+    for target in range(2, 6):  # one at a time: a burst would be merged by the kernel
         cluster.signal(signal.SIGTTIN)
+        cluster.wait_log(f"pool target is now {target} workers")
     cluster.wait_log("cannot start a worker: Too many open files; .* retrying in")
     assert alive(cluster.pid)
     assert stream_roundtrip(tcp_connect(cluster.address()), b"still serving") == b"still serving"
@@ -168,3 +169,160 @@ def test_a_crashing_slot_backs_off_while_the_others_serve(start_cluster) -> None
         payload = b"%d" % n
         assert stream_roundtrip(tcp_connect((host, int(port))), payload) == payload
     assert alive(cluster.pid)
+
+
+def test_a_stopped_idle_worker_is_found_dumped_and_replaced(start_cluster) -> None:
+    """SIGSTOP the only worker: its heartbeat stops; within the watchdog interval
+    (--timeout 2) plus a scan and the KILL grace, it is named, killed and replaced."""
+    cluster = start_cluster("echo", "-w", "1", "--timeout", "2", "-b", "127.0.0.1:0")
+    (stopped,) = cluster.workers()
+    os.kill(stopped, signal.SIGSTOP)
+    started = time.monotonic()
+    match = cluster.wait_log(rf"worker {stopped} \(slot 0\): no heartbeat for [\d.]+s while "
+                             r"idle \(watchdog interval 2s\); dumping its stack", timeout=10)  # fmt: skip
+    assert match
+    wait_for(lambda: (w := cluster.workers()) and stopped not in w, 10, "a new worker")
+    assert time.monotonic() - started < 2 + 0.5 + 1 + 2  # interval, scan, grace, slack
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"back") == b"back"
+
+
+def test_a_busy_worker_under_load_is_not_taken_for_silent(start_cluster) -> None:
+    """Under steady load a sync worker goes from request to request without the idle wait
+    that beats its heartbeat; its moving request count keeps the watchdog quiet."""
+    cluster = start_cluster("echo", "-w", "1", "--timeout", "1", "-b", "127.0.0.1:0")
+    workers = cluster.workers()
+    config = LoadConfig(cluster.uris[0], duration=4.0, concurrency=4, connect="per-request")
+    result = run(config, events=Events())
+    assert result.requests > 1000 and result.error_count == 0
+    assert cluster.workers() == workers and "no heartbeat" not in cluster.log
+
+
+# ------------------------------------------------------------------ --timeout and keep-alive
+HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def read_http_reply(sock) -> bytes:
+    """One HTTP/1.1 reply with a Content-Length body, or b"" at end-of-file."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread", "fork"])
+def test_timeout_spares_a_kept_alive_client_that_keeps_asking(start_cluster, mode: str) -> None:
+    """--timeout 3, and one connection with a request every 10 ms for 6 s: every reply comes,
+    the worker is never taken for hung (each reply takes microseconds; the rest is waiting
+    for the client)."""
+    cluster = start_cluster("http-hello", "-w", "1", "-k", mode, "--timeout", "3",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    workers = children(cluster.pid)
+    sock = tcp_connect(cluster.address())
+    deadline = time.monotonic() + 6
+    replies = 0
+    with sock:
+        while time.monotonic() < deadline:
+            sock.sendall(HTTP_REQUEST)
+            assert read_http_reply(sock).endswith(b"Hello, world!\n")
+            replies += 1
+            time.sleep(0.01)  # the client's pace between requests, not a wait for anything
+    assert replies > 100
+    assert "no progress" not in cluster.log and children(cluster.pid) == workers
+
+
+def test_a_spinning_handler_is_still_dumped_and_killed(start_cluster) -> None:
+    cluster = start_cluster("testapps:Hang", "-w", "1", "--timeout", "1", "-b", "127.0.0.1:0")
+    (worker,) = cluster.workers()
+    with tcp_connect(cluster.address()) as sock:
+        sock.sendall(b"spin\n")
+        cluster.wait_log(rf"worker {worker} \(slot 0\): request from \S+ has made no progress",
+                         timeout=8)  # fmt: skip
+        cluster.wait_log("in spin_forever")
+    wait_for(lambda: (w := cluster.workers()) and worker not in w, 10, "a new worker")
+
+
+@pytest.mark.parametrize(("app", "mode"), [("http-hello", "sync"), ("http-hello", "thread"),
+                                           ("http-hello", "fork"), ("testapps:StdlibHTTP", "sync"),
+                                           ("testapps:StdlibHTTP", "thread")])  # fmt: skip
+def test_term_with_a_kept_alive_client_ends_promptly(start_cluster, app: str, mode: str) -> None:
+    """A client that had its reply and keeps the connection open is only waiting between
+    requests: TERM closes it (it reads end-of-file) and the master exits 0 long before
+    --graceful-timeout."""
+    cluster = start_cluster(app, "-w", "1", "-k", mode, "--graceful-timeout", "30",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    with tcp_connect(cluster.address(), timeout=20) as sock:
+        sock.sendall(HTTP_REQUEST)
+        assert b"200" in read_http_reply(sock).split(b"\r\n")[0]
+        started = time.monotonic()
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait_exit(timeout=20) == 0
+        assert time.monotonic() - started < 5
+        assert sock.recv(10) == b""  # closed by the server, not reset
+
+
+def test_keep_alive_closes_a_connection_idle_between_requests(start_cluster) -> None:
+    cluster = start_cluster("http-hello", "-w", "1", "--keep-alive", "1", "-b", "127.0.0.1:0")
+    with tcp_connect(cluster.address(), timeout=20) as sock:
+        sock.sendall(HTTP_REQUEST)
+        assert read_http_reply(sock)
+        started = time.monotonic()
+        assert sock.recv(10) == b""  # the server closed it...
+        assert 1 <= time.monotonic() - started < 1 + 2  # ...past --keep-alive, within a scan
+    assert stream_roundtrip(tcp_connect(cluster.address()), HTTP_REQUEST).startswith(b"HTTP/1.1")
+
+
+def test_thread_mode_request_cut_at_the_graceful_timeout_is_logged_and_exits_1(
+    start_cluster,
+) -> None:
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-k", "thread", "--graceful-timeout",
+                            "1", "-b", "127.0.0.1:0")  # fmt: skip
+    with tcp_connect(cluster.address()) as sock:
+        assert sock.recv(100).startswith(b"started")  # waiting for "finish": never idle
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait_exit(timeout=15) == 1
+    assert ("requests still running after --graceful-timeout 1s; cutting them" in cluster.log
+            or "stop timed out: killing workers" in cluster.log)  # fmt: skip
+
+
+# ------------------------------------------------------------------ a full worker holds nothing
+def accept_queue_length(port: int) -> int:
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[1] == f"0100007F:{port:04X}":
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no listener on port {port}")
+
+
+@pytest.mark.parametrize("mode", ["thread", "fork"])
+def test_a_killed_full_worker_resets_no_client_it_had_not_started(start_cluster, mode) -> None:
+    """A worker whose threads (or children) are all busy leaves the next connection in the
+    listen queue, also while it drains on TERM: killed, it resets only what it was serving,
+    and the replacement serves the one that waited."""
+    size = "--threads" if mode == "thread" else "--max-children"
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-k", mode, size, "2",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    (worker,) = cluster.workers()
+    port = cluster.address()[1]
+    busy = [tcp_connect(("127.0.0.1", port), timeout=20) for _ in range(2)]
+    for sock in busy:
+        assert sock.recv(100).startswith(b"started")
+    waiting = tcp_connect(("127.0.0.1", port), timeout=20)
+    wait_for(lambda: accept_queue_length(port) == 1, 5, "the third connection queued")
+    os.kill(worker, signal.SIGTERM)  # it drains: the queued one must stay queued
+    holds_for(lambda: accept_queue_length(port) == 1, 1.0, "the third connection queued")
+    os.kill(worker, signal.SIGKILL)
+    with waiting:
+        line = read_line(waiting)
+        assert line.startswith(b"started"), line  # served by the replacement, not reset
+        assert int(line.split()[1]) != worker
+        waiting.sendall(b"finish\n")
+        assert read_line(waiting).startswith(b"done")
+    for sock in busy:
+        sock.close()

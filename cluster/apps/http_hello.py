@@ -3,6 +3,10 @@
 It answers every request with ``Hello, world!``. It reads raw bytes rather than going through
 ``http.server`` because it is the benchmark's handler: what it measures is the cluster's own cost
 between ``accept()`` and the handler, not a request parser's.
+
+Between requests it tells the connection so (``between_requests``, under the cluster), which
+bounds the wait by ``--keep-alive`` and lets a graceful stop close it at once. Run elsewhere
+(the stdlib's servers) it bounds the wait itself, with a kernel receive timeout.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ KEEP_ALIVE_REPLY = _HEAD + b"\r\n" + BODY
 CLOSE_REPLY = _HEAD + b"Connection: close\r\n\r\n" + BODY
 BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 MAX_HEAD = 65536
-IDLE_TIMEOUT = 5  # seconds a kept-alive connection may sit idle before we close it
+CHUNK = 65536
+IDLE_TIMEOUT = 5  # seconds a kept-alive connection may sit idle, when no cluster bounds it
 # A kernel receive timeout rather than ``settimeout``: the socket stays blocking, so each recv is
 # one system call instead of a poll plus a recv.
 _IDLE_TIMEVAL = struct.pack("ll", IDLE_TIMEOUT, 0)
@@ -40,14 +45,18 @@ def wants_close(head: bytes) -> bool:
 
 
 def body_length(head: bytes) -> int:
-    """Content-Length of the request (bodies are read and ignored), 0 when absent."""
+    """Content-Length of the request (bodies are read and ignored), 0 when absent.
+
+    Raises ValueError for a value that is not a whole number of 0 or more."""
     lowered = head.lower()
     at = lowered.find(b"\r\ncontent-length:")
     if at < 0:
         return 0
     end = lowered.find(b"\r\n", at + 2)
-    value = lowered[at + len(b"\r\ncontent-length:") : end if end >= 0 else None]
-    return int(value.strip() or 0)
+    value = lowered[at + len(b"\r\ncontent-length:") : end if end >= 0 else None].strip()
+    if not value.isdigit():
+        raise ValueError(f"bad Content-Length {value!r}")
+    return int(value)
 
 
 class HelloHandler(BaseRequestHandler):
@@ -55,16 +64,19 @@ class HelloHandler(BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _IDLE_TIMEVAL)
+        between = getattr(sock, "between_requests", None)
+        if between is None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _IDLE_TIMEVAL)
+        recv, sendall = sock.recv, sock.sendall
         buffer = b""
         try:
             while True:
                 end = buffer.find(b"\r\n\r\n")
                 if end < 0:
                     if len(buffer) > MAX_HEAD:
-                        sock.sendall(BAD_REQUEST)
+                        sendall(BAD_REQUEST)
                         return
-                    chunk = sock.recv(65536)
+                    chunk = recv(CHUNK)
                     if not chunk:
                         return
                     buffer += chunk
@@ -73,17 +85,19 @@ class HelloHandler(BaseRequestHandler):
                 try:
                     skip = body_length(head)
                 except ValueError:
-                    sock.sendall(BAD_REQUEST)
+                    sendall(BAD_REQUEST)
                     return
-                while len(buffer) < skip:
-                    chunk = sock.recv(65536)
-                    if not chunk:
+                while skip > len(buffer):  # discard the body as it comes, never holding it
+                    skip -= len(buffer)
+                    buffer = recv(min(CHUNK, skip))
+                    if not buffer:
                         return
-                    buffer += chunk
                 buffer = buffer[skip:]
                 if wants_close(head):
-                    sock.sendall(CLOSE_REPLY)
+                    sendall(CLOSE_REPLY)
                     return
-                sock.sendall(KEEP_ALIVE_REPLY)
+                sendall(KEEP_ALIVE_REPLY)
+                if between is not None and not buffer:
+                    between()  # nothing pipelined: the next read waits for a new request
         except (BlockingIOError, TimeoutError, ConnectionError):
             return  # idle past IDLE_TIMEOUT (EAGAIN from SO_RCVTIMEO), or the client went away

@@ -85,13 +85,21 @@ def hang_forever() -> None:
     threading.Event().wait()
 
 
+def spin_forever() -> None:
+    """Busy for good, with no system call at all: a handler stuck in a loop."""
+    while True:
+        pass
+
+
 class Hang(StreamRequestHandler):
-    """Hangs on ``hang``, echoes the line otherwise."""
+    """Hangs on ``hang`` (blocked on a lock), spins on ``spin``, echoes the line otherwise."""
 
     def handle(self) -> None:
         line = self.rfile.readline()
         if line.strip() == b"hang":
             hang_forever()
+        if line.strip() == b"spin":
+            spin_forever()
         self.wfile.write(line)
 
 

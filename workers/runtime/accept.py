@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from workers.runtime.client import CONNECTIONS, ClientSocket
 from workers.runtime.context import Context
 from workers.runtime.lifecycle import Lifecycle, master_alive
 from workers.runtime.scoreboard import WorkerSlot
@@ -137,14 +138,31 @@ class AcceptLoop:
             log.warning("worker %d: master %d is gone, stopping", os.getpid(), self.master_pid)
             self.lifecycle.running = False
 
-    def drain(self, within: float, dispatch: Callable[[BaseServer, object, object], None]) -> None:
+    def drain(
+        self,
+        within: float,
+        dispatch: Callable[[BaseServer, object, object], None],
+        room: Callable[[float], bool] | None = None,
+        unroom: Callable[[], None] | None = None,
+    ) -> None:
         """Serve what the kernel already queued on our listeners, so that a stop resets nobody.
 
-        Bounded in time: under a steady stream of new connections the queue never empties, and
-        the master kills us at the end of the graceful timeout anyway.
+        ``room(deadline)`` waits (until ``deadline`` at most) for a free thread or child, and
+        says whether one is free: nothing is taken off the queue that cannot start at once,
+        so a worker killed meanwhile resets no connection it had not begun to serve (they
+        stay queued for the others). ``unroom`` gives the room back when the queue was empty.
+        Bounded in time: under a steady stream of new connections the queue never empties,
+        and the master kills us at the end of the graceful timeout anyway.
         """
         deadline = time.monotonic() + within
-        while time.monotonic() < deadline and (taken := self.take()) is not None:
+        while time.monotonic() < deadline:
+            if room is not None and not room(deadline):
+                return
+            taken = self.take()
+            if taken is None:
+                if unroom is not None:
+                    unroom()
+                return
             dispatch(*taken)
 
     def close(self) -> None:
@@ -159,11 +177,18 @@ def dispatch(server: BaseServer, request: object, client_address: object) -> Non
 def in_lane(
     slot: WorkerSlot, lane: int, server: BaseServer, request: object, client: object
 ) -> None:
-    """Dispatch one request with its lane marked busy on the scoreboard meanwhile."""
+    """Dispatch one request with its lane marked busy on the scoreboard meanwhile, and its
+    connection's reads marked in that lane."""
     slot.begin(lane, client)
+    attached = type(request) is ClientSocket
+    if attached:
+        request.attach(slot.doubles, slot.io_index(lane))
+        CONNECTIONS.add(request)
     try:
         dispatch(server, request, client)
     finally:
+        if attached:
+            CONNECTIONS.discard(request)
         slot.end(lane)
 
 

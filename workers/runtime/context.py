@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from workers.runtime.client import ListeningSocket, close_idle
 from workers.runtime.lifecycle import Lifecycle
 from workers.runtime.scoreboard import DRAINING, IDLE, WorkerSlot
 from workers.runtime.spec import Endpoint, WorkerSpec
@@ -28,6 +29,7 @@ class Context:
         self.served = 0
         self.limit = spec.max_requests
         self.recycled = False  # we hit --max-requests: the master is forking our replacement
+        self.exit_code = 0  # 1: a graceful stop had to cut requests short
 
     def tell(self, message: bytes) -> None:
         notify(self.spec.notify_fd, message)
@@ -44,6 +46,7 @@ class Context:
             self.lifecycle.running = False
             self.recycled = True
             self.tell(b"recycle %d" % self.served)
+            close_idle()
 
     def draining(self) -> bool:
         """We stopped taking new requests; whether to serve what is already queued first.
@@ -69,6 +72,10 @@ def make_server(endpoint: Endpoint, handler: type, mixin: type | None = None) ->
     Handlers receive it as ``self.server``, exactly as under the stdlib, so code that reads
     ``server.server_address`` (or ``server_name``, as http.server does) keeps working.
     """
+    if endpoint.kind in ("tcp", "unix"):
+        # Our copy of the shared listener: accept() now gives connections that mark their
+        # reads in the scoreboard (workers.runtime.client). The master's copy is untouched.
+        endpoint.sock.__class__ = ListeningSocket
     if endpoint.server is not None:
         # The library API: the user's own server object (a PreforkTCPServer subclass, say),
         # forked along with us, so that its overrides and attributes reach the handlers.
@@ -85,6 +92,9 @@ def make_server(endpoint: Endpoint, handler: type, mixin: type | None = None) ->
     server.socket.close()  # the placeholder the constructor made; we serve the shared one
     server.socket = endpoint.sock
     server.server_address = endpoint.sock.getsockname()
+    if hasattr(server, "max_packet_size"):  # datagrams: a handler may ask for larger ones
+        server.max_packet_size = max(server.max_packet_size,
+                                     getattr(handler, "max_packet_size", 0))  # fmt: skip
     if endpoint.kind == "tcp":
         server.server_name, server.server_port = server.server_address[:2]
     return server

@@ -19,6 +19,7 @@ import signal
 import sys
 
 from workers.runtime import modes
+from workers.runtime.client import CUT_IDLE_SIGNAL, mark_requests
 from workers.runtime.context import Context
 from workers.runtime.lifecycle import Lifecycle, set_parent_death_signal
 from workers.runtime.spec import EXIT_BOOT_ERROR, HANDLED_SIGNALS, STACK_DUMP_SIGNAL, WorkerSpec
@@ -34,12 +35,14 @@ def run(spec: WorkerSpec) -> None:
     slot = spec.scoreboard.worker_slot(spec.slot)
     slot.header.pid = os.getpid()
     try:
-        handlers = [spec.load_handler(ep.app) for ep in spec.endpoints]
+        handlers = [mark_requests(spec.load_handler(ep.app)) for ep in spec.endpoints]
     except Exception as err:  # an app that fails to import in the worker: a boot error
         log.error("worker %d cannot load the app: %s", os.getpid(), err)
         sys.exit(EXIT_BOOT_ERROR)
     mode = modes.get(spec.mode)
-    mode.serve(list(zip(spec.endpoints, handlers, strict=True)), Context(spec, lifecycle, slot))
+    context = Context(spec, lifecycle, slot)
+    mode.serve(list(zip(spec.endpoints, handlers, strict=True)), context)
+    sys.exit(context.exit_code)
 
 
 def boot(spec: WorkerSpec) -> Lifecycle:
@@ -49,9 +52,10 @@ def boot(spec: WorkerSpec) -> Lifecycle:
             os.close(fd)
         except OSError:
             pass
-    lifecycle = Lifecycle()
+    lifecycle = Lifecycle(spec.keep_alive)
     signal.set_wakeup_fd(lifecycle.wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, lifecycle.request_stop)
+    signal.signal(CUT_IDLE_SIGNAL, lifecycle.cut_idle)
     signal.signal(signal.SIGINT, lifecycle.quick_stop)
     signal.signal(signal.SIGQUIT, lifecycle.quick_stop)
     for signum in IGNORED_SIGNALS:

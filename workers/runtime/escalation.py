@@ -1,5 +1,9 @@
 """Putting down a hung process: a stack dump and TERM at once, then KILL after a grace.
 
+A request is hung when it makes no progress: waiting for its client's next bytes is not
+hung (that wait is bounded by the handler's own socket timeout, or by ``--keep-alive``
+between requests); computing, sleeping or blocking on anything else for ``--timeout`` is.
+
 One sequence for both of its users: the master, for a worker whose request ran past
 ``--timeout``, and a fork-mode worker, for a request child that did. The decisions are pure
 (times come in as arguments, signals go out as return values) so tests drive them without
@@ -16,9 +20,18 @@ KILL_GRACE = 1.0  # seconds between TERM and KILL for a process that does not ex
 FIRST_SIGNALS = (STACK_DUMP_SIGNAL, signal.SIGTERM)  # the dump is written before TERM lands
 
 
-def overdue(started: float, now: float, timeout: float) -> bool:
-    """Whether a request that began at ``started`` (0: no request) has run past ``timeout``."""
-    return timeout > 0 and started > 0 and now - started > timeout
+def stalled_for(started: float, io: float, now: float) -> float:
+    """Seconds a request (begun at ``started``; 0: none) has made no progress: 0 while it
+    waits for its client's bytes (``io`` > 0, see ``scoreboard.Lane``), else the time since
+    it began or since its last read from the client returned, whichever is later."""
+    if started <= 0 or io > 0:
+        return 0.0
+    return now - max(started, -io)
+
+
+def overdue(started: float, now: float, timeout: float, io: float = 0.0) -> bool:
+    """Whether a request has made no progress for longer than ``timeout`` (0: never)."""
+    return timeout > 0 and stalled_for(started, io, now) > timeout
 
 
 class Escalation:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
+
+from workers.runtime.client import CONNECTIONS, close_idle
 
 _PR_SET_PDEATHSIG = 1
 
@@ -12,14 +15,27 @@ _PR_SET_PDEATHSIG = 1
 class Lifecycle:
     """What the signal handlers set and the loop reads: flags and a wakeup pipe, nothing more."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_alive: float = 0.0) -> None:
         self.running = True
         self.quick = False  # a quick stop is under way: do not wait for anything on the way out
         self.children_exited = True  # fork mode: a SIGCHLD came since we last reaped
+        self.keep_alive = keep_alive
+        self.on_signal: Callable[[int], None] | None = None  # fork mode: tell the children
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def request_stop(self, signum: int, frame: object) -> None:
+        """TERM: take no new request; cut the connections idle between requests."""
         self.running = False
+        close_idle()
+        if self.on_signal is not None:
+            self.on_signal(signum)
+
+    def cut_idle(self, signum: int, frame: object) -> None:
+        """The master saw a connection idle past ``--keep-alive``: cut those that are."""
+        if self.keep_alive:
+            CONNECTIONS.cut_idle(self.keep_alive)
+        if self.on_signal is not None:
+            self.on_signal(signum)
 
     def quick_stop(self, signum: int, frame: object) -> None:
         self.running, self.quick = False, True

@@ -26,13 +26,25 @@ CLIENT_BYTES = 64
 
 
 class Lane(ctypes.Structure):
-    """One request in flight (``started`` > 0) or none (``started`` == 0)."""
+    """One request in flight (``started`` > 0) or none (``started`` == 0).
+
+    ``io`` and ``idle`` are written by the request's connection (``workers.runtime.client``)
+    as the handler reads from its client: ``io`` is +T while a read has waited since T, -T
+    once the last read returned at T, 0 before any; ``idle`` is T while the connection waits
+    for its next request since T (between requests, as the handler marks them), else 0.
+    """
 
     _fields_ = [
         ("started", ctypes.c_double),  # time.monotonic() when the request began; 0: idle
+        ("io", ctypes.c_double),
+        ("idle", ctypes.c_double),
         ("requests", ctypes.c_uint64),  # requests this lane has finished
         ("client", ctypes.c_char * CLIENT_BYTES),
     ]
+
+
+IO_OFFSET = Lane.io.offset // 8  # the io field, in doubles from the start of its lane
+assert Lane.idle.offset == Lane.io.offset + 8  # a connection writes idle at io's index + 1
 
 
 class SlotHeader(ctypes.Structure):
@@ -61,6 +73,8 @@ class LaneView:
     started: float
     requests: int
     client: str
+    io: float = 0.0
+    idle: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -84,9 +98,16 @@ class SlotView:
 class WorkerSlot:
     """A worker's handle on its own slot (after the fork, in the worker)."""
 
-    def __init__(self, header: SlotHeader, lanes: ctypes.Array) -> None:
+    def __init__(self, header: SlotHeader, lanes: ctypes.Array, doubles: memoryview,
+                 base: int) -> None:  # fmt: skip
         self.header = header
         self.lanes = lanes
+        self.doubles = doubles  # the whole mapping as doubles: the cheapest store from Python
+        self._base = base
+
+    def io_index(self, lane: int) -> int:
+        """Where lane ``lane``'s ``io`` field is in ``doubles`` (``idle`` is the next one)."""
+        return (ctypes.addressof(self.lanes[lane]) - self._base) // 8 + IO_OFFSET
 
     def set_state(self, state: int) -> None:
         self.header.state = state
@@ -98,6 +119,7 @@ class WorkerSlot:
     def begin(self, lane: int, client_address: object) -> None:
         record = self.lanes[lane]
         record.client = format_client(client_address)
+        record.io = record.idle = 0.0
         record.started = time.monotonic()
 
     def end(self, lane: int) -> None:
@@ -119,6 +141,7 @@ class Scoreboard:
         size = ctypes.sizeof(self._slot_type) * capacity
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)  # zero-filled by the kernel
         self._slots = (self._slot_type * capacity).from_buffer(self._map)
+        self._doubles = memoryview(self._map).cast("d")
 
     def claim(self, slot: int, pid: int, generation: int) -> None:
         """Reset a slot for a newly forked worker (the master does this right after fork)."""
@@ -134,7 +157,8 @@ class Scoreboard:
 
     def worker_slot(self, slot: int) -> WorkerSlot:
         record = self._slots[slot]
-        return WorkerSlot(record.header, record.lanes)
+        return WorkerSlot(record.header, record.lanes, self._doubles,
+                          ctypes.addressof(self._slots))  # fmt: skip
 
     def is_idle(self, slot: int) -> bool:
         """Ready and running no request: what the pool decisions ask of every worker on each
@@ -146,7 +170,13 @@ class Scoreboard:
         record = self._slots[slot]
         header = record.header
         lanes = tuple(
-            LaneView(lane.started, lane.requests, lane.client.decode(errors="replace"))
+            LaneView(
+                lane.started,
+                lane.requests,
+                lane.client.decode(errors="replace"),
+                lane.io,
+                lane.idle,
+            )  # fmt: skip
             for lane in record.lanes
         )
         state = STATE_NAMES.get(header.state, "unknown")
@@ -160,6 +190,7 @@ class Scoreboard:
 
     def close(self) -> None:
         """Unmap, unless a WorkerSlot still points into the mapping (then GC unmaps later)."""
+        self._doubles.release()
         del self._slots
         try:
             self._map.close()

@@ -7,6 +7,7 @@ as plain memory. Signals to a worker (the master is the only sender that matters
     INT, QUIT   quick: exit now
     USR2        dump the Python stack of every thread to the log (faulthandler): the master
                 sends it before it kills a worker whose request ran past ``--timeout``
+    URG         cut the connections idle between requests past ``--keep-alive``
     HUP, TTIN, TTOU, USR1, WINCH   ignored here: they are the master's, and a signal sent to
                 the whole process group must not kill workers
 """
@@ -28,7 +29,7 @@ PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the master still live
 # in place, so that a TERM sent during boot is neither lost nor run by the master's handler.
 HANDLED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
-    signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH,
+    signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGURG,
 )  # fmt: skip
 
 
@@ -60,4 +61,5 @@ class WorkerSpec:
     max_children: int = 40
     graceful_timeout: float = 30.0
     timeout: float = 30.0  # modes that kill their own overdue requests (fork) read it
+    keep_alive: float = 5.0  # cut a connection idle between requests this long (0: never)
     max_requests: int = 0  # recycle after this many requests (0: never); jitter already added

@@ -15,8 +15,9 @@ import time
 
 from workers.mixins import ForkingMixIn
 from workers.runtime.accept import AcceptLoop, dispatch
+from workers.runtime.client import CONNECTIONS, ClientSocket
 from workers.runtime.context import Context, make_server
-from workers.runtime.escalation import Escalation, overdue
+from workers.runtime.escalation import Escalation, overdue, stalled_for
 from workers.runtime.lifecycle import set_parent_death_signal
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.scoreboard import WorkerSlot
@@ -37,6 +38,10 @@ class WorkerForkingMixIn(ForkingMixIn):
         # ForkingMixIn turns into _exit(1); TERM lets the request finish, as for a worker;
         # USR2 dumps the child's stack (faulthandler survives the fork).
         set_parent_death_signal(signal.SIGKILL, os.getppid())
+        children = self.active_children
+        if type(request) is ClientSocket and isinstance(children, Children):
+            request.attach(children.slot.doubles, children.slot.io_index(children.next_lane))
+            CONNECTIONS.add(request)
         super().finish_request(request, client_address)
 
 
@@ -53,17 +58,19 @@ class Children(set):
         self.slot = slot
         self.free_lanes = list(range(lanes - 1, -1, -1))
         self.lane_of: dict[int, int] = {}
-        self.started: dict[int, tuple[float, object]] = {}
+        self.client_of: dict[int, object] = {}
         self.timeout = timeout
         self.escalation = Escalation()
         self.client: object = None  # the request about to be forked (set by the loop)
+        self.next_lane = 0  # its lane
+        self.owner = os.getpid()
 
     def add(self, pid: int) -> None:
+        """A child was forked for the request in lane ``next_lane`` (begun before the fork)."""
         super().add(pid)
         lane = self.free_lanes.pop()
         self.lane_of[pid] = lane
-        self.started[pid] = (time.monotonic(), self.client)
-        self.slot.begin(lane, self.client)
+        self.client_of[pid] = self.client
 
     def discard(self, pid: int) -> None:
         super().discard(pid)
@@ -71,19 +78,22 @@ class Children(set):
         if lane is not None:
             self.slot.end(lane)
             self.free_lanes.append(lane)
-        self.started.pop(pid, None)
+        self.client_of.pop(pid, None)
         self.escalation.forget(pid)
 
     def kill_overdue(self) -> None:
         now = time.monotonic()
         for pid in self.escalation.due(now):
             _signal(pid, signal.SIGKILL)
-        for pid, (started, client) in list(self.started.items()):
-            if pid in self.escalation or not overdue(started, now, self.timeout):
+        for pid, lane in list(self.lane_of.items()):
+            record = self.slot.lanes[lane]
+            if pid in self.escalation or not overdue(record.started, now, self.timeout,
+                                                     record.io):  # fmt: skip
                 continue
             log.error(
-                "request child %d (client %s) ran %.1fs, past --timeout %gs: dumping its "
-                "stack, then TERM", pid, client, now - started, self.timeout,
+                "request child %d (client %s) made no progress for %.1fs, past --timeout "
+                "%gs: dumping its stack, then TERM", pid, self.client_of.get(pid),
+                stalled_for(record.started, record.io, now), self.timeout,
             )  # fmt: skip
             for signum in self.escalation.begin(pid, now):
                 _signal(pid, signum)
@@ -91,6 +101,15 @@ class Children(set):
     def kill_all(self) -> None:
         for pid in self:
             _signal(pid, signal.SIGKILL)
+
+    def tell_all(self, signum: int) -> None:
+        """Pass a stop (TERM) or a keep-alive cut (URG) on: each child cuts its own
+        connection if it is idle between requests. (Not from a child: its copy of this table
+        names its siblings.)"""
+        if os.getpid() != self.owner:
+            return
+        for pid in self:
+            _signal(pid, signum)
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -110,6 +129,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
     children = Children(context.slot, lanes, spec.timeout)
     for server in servers:
         server.active_children = children
+    lifecycle.on_signal = children.tell_all
 
     def reap() -> None:
         """Collect exited children by pid, only when a SIGCHLD said one exited."""
@@ -121,28 +141,39 @@ def serve(bindings: list[Binding], context: Context) -> None:
         reap()
         children.kill_overdue()
 
-    def wait_for_room() -> None:
-        """At ``max_children``, wait for a child to exit: woken by SIGCHLD through the wakeup
-        pipe, and at least once a second, so overdue children are still killed meanwhile."""
+    def room(deadline: float = float("inf")) -> bool:
+        """Below ``max_children`` now, or once a child exits (by ``deadline``, while we run).
+
+        Checked *before* accepting, so that a full worker holds no connection it cannot
+        start to serve: the connection stays queued for another worker, and a kill of this
+        one resets nobody waiting. Woken by SIGCHLD through the wakeup pipe, and at least
+        once a second, so overdue children are still killed meanwhile."""
+        reap()
         while len(children) >= lanes:
+            if not lifecycle.running and deadline == float("inf") or time.monotonic() > deadline:
+                return False
             select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
             lifecycle.drain_wakeups()
             on_wake()
+        return True
 
     def fork_one(server: BaseServer, request: object, client: object) -> None:
         context.counted()
-        reap()  # before each fork, without blocking
-        wait_for_room()
         children.client = client
+        lane = children.next_lane = children.free_lanes[-1]
+        context.slot.begin(lane, client)  # before the fork: the child writes into it
+        forked = len(children)
         dispatch(server, request, client)
+        if len(children) == forked:  # refused by verify_request, or the fork failed
+            context.slot.end(lane)
 
     loop = AcceptLoop(servers, context, on_wake=on_wake)
     context.ready()
     try:
-        while (taken := loop.next()) is not None:
+        while room() and (taken := loop.next()) is not None:
             fork_one(*taken)
         if context.draining():
-            loop.drain(spec.graceful_timeout, fork_one)
+            loop.drain(spec.graceful_timeout, fork_one, room)
     finally:
         loop.close()
         for server in servers:

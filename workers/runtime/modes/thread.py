@@ -6,6 +6,8 @@ connections in the kernel's queue for another worker instead of queueing them it
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 
@@ -16,6 +18,8 @@ from workers.runtime.mode import Binding, Mode
 from workers.runtime.scoreboard import WorkerSlot
 from workers.runtime.spec import PARENT_CHECK_INTERVAL
 from workers.servers import BaseServer
+
+log = logging.getLogger("cluster.worker")
 
 
 class ThreadPool:
@@ -54,17 +58,19 @@ class ThreadPool:
         """Hand a request to a thread; call only while holding a slot from ``acquire``."""
         self.jobs.put((server, request, client_address))
 
-    def submit_when_free(self, server: BaseServer, request: object, client_address: object) -> None:
-        self.free.acquire()
-        self.submit(server, request, client_address)
+    def room(self, deadline: float) -> bool:
+        """Wait until ``deadline`` at most for a free thread; hold it if there is one."""
+        return self.free.acquire(timeout=max(0.0, deadline - time.monotonic()))
 
-    def join(self, within: float) -> None:
-        """Let every running handler finish (bounded), then end the threads."""
+    def join(self, within: float) -> int:
+        """Let every running handler finish (bounded), then end the threads; returns how
+        many were still running a request at the end (they die with the process)."""
         for _ in self.threads:
             self.jobs.put(None)
         deadline = time.monotonic() + within
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(1 for thread in self.threads if thread.is_alive())
 
 
 def serve(bindings: list[Binding], context: Context) -> None:
@@ -87,8 +93,12 @@ def serve(bindings: list[Binding], context: Context) -> None:
             context.counted()
             pool.submit(*taken)
         if context.draining():
-            loop.drain(spec.graceful_timeout, pool.submit_when_free)
-        pool.join(spec.graceful_timeout)
+            loop.drain(spec.graceful_timeout, pool.submit, pool.room, pool.free.release)
+        cut = pool.join(spec.graceful_timeout)
+        if cut:
+            log.error("worker %d: %d requests still running after --graceful-timeout %gs; "
+                      "cutting them", os.getpid(), cut, spec.graceful_timeout)  # fmt: skip
+            context.exit_code = 1
     finally:
         loop.close()
         close_all(servers)
