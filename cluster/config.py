@@ -8,6 +8,7 @@ a key of the ``--config`` TOML file; flags given on the command line win over th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from cluster.errors import ConfigError
@@ -55,52 +56,41 @@ class Config:
         return self.max_workers or max(self.workers, 4 * (os.cpu_count() or 1))
 
 
-def validate(config: Config) -> Config:
-    """Raise ConfigError naming the first bad value; return the config unchanged otherwise."""
-    if config.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {config.workers}")
+def flag(name: str) -> str:
+    """How the command line spells a field: ``graceful_timeout`` -> ``--graceful-timeout``."""
+    return "--" + name.replace("_", "-")
+
+
+def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
+    """Raise ConfigError naming the first bad value; return the config unchanged otherwise.
+
+    ``spell`` names a field in the messages: the command line's flag by default, the
+    keyword itself for the library (``workers must be at least 1``)."""
+    at_least_1 = ("workers", "threads", "max_children", "backlog")
+    for name in at_least_1:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{spell(name)} must be at least 1, got {getattr(config, name)}")
+    for name in ("graceful_timeout", "timeout", "keep_alive", "max_requests",
+                 "max_requests_jitter", "min_spare", "max_spare"):  # fmt: skip
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{spell(name)} must not be negative, got {getattr(config, name)}")
     if config.max_workers and config.max_workers < config.workers:
-        raise ConfigError(f"--max-workers {config.max_workers} is below --workers {config.workers}")
+        raise ConfigError(f"{spell('max_workers')} {config.max_workers} is below "
+                          f"{spell('workers')} {config.workers}")  # fmt: skip
     if config.worker_class not in modes.MODES:
-        raise ConfigError(
-            f"--worker-class must be one of {', '.join(modes.names())}, got {config.worker_class!r}"
-        )
-    if config.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {config.threads}")
-    if config.max_children < 1:
-        raise ConfigError(f"--max-children must be at least 1, got {config.max_children}")
-    if config.backlog < 1:
-        raise ConfigError(f"--backlog must be at least 1, got {config.backlog}")
-    if config.graceful_timeout < 0:
-        raise ConfigError(f"--graceful-timeout must not be negative, got {config.graceful_timeout}")
-    if config.timeout < 0:
-        raise ConfigError(f"--timeout must not be negative, got {config.timeout}")
-    if config.keep_alive < 0:
-        raise ConfigError(f"--keep-alive must not be negative, got {config.keep_alive}")
-    if config.max_requests < 0 or config.max_requests_jitter < 0:
-        raise ConfigError(
-            f"--max-requests and --max-requests-jitter must not be negative, got "
-            f"{config.max_requests} and {config.max_requests_jitter}"
-        )
+        raise ConfigError(f"{spell('worker_class')} must be one of {', '.join(modes.names())}, "
+                          f"got {config.worker_class!r}")  # fmt: skip
     if config.reload_strategy not in RELOAD_STRATEGIES:
-        raise ConfigError(
-            f"--reload-strategy must be all or rolling, got {config.reload_strategy!r}"
-        )
-    if (
-        config.min_spare < 0
-        or config.max_spare < 0
-        or (config.max_spare and config.max_spare < config.min_spare)
-    ):
-        raise ConfigError(
-            f"--min-spare {config.min_spare} and --max-spare {config.max_spare} must be "
-            "0 or more, with max-spare >= min-spare"
-        )
+        raise ConfigError(f"{spell('reload_strategy')} must be all or rolling, "
+                          f"got {config.reload_strategy!r}")  # fmt: skip
+    if config.max_spare and config.max_spare < config.min_spare:
+        raise ConfigError(f"{spell('max_spare')} {config.max_spare} is below "
+                          f"{spell('min_spare')} {config.min_spare}")  # fmt: skip
     if config.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-        raise ConfigError(
-            f"--log-level must be debug, info, warning, error or critical, got {config.log_level!r}"
-        )
+        raise ConfigError(f"{spell('log_level')} must be debug, info, warning, error or "
+                          f"critical, got {config.log_level!r}")  # fmt: skip
     if not config.bind:
-        raise ConfigError("at least one --bind is needed")
+        raise ConfigError(f"at least one {spell('bind')} is needed")
     config.binds  # noqa: B018  parse every URI now, so that a bad one fails before binding any
     return config
 
@@ -128,7 +118,11 @@ def read_toml(path: str) -> dict[str, object]:
     return values
 
 
-def build(file_values: dict[str, object], flag_values: dict[str, object]) -> Config:
+def build(
+    file_values: dict[str, object],
+    flag_values: dict[str, object],
+    spell: Callable[[str], str] = flag,
+) -> Config:
     """Defaults, overlaid by the file, overlaid by the flags the user actually gave."""
     config = Config()
     for source in (file_values, flag_values):
@@ -139,6 +133,6 @@ def build(file_values: dict[str, object], flag_values: dict[str, object]) -> Con
                 and not isinstance(value, int | float)
                 or (expected is bool and not isinstance(value, bool))
             ):
-                raise ConfigError(f"bad value for {name.replace('_', '-')}: {value!r}")
+                raise ConfigError(f"bad value for {spell(name)}: {value!r}")
             setattr(config, name, value)
-    return validate(config)
+    return validate(config, spell)

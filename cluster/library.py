@@ -33,6 +33,11 @@ _OPTIONS = frozenset(f.name for f in fields(Config)) - {"app", "bind", "pidfile"
 _NOT_FROM_FILE = ("app", "bind", "pidfile")  # the library serves its own socket and handler
 
 
+def _keyword(name: str) -> str:
+    """How the library spells an option in its messages: as the keyword itself."""
+    return name
+
+
 class PreforkMixIn:
     """Turn a socketserver class into a prefork cluster: put it first among the bases.
 
@@ -55,6 +60,11 @@ class PreforkMixIn:
         self._serving_done = threading.Event()
         self._master_created = threading.Event()
         super().__init__(server_address, RequestHandlerClass, bind_and_activate)  # type: ignore[call-arg]
+        try:
+            self.prefork_config()  # a bad option fails here, naming the keyword, not later
+        except ConfigError as err:
+            self.server_close()  # type: ignore[attr-defined]
+            raise ValueError(str(err)) from None
 
     def prefork_config(self) -> Config:
         """The Config the master runs with: our options over the defaults, validated."""
@@ -68,7 +78,7 @@ class PreforkMixIn:
             if key in from_file:
                 raise ConfigError(f"bad config file {path}: {key!r} is not for the library, "
                                   "which serves its own socket and handler")  # fmt: skip
-        return build({**base, **from_file}, self.prefork_options)
+        return build({**base, **from_file}, self.prefork_options, spell=_keyword)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Run the master loop until ``shutdown()`` (or TERM, when called in the main thread).

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
-from cluster import commands, exits, handover, pidfile, pool
+from cluster import appcheck, commands, exits, handover, pidfile, pool
 from cluster.app import load_handler
 from cluster.commands import Command, Refused, Reply
 from cluster.config import Config
@@ -122,6 +122,8 @@ class Master:
         self.hung = Escalation()
         self.watchdog = Watchdog()
         self.adaptive: pool.Adaptive | None = None
+        self.folded: Command | None = None  # a reload asked for while one was booting
+        self.pidfile_claimed = False  # ours to remove at exit
         # Outcome.
         self.exit_code = EXIT_OK
         self.ready = threading.Event()  # set once the first generation is serving
@@ -165,6 +167,9 @@ class Master:
     def start(self) -> None:
         """Load the app (a bad one fails here, before any fork), bind, and fork the pool."""
         config = self.first_config
+        predecessor = self.predecessor.pid if self.predecessor else None
+        pidfile.claim(config.pidfile, self.pid, predecessor)  # before binding: a bad one is ours
+        self.pidfile_claimed = True
         preloaded = self.check_app(config)
         listeners = self.given_listeners or self.open_listeners(config)
         for listener in listeners:
@@ -172,7 +177,6 @@ class Master:
         self.current = Generation(1, config, listeners, preloaded, self.handler)
         if self.set_title:
             set_title(f"cluster: master [{self.name}]")
-        pidfile.write(config.pidfile, self.pid)
         if self.install_signals:
             self.install_signal_handlers()
         log.info("master %d starting %d %s workers", self.pid, self.current.target,
@@ -328,7 +332,15 @@ class Master:
         if self.stop:
             raise Refused("stopping")
         if self.incoming is not None:
-            raise Refused(f"generation {self.incoming.number} is still booting")
+            if self.folded is None:
+                log.info("reload: generation %d is still booting; folding this reload into one "
+                         "that starts after it", self.incoming.number)  # fmt: skip
+            self.folded = command
+            return {"folded": True}
+        if current.config.preload and self.upgradable:
+            log.info("reload with --preload: the app lives in the master, so a fresh master "
+                     "takes over, as on USR2")  # fmt: skip
+            return self.do_upgrade(command)
         try:
             config = self.reread_config() if self.reread_config else current.config
             preloaded = self.check_app(config)
@@ -368,6 +380,11 @@ class Master:
             if not self.draining and self.incoming is None:
                 log.info("reload complete: generation %d serving with %d workers",
                          self.steered().number, len(self.steered().workers))  # fmt: skip
+        if self.incoming is None and self.folded is not None:
+            folded, self.folded = self.folded, None
+            log.info("reload: starting the reload folded during generation %d's boot",
+                     self.steered().number)  # fmt: skip
+            self.dispatch(folded)
 
     def abort_reload(self, why: str) -> None:
         """The health gate: the new generation failed; put its workers down, stay on the old
@@ -571,6 +588,8 @@ class Master:
                 continue
             if message == b"ready":
                 self.on_ready(worker)
+            elif message == b"stop":  # server.shutdown() in a handler
+                self.dispatch(commands.make("stop", origin=f"worker {worker.pid}"))
             elif message.startswith(b"recycle"):
                 # The worker stops taking requests by itself; its replacement forks now.
                 worker.retiring = "recycled"
@@ -738,7 +757,7 @@ class Master:
         self.selector.close()
         for fd in (self.wake_r, self.wake_w, self.notify_r, self.notify_w):
             os.close(fd)
-        path = self.config.pidfile
+        path = self.config.pidfile if self.pidfile_claimed else None
         if path and handed_over:
             path += pidfile.OLD_SUFFIX  # ours moved aside when the upgrade began
         pidfile.remove(path, self.pid)
@@ -748,13 +767,17 @@ class Master:
 
     # ----------------------------------------------------------------- app and listeners
     def check_app(self, config: Config) -> dict[str | None, type]:
-        """Import every handler once in the master, fresh from disk, so that a bad app fails
-        here (exit 3 at start, a refused reload later) before any fork. With ``--preload``
-        the workers use these very classes: they are returned, else an empty dict."""
+        """Check that every handler imports, so that a bad app fails here (exit 3 at start,
+        a refused reload later) before any worker forks. Without ``--preload``, in a
+        throwaway process (``cluster.appcheck``), and nothing is returned: each worker
+        imports the app afresh. With it, here, and the workers use these very classes."""
         apps: list[str | None] = [] if self.handler is not None else [None]
         apps += [spec.handler for spec in config.binds if spec.handler]
-        preloaded = {app: load_handler(app or config.app, fresh=True) for app in apps}
-        return preloaded if config.preload else {}
+        if not config.preload:
+            if apps:
+                appcheck.check([app or config.app for app in apps], config.graceful_timeout)
+            return {}
+        return {app: load_handler(app or config.app, fresh=True) for app in apps}
 
     def open_listeners(self, config: Config, keep: list[Listener] = ()) -> list[Listener]:
         """The listeners ``config`` asks for: those in ``keep`` with the same bind text as

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -126,3 +127,29 @@ def test_loadtest_is_a_cluster_subcommand() -> None:
                              cwd=ROOT, env=cluster_env(), capture_output=True, text=True,
                              timeout=20)  # fmt: skip
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
+def test_pidfile_in_a_missing_directory_exits_2_before_binding(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "m.pid"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))  # an address in use: binding would fail with 4
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_cluster("-b", f"127.0.0.1:{port}", "--pidfile", str(path))
+    assert_one_line_error(result, 2, str(path))
+    assert "listening on" not in result.stderr
+
+
+def test_pidfile_of_a_running_master_refuses_the_start(start_cluster, tmp_path: Path) -> None:
+    path = tmp_path / "m.pid"
+    running = start_cluster("echo", "-w", "1", "-b", "127.0.0.1:0", "--pidfile", str(path))
+    result = run_cluster("echo", "-w", "1", "-b", "127.0.0.1:0", "--pidfile", str(path))
+    assert_one_line_error(result, 2, f"pid {running.pid}")
+    assert path.read_text().strip() == str(running.pid)  # untouched
+
+
+def test_stale_pidfile_is_replaced(start_cluster, tmp_path: Path) -> None:
+    path = tmp_path / "m.pid"
+    path.write_text(f"{os.getpid()}\n")  # a live pid, but not a master of ours
+    cluster = start_cluster("echo", "-w", "1", "-b", "127.0.0.1:0", "--pidfile", str(path))
+    assert path.read_text().strip() == str(cluster.pid)

@@ -295,3 +295,67 @@ def test_library_in_the_main_thread_restores_the_host_signal_handlers() -> None:
         stopper.join(20)
         signals.signal(signals.SIGHUP, previous)
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"workers": 0}, "workers must be at least 1, got 0"),
+     ({"worker_class": "gevent"}, "worker_class must be one of"),
+     ({"graceful_timeout": -1}, "graceful_timeout must not be negative"),
+     ({"workers": "many"}, "bad value for workers")],
+)  # fmt: skip
+def test_library_checks_options_in_the_constructor_by_their_keyword(options, message) -> None:
+    from cluster import PreforkTCPServer
+
+    with pytest.raises(ValueError, match=message) as err:
+        PreforkTCPServer(("127.0.0.1", 0), Pid, **options)
+    assert "--" not in str(err.value)
+
+
+def test_server_shutdown_in_a_handler_stops_the_master_gracefully(served) -> None:
+    """A handler's ``self.server.shutdown()`` (the stdlib idiom) asks the master for a
+    graceful stop; its own reply still goes out, and serve_forever returns."""
+    from cluster import PreforkTCPServer
+    from tests.apps.testapps import ShutdownOnRequest
+
+    server = PreforkTCPServer(("127.0.0.1", 0), ShutdownOnRequest, workers=2)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        assert server.wait_ready(20)
+        assert stream_roundtrip(tcp_connect(server.server_address), b"") == b"stopping\n"
+        thread.join(20)
+        assert not thread.is_alive() and server.exit_code == 0
+    finally:
+        if thread.is_alive():
+            server.shutdown()
+            thread.join(20)
+        server.server_close()
+
+
+def test_library_in_the_main_thread_refuses_usr2(caplog) -> None:
+    """An upgrade re-executes the command line: inside a host program that would be the
+    host's, so the library's master refuses USR2 and says so."""
+    import logging
+    import signal as signals
+
+    from cluster import PreforkTCPServer
+
+    server = PreforkTCPServer(("127.0.0.1", 0), Pid, workers=1)
+
+    def poke() -> None:
+        server.wait_ready(20)
+        os.kill(os.getpid(), signals.SIGUSR2)
+        wait_for(lambda: "upgrade refused" in caplog.text, 10, "the refusal")
+        os.kill(os.getpid(), signals.SIGTERM)
+
+    stopper = threading.Thread(target=poke)
+    caplog.set_level(logging.INFO, logger="cluster.master")
+    try:
+        stopper.start()
+        server.serve_forever()
+        assert "upgrade refused: not running the command line" in caplog.text
+        assert server.exit_code == 0
+    finally:
+        stopper.join(20)
+        server.server_close()

@@ -68,7 +68,7 @@ def test_fork_mode_kills_the_hung_child_not_the_worker(start_cluster) -> None:
 def test_idle_workers_are_never_killed(start_cluster) -> None:
     cluster = start_cluster("echo", "-w", "2", "--timeout", "1", "-b", "127.0.0.1:0")
     workers = sorted(cluster.workers())
-    holds_for(lambda: sorted(cluster.workers()) == workers, 5, "the same two workers")
+    holds_for(lambda: sorted(cluster.workers()) == workers, 3, "the same two workers")
     assert "timeout" not in cluster.log.lower() and "died" not in cluster.log
 
 

@@ -60,7 +60,8 @@ from .handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestH
 from .mixins import ThreadingMixIn, ThreadingTCPServer, ThreadingUDPServer
 from .servers import BaseServer, TCPServer, UDPServer
 
-# The same names, in the same conditions, as the standard library's socketserver.__all__.
+# The names of the standard library's socketserver.__all__, in the same conditions, plus (as
+# Python 3.12 lists them) the ForkingUnix* servers that 3.11 defines but leaves out.
 __all__ = [
     "BaseServer",
     "TCPServer",
@@ -90,6 +91,6 @@ if hasattr(socket, "AF_UNIX"):
     ]
 
     if hasattr(os, "fork"):
-        # Available (as in Python 3.12) but, like 3.11, not part of __all__.
-        from .mixins import ForkingUnixDatagramServer as ForkingUnixDatagramServer
-        from .mixins import ForkingUnixStreamServer as ForkingUnixStreamServer
+        from .mixins import ForkingUnixDatagramServer, ForkingUnixStreamServer
+
+        __all__ += ["ForkingUnixStreamServer", "ForkingUnixDatagramServer"]

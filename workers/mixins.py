@@ -151,30 +151,24 @@ if hasattr(os, "fork"):
 class _ThreadList:
     """The non-daemon request threads that ``server_close()`` must join.
 
-    Finished threads are swept out only when the list has doubled since the last sweep:
-    amortised O(1) per request, instead of scanning every live thread on each new one.
+    Finished threads are dropped each time a new one is added, as Python 3.11 does
+    (bpo-37193): the list holds the live threads and the newest, never a history.
     """
 
-    __slots__ = ("_threads", "_sweep_at")
-
-    _MIN_SWEEP = 16
+    __slots__ = ("_threads",)
 
     def __init__(self) -> None:
         self._threads: list[threading.Thread] = []
-        self._sweep_at = self._MIN_SWEEP
 
     def __len__(self) -> int:
         return len(self._threads)
 
     def append(self, thread: threading.Thread) -> None:
-        if len(self._threads) >= self._sweep_at:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._sweep_at = max(self._MIN_SWEEP, 2 * len(self._threads))
+        self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
 
     def join(self) -> None:
         threads, self._threads = self._threads, []
-        self._sweep_at = self._MIN_SWEEP
         for thread in threads:
             thread.join()
 

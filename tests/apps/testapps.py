@@ -139,3 +139,11 @@ class Slow(StreamRequestHandler):
         seconds = float(self.rfile.readline() or 0)
         time.sleep(seconds)
         self.wfile.write(b"done %d\n" % os.getpid())
+
+
+class ShutdownOnRequest(BaseRequestHandler):
+    """Replies, then calls ``self.server.shutdown()``, as a stdlib handler that ends its server."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"stopping\n")
+        self.server.shutdown()

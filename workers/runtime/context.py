@@ -23,6 +23,7 @@ class Context:
     ``--max-requests`` recycles on."""
 
     def __init__(self, spec: WorkerSpec, lifecycle: Lifecycle, slot: WorkerSlot) -> None:
+        self.pid = os.getpid()  # the worker's, also in its fork-mode children
         self.spec = spec
         self.lifecycle = lifecycle
         self.slot = slot
@@ -32,7 +33,12 @@ class Context:
         self.exit_code = 0  # 1: a graceful stop had to cut requests short
 
     def tell(self, message: bytes) -> None:
-        notify(self.spec.notify_fd, message)
+        notify(self.spec.notify_fd, message, self.pid)
+
+    def ask_master_to_stop(self) -> None:
+        """What ``server.shutdown()`` means in a worker: the master stops gracefully (this
+        request included). It returns at once: waiting would wait for ourselves."""
+        self.tell(b"stop")
 
     def ready(self) -> None:
         """We can take requests: the master counts us as serving from now on."""
@@ -58,20 +64,29 @@ class Context:
         return not self.recycled
 
 
-def notify(fd: int, message: bytes) -> None:
+def notify(fd: int, message: bytes, pid: int) -> None:
     """One line to the master: ``PID MESSAGE``; shorter than PIPE_BUF, so the write is atomic."""
     try:
-        os.write(fd, b"%d %s\n" % (os.getpid(), message))
+        os.write(fd, b"%d %s\n" % (pid, message))
     except OSError:
         pass  # the master is gone; the parent check ends us soon
 
 
-def make_server(endpoint: Endpoint, handler: type, mixin: type | None = None) -> BaseServer:
+def make_server(
+    endpoint: Endpoint, handler: type, context: Context, mixin: type | None = None
+) -> BaseServer:
     """A socketserver-style server object wrapped around an already bound, shared socket.
 
     Handlers receive it as ``self.server``, exactly as under the stdlib, so code that reads
-    ``server.server_address`` (or ``server_name``, as http.server does) keeps working.
+    ``server.server_address`` (or ``server_name``, as http.server does) keeps working, and
+    ``self.server.shutdown()`` asks the master for a graceful stop.
     """
+    server = _server(endpoint, handler, mixin)
+    server.shutdown = context.ask_master_to_stop  # type: ignore[method-assign]
+    return server
+
+
+def _server(endpoint: Endpoint, handler: type, mixin: type | None) -> BaseServer:
     if endpoint.kind in ("tcp", "unix"):
         # Our copy of the shared listener: accept() now gives connections that mark their
         # reads in the scoreboard (workers.runtime.client). The master's copy is untouched.

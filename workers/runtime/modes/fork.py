@@ -124,7 +124,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
     spec, lifecycle = context.spec, context.lifecycle
     lanes = MODE.lanes(spec)
     mixin = type("Forking", (WorkerForkingMixIn,), {"max_children": lanes})
-    servers = [make_server(endpoint, handler, mixin) for endpoint, handler in bindings]
+    servers = [make_server(endpoint, handler, context, mixin) for endpoint, handler in bindings]
     # One table for every listener: the bound is per worker, not per listener.
     children = Children(context.slot, lanes, spec.timeout)
     for server in servers:

@@ -76,7 +76,7 @@ class ThreadPool:
 def serve(bindings: list[Binding], context: Context) -> None:
     """Accept only while a handler thread is free; on TERM let the running handlers finish."""
     spec, lifecycle = context.spec, context.lifecycle
-    servers = [make_server(endpoint, handler) for endpoint, handler in bindings]
+    servers = [make_server(endpoint, handler, context) for endpoint, handler in bindings]
     loop = AcceptLoop(servers, context)
     pool = ThreadPool(MODE.lanes(spec), context.slot)
     context.ready()

@@ -1,0 +1,74 @@
+"""Checking that an app imports, in a throwaway process: the master never imports it.
+
+Why not in the master: a module imported there stays in its ``sys.modules``, every worker
+forked later inherits it, and re-importing the app's top module does not renew the modules
+it imports (``pkg/version.py`` of ``pkg:Handler``). A HUP would then start workers that run
+part of the old code. So the master forks a child that imports the apps, fresh, and reports
+the first failure on a pipe; the workers import the app themselves after their fork. (With
+``--preload`` the master does import it, once, and a HUP re-executes the master instead: see
+``Master.do_reload``.)
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+
+from cluster.app import load_handler
+from cluster.errors import AppError
+from cluster.spawn import WorkerProcess
+
+CHECK_FAILED = 3
+
+
+def check(apps: list[str], timeout: float) -> None:
+    """Import each of ``apps`` (``module:Class`` or a demo) in a forked child; raise AppError
+    with its one-line message when one fails, or when the child takes over ``timeout``
+    seconds or cannot be forked."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    child = WorkerProcess(_import_all, (apps, write_end))
+    try:
+        try:
+            child.start()
+        except OSError as err:
+            raise AppError(f"cannot check the app: cannot fork ({err.strerror})") from None
+        finally:
+            os.close(write_end)
+        message = _read_all(read_end, time.monotonic() + timeout)
+        if message is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.join()
+            raise AppError(f"cannot check the app: importing it took over {timeout:g}s")
+        if child.join() != 0:
+            raise AppError(message or f"cannot check the app: the check exited {child.exitcode}")
+    finally:
+        os.close(read_end)
+        child.close()
+
+
+def _import_all(apps: list[str], report: int) -> None:
+    """In the child: import every app; the first failure's message goes to ``report``."""
+    signal.set_wakeup_fd(-1)  # the master's wakeup pipe is not ours to write signals into
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        for app in apps:
+            load_handler(app, fresh=True)
+    except AppError as err:
+        os.write(report, str(err).encode(errors="replace")[:4096])
+        os._exit(CHECK_FAILED)
+
+
+def _read_all(fd: int, deadline: float) -> str | None:
+    """Everything the child writes until it closes its end; None past ``deadline``."""
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(chunk)
