@@ -30,6 +30,7 @@ bench-tools: $(STAMP)
 bench: bench-tools
 	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
 	$(BIN)/python scripts/idlecpu.py
+	$(BIN)/python scripts/progresscost.py
 
 chaos: $(STAMP)
 	$(BIN)/python scripts/chaos.py --actions hup,usr2,ttin,ttou --duration 10 --plot docs/chaos.png --json docs/chaos.json
