@@ -74,7 +74,7 @@ class Generation:
         self.mode: Mode = modes.get(self.config.worker_class)
         self.lanes = self.mode.lanes(self.config)
         # Twice the bound: retiring workers overlap their replacements (recycling, scaling).
-        self.scoreboard = Scoreboard(2 * self.config.pool_bound, self.lanes)
+        self.scoreboard = Scoreboard(2 * self.config.pool_bound, self.lanes, len(self.listeners))
 
     def __iter__(self) -> Iterator[Worker]:
         return iter(list(self.workers.values()))

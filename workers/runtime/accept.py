@@ -56,6 +56,7 @@ class AcceptLoop:
         self.starving = False  # accept() failed for want of fds or memory
         # Stream listeners whose connections can hold a worker for long (see step_back).
         self.streams = {s for s in servers if getattr(s, "socket_type", None) == socket.SOCK_STREAM}
+        self.accepted = [context.slot.accepted_index(n) for n in range(len(servers))]
         self.poller = select.epoll()  # owned here; closed by close()
         for server in servers:
             self.poller.register(server.fileno(), LISTENER_EVENTS)
@@ -82,6 +83,7 @@ class AcceptLoop:
                 # else ECONNABORTED and the like: that one client is gone, not us
                 continue
             self.turn = index + 1
+            self.slot.doubles[self.accepted[index]] += 1.0
             if self.starving:
                 log.warning("worker %d accepting again", os.getpid())
                 self.starving = False
@@ -189,7 +191,7 @@ def in_lane(
     finally:
         if attached:
             CONNECTIONS.discard(request)
-        slot.end(lane)
+        slot.end(lane, server.listener_index)
 
 
 def close_all(servers: list[BaseServer]) -> None:

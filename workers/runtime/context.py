@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 
 from workers.runtime.client import ListeningSocket, close_idle
 from workers.runtime.lifecycle import Lifecycle
-from workers.runtime.scoreboard import DRAINING, IDLE, WorkerSlot
+from workers.runtime.scoreboard import DRAINING, ERRORS, IDLE, WorkerSlot
 from workers.runtime.spec import Endpoint, WorkerSpec
 from workers.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 
@@ -72,17 +73,39 @@ def notify(fd: int, message: bytes, pid: int) -> None:
         pass  # the master is gone; the parent check ends us soon
 
 
+class CurrentLane(threading.local):
+    """Which scoreboard lane this thread's request runs in: 0 in sync mode and in a fork-mode
+    child until it says otherwise, the thread's own in thread mode."""
+
+    lane = 0
+
+
+CURRENT = CurrentLane()
+
+
 def make_server(
-    endpoint: Endpoint, handler: type, context: Context, mixin: type | None = None
-) -> BaseServer:
-    """A socketserver-style server object wrapped around an already bound, shared socket.
+    endpoint: Endpoint, handler: type, context: Context, listener: int,
+    mixin: type | None = None,
+) -> BaseServer:  # fmt: skip
+    """A socketserver-style server object wrapped around an already bound, shared socket:
+    the worker's ``listener``-th.
 
     Handlers receive it as ``self.server``, exactly as under the stdlib, so code that reads
     ``server.server_address`` (or ``server_name``, as http.server does) keeps working, and
-    ``self.server.shutdown()`` asks the master for a graceful stop.
+    ``self.server.shutdown()`` asks the master for a graceful stop. Its ``handle_error``
+    (the stdlib's, or the library user's override) also counts the error on the scoreboard.
     """
     server = _server(endpoint, handler, mixin)
+    server.listener_index = listener
     server.shutdown = context.ask_master_to_stop  # type: ignore[method-assign]
+    report = server.handle_error
+    slot = context.slot
+
+    def handle_error(request: object, client_address: object) -> None:
+        slot.doubles[slot.stats_index(CURRENT.lane, listener) + ERRORS] += 1.0
+        report(request, client_address)
+
+    server.handle_error = handle_error  # type: ignore[method-assign]
     return server
 
 

@@ -2,15 +2,26 @@
 
 It lives in an anonymous ``MAP_SHARED`` mapping that the master creates before it forks, so
 nothing touches the disk (a heartbeat file on a slow disk stalls workers) and every worker
-inherits it. Each slot holds the worker's identity and state, and one *lane* per request it
-can run at once (1 in sync mode, ``threads`` in thread mode, ``max_children`` in fork mode).
+inherits it. Each generation has its own, sized for its mode. A slot holds:
+
+- the worker's identity and state, and its heartbeat (``SlotHeader``);
+- one *lane* per request it can run at once (1 in sync mode, ``threads`` in thread mode,
+  ``max_children`` in fork mode): the request's start, its client, its reads' progress;
+- per listener, the connections (or datagrams) it accepted;
+- per lane and listener, the requests finished, the errors its handlers raised, and the
+  request durations as histogram buckets (``BUCKETS``) with their sum: what the master's
+  metrics add up at scrape time, with no file and no lock.
 
 Writes need no lock because every field has exactly one writer: the worker's main thread
-writes the slot, each handler thread (or, in fork mode, the worker for each child) writes its
-own lane. A reader may see a lane mid-update; the master only acts on a lane that has looked
-overdue for a whole ``--timeout``, so a torn read costs nothing. On the request path a worker
-writes a lane twice: the start time and client when a request begins, and the start time
-(back to 0) and its count when it ends.
+writes the header and the accept counts, each handler thread (or, in fork mode, the worker
+for each child, and the child its errors) writes its own lane. A reader may see a lane
+mid-update; the master only acts on a lane that has looked overdue for a whole
+``--timeout``, and a counter read one request early is as good as one read later.
+
+On the request path the numbers are written through one ``memoryview`` of doubles over the
+whole mapping (counts are exact in a double up to 2**53), which is the cheapest store Python
+has: a lane is begun with its start time and client, and ended with its duration's bucket,
+its sum and its count.
 """
 
 from __future__ import annotations
@@ -18,11 +29,17 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
 
 EMPTY, BOOTING, IDLE, DRAINING = 0, 1, 2, 3
 STATE_NAMES = {EMPTY: "empty", BOOTING: "booting", IDLE: "idle", DRAINING: "draining"}
 CLIENT_BYTES = 64
+# Request duration bucket bounds, in seconds (Prometheus' "le"), and an overflow bucket.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Per lane and listener: requests, errors, duration sum, then a count per bucket, + overflow.
+REQUESTS, ERRORS, DURATION_SUM, FIRST_BUCKET = 0, 1, 2, 3
+STAT_FIELDS = FIRST_BUCKET + len(BUCKETS) + 1
 
 
 class Lane(ctypes.Structure):
@@ -38,13 +55,13 @@ class Lane(ctypes.Structure):
         ("started", ctypes.c_double),  # time.monotonic() when the request began; 0: idle
         ("io", ctypes.c_double),
         ("idle", ctypes.c_double),
-        ("requests", ctypes.c_uint64),  # requests this lane has finished
         ("client", ctypes.c_char * CLIENT_BYTES),
     ]
 
 
 IO_OFFSET = Lane.io.offset // 8  # the io field, in doubles from the start of its lane
 assert Lane.idle.offset == Lane.io.offset + 8  # a connection writes idle at io's index + 1
+assert ctypes.sizeof(Lane) % 8 == 0
 
 
 class SlotHeader(ctypes.Structure):
@@ -78,6 +95,24 @@ class LaneView:
 
 
 @dataclass(frozen=True)
+class ListenerStats:
+    """One worker's numbers for one listener (summed over its lanes)."""
+
+    accepted: int = 0
+    requests: int = 0
+    errors: int = 0
+    duration_sum: float = 0.0
+    buckets: tuple[int, ...] = (0,) * (len(BUCKETS) + 1)  # per bucket, not cumulative
+
+    def __add__(self, other: ListenerStats) -> ListenerStats:
+        return ListenerStats(
+            self.accepted + other.accepted, self.requests + other.requests,
+            self.errors + other.errors, self.duration_sum + other.duration_sum,
+            tuple(a + b for a, b in zip(self.buckets, other.buckets, strict=True)),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class SlotView:
     """A copy of one slot, taken by the master: what status and the timeout checks read."""
 
@@ -89,6 +124,7 @@ class SlotView:
     heartbeat: float
     requests: int
     lanes: tuple[LaneView, ...]
+    listeners: tuple[ListenerStats, ...] = ()
 
     def oldest_request(self) -> LaneView | None:
         busy = [lane for lane in self.lanes if lane.started > 0]
@@ -99,15 +135,27 @@ class WorkerSlot:
     """A worker's handle on its own slot (after the fork, in the worker)."""
 
     def __init__(self, header: SlotHeader, lanes: ctypes.Array, doubles: memoryview,
-                 base: int) -> None:  # fmt: skip
+                 base: int, accepted: int, stats: int, listeners: int) -> None:  # fmt: skip
         self.header = header
         self.lanes = lanes
         self.doubles = doubles  # the whole mapping as doubles: the cheapest store from Python
-        self._base = base
+        self._base = base  # the mapping's address
+        self._accepted = accepted  # index in ``doubles`` of this slot's accept counts
+        self._stats = stats  # index in ``doubles`` of this slot's lane x listener stats
+        self._listeners = listeners
+        self._lane_size = ctypes.sizeof(Lane) // 8
+        self._lane0 = (ctypes.addressof(lanes) - base) // 8
 
     def io_index(self, lane: int) -> int:
         """Where lane ``lane``'s ``io`` field is in ``doubles`` (``idle`` is the next one)."""
-        return (ctypes.addressof(self.lanes[lane]) - self._base) // 8 + IO_OFFSET
+        return self._lane0 + lane * self._lane_size + IO_OFFSET
+
+    def stats_index(self, lane: int, listener: int) -> int:
+        """Where the numbers of ``lane`` for ``listener`` begin in ``doubles``."""
+        return self._stats + (lane * self._listeners + listener) * STAT_FIELDS
+
+    def accepted_index(self, listener: int) -> int:
+        return self._accepted + listener
 
     def set_state(self, state: int) -> None:
         self.header.state = state
@@ -119,24 +167,37 @@ class WorkerSlot:
     def begin(self, lane: int, client_address: object) -> None:
         record = self.lanes[lane]
         record.client = format_client(client_address)
-        record.io = record.idle = 0.0
-        record.started = time.monotonic()
+        doubles, at = self.doubles, self._lane0 + lane * self._lane_size
+        doubles[at + IO_OFFSET] = doubles[at + IO_OFFSET + 1] = 0.0
+        doubles[at] = time.monotonic()  # ``started``: the lane's first field
 
-    def end(self, lane: int) -> None:
-        record = self.lanes[lane]
-        record.started = 0.0
-        record.requests += 1
+    def end(self, lane: int, listener: int = 0) -> None:
+        """The request in ``lane`` (from ``listener``) is over: count it and its duration."""
+        doubles, at = self.doubles, self._lane0 + lane * self._lane_size
+        duration = time.monotonic() - doubles[at]
+        doubles[at] = 0.0
+        stats = self._stats + (lane * self._listeners + listener) * STAT_FIELDS
+        doubles[stats] += 1.0
+        doubles[stats + DURATION_SUM] += duration
+        doubles[stats + FIRST_BUCKET + bisect_left(BUCKETS, duration)] += 1.0
 
 
 class Scoreboard:
-    """``capacity`` slots of ``lanes`` lanes each, in one shared anonymous mapping."""
+    """``capacity`` slots of ``lanes`` lanes each, for ``listeners`` listeners, in one shared
+    anonymous mapping."""
 
-    def __init__(self, capacity: int, lanes: int) -> None:
+    def __init__(self, capacity: int, lanes: int, listeners: int = 1) -> None:
         self.capacity = capacity
         self.lane_count = max(1, lanes)
+        self.listener_count = max(1, listeners)
         self._slot_type = type(
             "Slot", (ctypes.Structure,),
-            {"_fields_": [("header", SlotHeader), ("lanes", Lane * self.lane_count)]},
+            {"_fields_": [
+                ("header", SlotHeader), ("lanes", Lane * self.lane_count),
+                ("accepted", ctypes.c_double * self.listener_count),
+                ("stats", ctypes.c_double * (self.lane_count * self.listener_count
+                                             * STAT_FIELDS)),
+            ]},
         )  # fmt: skip
         size = ctypes.sizeof(self._slot_type) * capacity
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)  # zero-filled by the kernel
@@ -157,8 +218,12 @@ class Scoreboard:
 
     def worker_slot(self, slot: int) -> WorkerSlot:
         record = self._slots[slot]
-        return WorkerSlot(record.header, record.lanes, self._doubles,
-                          ctypes.addressof(self._slots))  # fmt: skip
+        base = ctypes.addressof(self._slots)
+        return WorkerSlot(
+            record.header, record.lanes, self._doubles, base,
+            (ctypes.addressof(record.accepted) - base) // 8,
+            (ctypes.addressof(record.stats) - base) // 8, self.listener_count,
+        )  # fmt: skip
 
     def is_idle(self, slot: int) -> bool:
         """Ready and running no request: what the pool decisions ask of every worker on each
@@ -166,18 +231,40 @@ class Scoreboard:
         record = self._slots[slot]
         return record.header.state == IDLE and not any(lane.started for lane in record.lanes)
 
+    def listener_stats(self, slot: int) -> tuple[ListenerStats, ...]:
+        """One slot's numbers per listener, summed over its lanes."""
+        record = self._slots[slot]
+        stats = record.stats
+        result = []
+        for listener in range(self.listener_count):
+            requests = errors = 0.0
+            total = 0.0
+            buckets = [0.0] * (len(BUCKETS) + 1)
+            for lane in range(self.lane_count):
+                at = (lane * self.listener_count + listener) * STAT_FIELDS
+                requests += stats[at + REQUESTS]
+                errors += stats[at + ERRORS]
+                total += stats[at + DURATION_SUM]
+                for n in range(len(buckets)):
+                    buckets[n] += stats[at + FIRST_BUCKET + n]
+            result.append(ListenerStats(int(record.accepted[listener]), int(requests),
+                                        int(errors), total, tuple(int(b) for b in buckets)))  # fmt: skip
+        return tuple(result)
+
     def view(self, slot: int) -> SlotView:
         record = self._slots[slot]
         header = record.header
+        listeners = self.listener_stats(slot)
+        per_lane = [0] * self.lane_count
+        for lane in range(self.lane_count):
+            for listener in range(self.listener_count):
+                at = (lane * self.listener_count + listener) * STAT_FIELDS
+                per_lane[lane] += int(record.stats[at + REQUESTS])
         lanes = tuple(
             LaneView(
-                lane.started,
-                lane.requests,
-                lane.client.decode(errors="replace"),
-                lane.io,
-                lane.idle,
+                lane.started, per_lane[n], lane.client.decode(errors="replace"), lane.io, lane.idle
             )  # fmt: skip
-            for lane in record.lanes
+            for n, lane in enumerate(record.lanes)
         )
         state = STATE_NAMES.get(header.state, "unknown")
         if state == "idle" and any(lane.started > 0 for lane in lanes):
@@ -185,7 +272,7 @@ class Scoreboard:
         return SlotView(
             slot=slot, pid=header.pid, generation=header.generation, state=state,
             booted=header.booted, heartbeat=header.heartbeat,
-            requests=sum(lane.requests for lane in lanes), lanes=lanes,
+            requests=sum(per_lane), lanes=lanes, listeners=listeners,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ import time
 from workers.mixins import ForkingMixIn
 from workers.runtime.accept import AcceptLoop, dispatch
 from workers.runtime.client import CONNECTIONS, ClientSocket
-from workers.runtime.context import Context, make_server
+from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.escalation import Escalation, overdue, stalled_for
 from workers.runtime.lifecycle import set_parent_death_signal
 from workers.runtime.mode import Binding, Mode
@@ -39,9 +39,11 @@ class WorkerForkingMixIn(ForkingMixIn):
         # USR2 dumps the child's stack (faulthandler survives the fork).
         set_parent_death_signal(signal.SIGKILL, os.getppid())
         children = self.active_children
-        if type(request) is ClientSocket and isinstance(children, Children):
-            request.attach(children.slot.doubles, children.slot.io_index(children.next_lane))
-            CONNECTIONS.add(request)
+        if isinstance(children, Children):
+            CURRENT.lane = children.next_lane  # this child's errors count in its lane
+            if type(request) is ClientSocket:
+                request.attach(children.slot.doubles, children.slot.io_index(children.next_lane))
+                CONNECTIONS.add(request)
         super().finish_request(request, client_address)
 
 
@@ -63,6 +65,8 @@ class Children(set):
         self.escalation = Escalation()
         self.client: object = None  # the request about to be forked (set by the loop)
         self.next_lane = 0  # its lane
+        self.next_listener = 0  # and its listener
+        self.listener_of: dict[int, int] = {}
         self.owner = os.getpid()
 
     def add(self, pid: int) -> None:
@@ -70,13 +74,14 @@ class Children(set):
         super().add(pid)
         lane = self.free_lanes.pop()
         self.lane_of[pid] = lane
+        self.listener_of[pid] = self.next_listener
         self.client_of[pid] = self.client
 
     def discard(self, pid: int) -> None:
         super().discard(pid)
         lane = self.lane_of.pop(pid, None)
         if lane is not None:
-            self.slot.end(lane)
+            self.slot.end(lane, self.listener_of.pop(pid, 0))
             self.free_lanes.append(lane)
         self.client_of.pop(pid, None)
         self.escalation.forget(pid)
@@ -124,7 +129,10 @@ def serve(bindings: list[Binding], context: Context) -> None:
     spec, lifecycle = context.spec, context.lifecycle
     lanes = MODE.lanes(spec)
     mixin = type("Forking", (WorkerForkingMixIn,), {"max_children": lanes})
-    servers = [make_server(endpoint, handler, context, mixin) for endpoint, handler in bindings]
+    servers = [
+        make_server(endpoint, handler, context, n, mixin)
+        for n, (endpoint, handler) in enumerate(bindings)
+    ]
     # One table for every listener: the bound is per worker, not per listener.
     children = Children(context.slot, lanes, spec.timeout)
     for server in servers:
@@ -161,11 +169,12 @@ def serve(bindings: list[Binding], context: Context) -> None:
         context.counted()
         children.client = client
         lane = children.next_lane = children.free_lanes[-1]
+        children.next_listener = server.listener_index
         context.slot.begin(lane, client)  # before the fork: the child writes into it
         forked = len(children)
         dispatch(server, request, client)
         if len(children) == forked:  # refused by verify_request, or the fork failed
-            context.slot.end(lane)
+            context.slot.end(lane, server.listener_index)
 
     loop = AcceptLoop(servers, context, on_wake=on_wake)
     context.ready()

@@ -10,7 +10,9 @@ from workers.servers import BaseServer
 
 def serve(bindings: list[Binding], context: Context) -> None:
     """Handle each request inline; on TERM, finish it, then serve what is already queued."""
-    servers = [make_server(endpoint, handler, context) for endpoint, handler in bindings]
+    servers = [
+        make_server(endpoint, handler, context, n) for n, (endpoint, handler) in enumerate(bindings)
+    ]
     loop = AcceptLoop(servers, context)
     slot = context.slot
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 from workers.runtime.accept import AcceptLoop, Taken, close_all, in_lane
-from workers.runtime.context import Context, make_server
+from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.lifecycle import master_alive
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.scoreboard import WorkerSlot
@@ -45,6 +45,7 @@ class ThreadPool:
             thread.start()
 
     def _work(self, lane: int) -> None:
+        CURRENT.lane = lane
         while (job := self.jobs.get()) is not None:
             try:
                 in_lane(self.slot, lane, *job)
@@ -76,7 +77,9 @@ class ThreadPool:
 def serve(bindings: list[Binding], context: Context) -> None:
     """Accept only while a handler thread is free; on TERM let the running handlers finish."""
     spec, lifecycle = context.spec, context.lifecycle
-    servers = [make_server(endpoint, handler, context) for endpoint, handler in bindings]
+    servers = [
+        make_server(endpoint, handler, context, n) for n, (endpoint, handler) in enumerate(bindings)
+    ]
     loop = AcceptLoop(servers, context)
     pool = ThreadPool(MODE.lanes(spec), context.slot)
     context.ready()

@@ -1,0 +1,174 @@
+"""Small servers that the master runs inside its own loop: the control socket and the metrics
+endpoint.
+
+The master must never block on a client, so each of these is a non-blocking listening socket
+in the master's selector, with non-blocking connections: bytes are read as they come, a
+message is handled once it is complete, the reply is written as the client takes it. Every
+connection has a deadline (a silent client is dropped), a size bound (an endless message is
+refused), and the number of connections is bounded (the excess is refused at once). No
+thread: the master forks workers, and a thread of its own would be copied into them half-way
+through whatever it was doing.
+
+A ``LoopServer`` is a part of the master like the others: it answers ``next_deadline()``
+(its earliest connection deadline) and ``expire(now)`` drops the late ones. Selector keys
+carry a callable, which the loop calls with the event mask. The protocol is the subclass's:
+``split`` cuts complete messages off the input, ``respond`` answers one.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import monotonic
+
+log = logging.getLogger("cluster.master")
+
+
+@dataclass(eq=False)
+class Conn:
+    sock: socket.socket
+    deadline: float
+    peer: str = ""
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+    close_after_write: bool = False
+
+
+class LoopServer:
+    """A listening socket served from the master's selector (see the module docstring)."""
+
+    name = "server"
+    max_message = 65536  # bytes a message may have before it is complete
+    idle_timeout = 5.0  # seconds a connection may stay silent (or slow) before it is dropped
+    max_clients = 128
+
+    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, uri: str) -> None:
+        self.sock = sock  # owned here, closed by close()
+        self.selector = selector
+        self.uri = uri
+        self.conns: dict[int, Conn] = {}
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, self.on_accept)
+
+    # ------------------------------------------------------------------ the protocol
+    def admit(self, sock: socket.socket) -> bytes | None:
+        """A new connection: None to serve it, or a last reply to send before closing it."""
+        return None
+
+    def split(self, conn: Conn) -> list[bytes]:
+        """Cut the complete messages off ``conn.inbuf`` (the rest stays for later)."""
+        raise NotImplementedError
+
+    def respond(self, conn: Conn, message: bytes) -> bytes:
+        """The reply to one message; set ``conn.close_after_write`` to end the connection."""
+        raise NotImplementedError
+
+    def refuse(self, conn: Conn, why: str) -> bytes:
+        """The reply to a message that broke a bound (too long); the connection then ends."""
+        return b""
+
+    # ------------------------------------------------------------------ the loop's side
+    def fds(self) -> list[int]:
+        """Ours: every worker forked meanwhile closes them."""
+        return [self.sock.fileno(), *self.conns]
+
+    def next_deadline(self) -> float:
+        return min((c.deadline for c in self.conns.values()), default=float("inf"))
+
+    def expire(self, now: float) -> None:
+        for conn in [c for c in self.conns.values() if now >= c.deadline]:
+            log.debug("%s: dropping %s, silent or slow for %gs", self.name, conn.peer or "a client",
+                      self.idle_timeout)  # fmt: skip
+            self.drop(conn)
+
+    def on_accept(self, mask: int) -> None:
+        for _ in range(self.max_clients):  # what is queued now, in one turn at most
+            try:
+                sock, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # out of fds: the client waits in the queue
+                log.warning("%s: cannot accept: %s", self.name, err.strerror)
+                return
+            sock.setblocking(False)
+            conn = Conn(sock, monotonic() + self.idle_timeout, _peer(address))
+            last = self.admit(sock)
+            if last is None and len(self.conns) >= self.max_clients:
+                last = self.refuse(conn, f"too many clients (at most {self.max_clients})")
+            if last is not None:
+                try:
+                    sock.send(last)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            self.conns[sock.fileno()] = conn
+            self.selector.register(sock, selectors.EVENT_READ, self._events_of(conn))
+
+    def _events_of(self, conn: Conn) -> Callable[[int], None]:
+        def on_event(mask: int) -> None:
+            if mask & selectors.EVENT_READ:
+                self.on_readable(conn)
+            if mask & selectors.EVENT_WRITE and conn.sock.fileno() in self.conns:
+                self.flush(conn)
+
+        return on_event
+
+    def on_readable(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(conn)
+            return
+        conn.inbuf += data
+        replies = [self.respond(conn, message) for message in self.split(conn)]
+        if len(conn.inbuf) > self.max_message:
+            replies.append(self.refuse(conn, f"message over {self.max_message} bytes"))
+            conn.close_after_write = True
+            conn.inbuf.clear()
+        conn.deadline = monotonic() + self.idle_timeout
+        conn.outbuf += b"".join(replies)
+        self.flush(conn)
+
+    def flush(self, conn: Conn) -> None:
+        """Write what the client will take now; wait for it to take the rest."""
+        try:
+            while conn.outbuf:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.drop(conn)
+            return
+        if not conn.outbuf and conn.close_after_write:
+            self.drop(conn)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        self.selector.modify(conn.sock, events, self._events_of(conn))
+
+    def drop(self, conn: Conn) -> None:
+        fd = conn.sock.fileno()
+        if self.conns.pop(fd, None) is None:
+            return
+        self.selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            self.drop(conn)
+        self.selector.unregister(self.sock)
+        self.sock.close()
+
+
+def _peer(address: object) -> str:
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address or "")
