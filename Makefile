@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	mkdir -p run
-	$(BIN)/cluster run echo -b tcp://127.0.0.1:8000 -b udp://127.0.0.1:8000 -b unix:run/echo.sock
+	$(BIN)/cluster run echo -b tcp://127.0.0.1:8000 -b udp://127.0.0.1:8000 -b unix:run/echo.sock \
+	  --control run/cluster.ctl
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q

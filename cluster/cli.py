@@ -18,9 +18,21 @@ from workers.runtime import modes
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("prefork-cluster")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="cluster", description="A prefork socket-server cluster.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    parser.add_argument("--version", action="version", version=f"cluster {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser,
+                                metavar="COMMAND")  # fmt: skip
     run = sub.add_parser(
         "run",
         help="serve an app",
@@ -81,10 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--pidfile", metavar="PATH", help="write the master's pid here; removed on exit"
     )
     run.add_argument("--name", metavar="NAME", help="shown in process titles (default: the app)")
+    run.add_argument("--control", metavar="PATH",
+                     help="a control socket (mode 0600) for `cluster ctl` (default: none)")  # fmt: skip
+    run.add_argument("--metrics", metavar="URI",
+                     help="serve Prometheus metrics here: tcp://HOST:PORT or unix:PATH "
+                     "(default: none)")  # fmt: skip
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info (default), warning, error")
     run.add_argument("--preload", action="store_true",
                      help="import the app in the master only; workers use that copy")  # fmt: skip
     run.add_argument("--config", metavar="FILE", help="TOML file with the long flags as keys")
+    ctl = sub.add_parser("ctl", help="talk to a running master over its control socket",
+                         description="Talk to a running master over its control socket.")  # fmt: skip
+    from cluster import ctl as ctl_module
+
+    ctl_module.add_arguments(ctl)
     sub.add_parser(
         "loadtest", help="drive a server with load and report (see `cluster loadtest --help`)",
         add_help=False,
@@ -116,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             print("cluster: error: the load tester is an optional extra: "
                   "pip install 'prefork-cluster[loadtest]'", file=sys.stderr)  # fmt: skip
             return 2
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:  # the usage and the subcommands, and the exit code of a usage error
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
+    if args.command == "ctl":
+        from cluster import ctl
+
+        return ctl.run(args)
     try:
         config = config_from_args(args)
         setup_logging(config.log_level)

@@ -41,6 +41,8 @@ class Config:
     min_spare: int = 0  # adaptive pool: keep at least this many idle workers (0: off)
     max_spare: int = 0  # adaptive pool: retire idle workers beyond this many (0: off)
     pidfile: str | None = None
+    control: str | None = None  # the control socket's path (none unless asked)
+    metrics: str | None = None  # the Prometheus endpoint: tcp://HOST:PORT or unix:PATH
     name: str = ""
     log_level: str = "info"
     preload: bool = False
@@ -91,6 +93,9 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
                           f"critical, got {config.log_level!r}")  # fmt: skip
     if not config.bind:
         raise ConfigError(f"at least one {spell('bind')} is needed")
+    if config.metrics and parse_bind(config.metrics).kind not in ("tcp", "unix"):
+        raise ConfigError(f"{spell('metrics')} must be tcp://HOST:PORT or unix:PATH, "
+                          f"got {config.metrics!r}")  # fmt: skip
     config.binds  # noqa: B018  parse every URI now, so that a bad one fails before binding any
     return config
 

@@ -122,7 +122,7 @@ def open_control(path: str, taking_over: bool) -> socket.socket:
             os.unlink(beside)
         sock.bind(beside)
         os.replace(beside, path)  # atomic: a client finds the old master's or ours
-        sock.listen(64)
+        sock.listen(128)
     except OSError as err:
         sock.close()
         raise BindError(f"cannot bind control socket {path}: {err.strerror}") from None

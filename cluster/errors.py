@@ -42,7 +42,9 @@ class BindError(ClusterError):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus the error; our commands print just the error, naming the bad
-    value, and exit 2. Shared by ``cluster run``, ``cluster loadtest`` and ``chaos.py``."""
+    value, and exit 2. Shared by ``cluster run``, ``cluster ctl``, ``cluster loadtest`` and
+    ``chaos.py``. The message starts with the program's name alone (``cluster: error:``,
+    also from a subcommand's parser)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog.split()[0]}: error: {message}\n")

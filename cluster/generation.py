@@ -71,6 +71,7 @@ class Generation:
 
     def __post_init__(self) -> None:
         self.target = self.target or self.config.workers
+        self.uris = [listener.uri for listener in self.listeners]  # named once, while open
         self.mode: Mode = modes.get(self.config.worker_class)
         self.lanes = self.mode.lanes(self.config)
         # Twice the bound: retiring workers overlap their replacements (recycling, scaling).

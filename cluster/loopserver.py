@@ -35,6 +35,7 @@ class Conn:
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     close_after_write: bool = False
+    refused: bytes = b""  # not admitted: every message gets this reply, then the end
 
 
 class LoopServer:
@@ -95,18 +96,21 @@ class LoopServer:
                 return
             sock.setblocking(False)
             conn = Conn(sock, monotonic() + self.idle_timeout, _peer(address))
-            last = self.admit(sock)
-            if last is None and len(self.conns) >= self.max_clients:
-                last = self.refuse(conn, f"too many clients (at most {self.max_clients})")
-            if last is not None:
+            if len(self.conns) >= self.max_clients:
                 try:
-                    sock.send(last)
+                    sock.send(self.refuse(conn, f"too many clients (at most {self.max_clients})"))
                 except OSError:
                     pass
                 sock.close()
                 continue
+            # Not admitted: say so at once, and again to its first message, then end it (an
+            # end at once would break the pipe under a client that writes first).
+            conn.refused = self.admit(sock) or b""
+            conn.outbuf += conn.refused
             self.conns[sock.fileno()] = conn
             self.selector.register(sock, selectors.EVENT_READ, self._events_of(conn))
+            if conn.outbuf:
+                self.flush(conn)
 
     def _events_of(self, conn: Conn) -> Callable[[int], None]:
         def on_event(mask: int) -> None:
@@ -128,6 +132,12 @@ class LoopServer:
             self.drop(conn)
             return
         conn.inbuf += data
+        if conn.refused:
+            conn.inbuf.clear()
+            conn.outbuf += conn.refused
+            conn.close_after_write = True
+            self.flush(conn)
+            return
         replies = [self.respond(conn, message) for message in self.split(conn)]
         if len(conn.inbuf) > self.max_message:
             replies.append(self.refuse(conn, f"message over {self.max_message} bytes"))
@@ -161,10 +171,14 @@ class LoopServer:
         self.selector.unregister(conn.sock)
         conn.sock.close()
 
-    def close(self) -> None:
+    def close_connections(self) -> None:
+        """Drop every connection and stop listening (the socket itself stays open)."""
         for conn in list(self.conns.values()):
             self.drop(conn)
         self.selector.unregister(self.sock)
+
+    def close(self) -> None:
+        self.close_connections()
         self.sock.close()
 
 

@@ -42,15 +42,18 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from cluster import appcheck, commands, exits, handover, pidfile, pool
 from cluster.app import load_handler
 from cluster.commands import Command, Refused, Reply
 from cluster.config import Config
+from cluster.control import ControlServer, open_control
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError
 from cluster.generation import Generation, Worker
-from cluster.listeners import Listener, adopt, bind
+from cluster.listeners import Listener, adopt, bind, parse_bind
+from cluster.loopserver import LoopServer
+from cluster.metrics import Accounts, MetricsServer, restart_reason
 from cluster.spawn import WorkerProcess
 from cluster.stop import Stop
 from cluster.upgrade import BOOTING, Predecessor, Successor
@@ -64,6 +67,7 @@ from workers.runtime.spec import HANDLED_SIGNALS
 log = logging.getLogger("cluster.master")
 
 LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
+METRICS_TEXT = "metrics="  # how an upgrade names the metrics endpoint's socket in CLUSTER_FDS
 QUIET_COMMANDS = frozenset({"status", "config"})  # asked often (ctl top): logged at debug
 
 
@@ -124,6 +128,9 @@ class Master:
         self.adaptive: pool.Adaptive | None = None
         self.folded: Command | None = None  # a reload asked for while one was booting
         self.pidfile_claimed = False  # ours to remove at exit
+        self.control: ControlServer | None = None  # --control: the control socket
+        self.metrics: MetricsServer | None = None  # --metrics: the Prometheus endpoint
+        self.accounts = Accounts()  # gone workers' numbers, restarts by reason
         # Outcome.
         self.exit_code = EXIT_OK
         self.ready = threading.Event()  # set once the first generation is serving
@@ -148,6 +155,8 @@ class Master:
                 self.reap_workers()
                 now = time.monotonic()
                 self.kill_past_grace(now)
+                for server in self.loop_servers():
+                    server.expire(now)
                 if self.stop:
                     self.enforce_stop(now)
                     continue
@@ -171,9 +180,16 @@ class Master:
         pidfile.claim(config.pidfile, self.pid, predecessor)  # before binding: a bad one is ours
         self.pidfile_claimed = True
         preloaded = self.check_app(config)
-        listeners = self.given_listeners or self.open_listeners(config)
+        inherited = {} if self.given_listeners else self.take_inherited(config)
+        listeners = self.given_listeners or self.open_listeners(config, inherited=inherited)
         for listener in listeners:
             log.info("listening on %s", listener.uri)
+        if config.metrics:
+            self.open_metrics(config, inherited.get(METRICS_TEXT + config.metrics))
+        if config.control:
+            sock = open_control(config.control, taking_over=self.predecessor is not None)
+            self.control = ControlServer(sock, self.selector, config.control, self.dispatch)
+            log.info("control socket on unix:%s", config.control)
         self.current = Generation(1, config, listeners, preloaded, self.handler)
         if self.set_title:
             set_title(f"cluster: master [{self.name}]")
@@ -191,13 +207,13 @@ class Master:
         deadlines = [now + LOOP_TICK, self.hung.next_deadline()]
         if self.current is not None:
             deadlines.append(self.steered().backoff.next_deadline(now))
-        for part in (self.stop, self.successor, self.adaptive):
+        for part in (self.stop, self.successor, self.adaptive, *self.loop_servers()):
             if part is not None:
                 deadlines.append(part.next_deadline())
         if not self.stop:
             deadlines.append(self.watchdog.next_deadline())
         timeout = max(0.0, min(deadlines) - now)
-        for key, _ in self.selector.select(timeout):
+        for key, mask in self.selector.select(timeout):
             if key.data == "wake":
                 self.signals.extend(_drain(self.wake_r))
             elif isinstance(key.data, Worker):
@@ -206,6 +222,8 @@ class Master:
                 self.on_successor_message()
             elif key.data == "successor-exit":
                 self.on_successor_exit()
+            elif callable(key.data):  # a loop server's listener or connection
+                key.data(mask)
 
     @property
     def config(self) -> Config:
@@ -424,6 +442,8 @@ class Master:
         if not self.upgradable:
             raise Refused("not running the command line (the library re-executes nothing)")
         pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.open_listener_set()]
+        if self.metrics is not None:
+            pairs.append((self.metrics.sock.fileno(), self.metrics.listener.spec.text))
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(ready_r, False)
         pidfile.move_aside(self.config.pidfile, to_old=True)
@@ -558,6 +578,8 @@ class Master:
             fds.extend(self.successor.fds())
         if self.predecessor is not None:
             fds.extend(self.predecessor.fds())
+        for server in self.loop_servers():
+            fds.extend(server.fds())
         ours = {lst.sock.fileno() for lst in generation.listeners}
         fds.extend({lst.sock.fileno() for lst in self.open_listener_set()} - ours)
         return fds
@@ -629,6 +651,7 @@ class Master:
         """Log the death and act on what it means (``exits.judge``); free its slot."""
         generation = worker.generation
         served = generation.scoreboard.view(worker.slot).requests
+        self.accounts.absorb(generation, worker.slot)
         generation.scoreboard.release(worker.slot)
         now = time.monotonic()
         verdict = exits.judge(exits.ExitFacts(
@@ -638,6 +661,8 @@ class Master:
             never_ready=not self.ready.is_set(),
         ))  # fmt: skip
         how = f"{exits.describe(exitcode)} after {served} requests"
+        if self.stop is None:
+            self.accounts.restarts[restart_reason(worker.retiring, verdict.kind)] += 1
         if verdict.expected:
             log.info("worker %d (slot %d) %s", worker.pid, worker.slot, how)
             if self.stop and self.stop.graceful and exitcode and self.exit_code == EXIT_OK:
@@ -686,6 +711,23 @@ class Master:
             log.error("worker %d still alive %.1fs after TERM: KILL", pid, self.hung.grace)
             _send(pid, signal.SIGKILL)
 
+    def loop_servers(self) -> list[LoopServer]:
+        return [server for server in (self.control, self.metrics) if server is not None]
+
+    def open_metrics(self, config: Config, inherited: int | None) -> None:
+        """--metrics: the Prometheus endpoint (an upgrade passes its socket on, as listeners)."""
+        spec = replace(parse_bind(config.metrics), text=METRICS_TEXT + config.metrics)
+        listener = adopt(spec, inherited) if inherited is not None else bind(spec, 64)
+        self.metrics = MetricsServer(listener, self.selector, self.metrics_source)
+        log.info("metrics on %s", listener.uri)
+
+    def metrics_source(self) -> dict:
+        """What a scrape reads: the live generations, the master's own counts, the listeners."""
+        return {"generations": list(self.generations()), "accounts": self.accounts,
+                "generation": self.steered().number,
+                "uptime": time.monotonic() - self.started_at,
+                "listeners": self.open_listener_set()}  # fmt: skip
+
     def status(self) -> dict:
         """What ``ctl status`` and the library's ``status()`` report: one place to read."""
         now = time.monotonic()
@@ -695,6 +737,10 @@ class Master:
             "pid": self.pid, "name": self.name, "uptime": round(now - self.started_at, 3),
             "generation": steered.number, "mode": steered.mode.name, "target": steered.target,
             "listeners": [lst.uri for lst in self.open_listener_set()],
+            "listener_stats": [
+                {"uri": uri, "accepted": t.accepted, "requests": t.requests, "errors": t.errors}
+                for uri, t in self.accounts.per_listener(generations).items()
+            ],
             "generations": [g.summary() for g in generations],
             "workers": [entry for g in generations for entry in g.status(now)],
             "stopping": self.stop is not None,
@@ -754,6 +800,10 @@ class Master:
             generation.close()
         if self.successor is not None:
             self.successor.close()
+        if self.control is not None:
+            self.control.close()  # its file stays if an upgrade's new master took it over
+        if self.metrics is not None:
+            self.metrics.close(unlink=not handed_over)
         self.selector.close()
         for fd in (self.wake_r, self.wake_w, self.notify_r, self.notify_w):
             os.close(fd)
@@ -779,16 +829,27 @@ class Master:
             return {}
         return {app: load_handler(app or config.app, fresh=True) for app in apps}
 
-    def open_listeners(self, config: Config, keep: list[Listener] = ()) -> list[Listener]:
-        """The listeners ``config`` asks for: those in ``keep`` with the same bind text as
-        they are, inherited fds adopted (upgrade, systemd), the rest bound now."""
+    def take_inherited(self, config: Config) -> dict[str, int]:
+        """The fds an upgrade or systemd passed us, by the bind text each one serves (the
+        metrics endpoint's is ``metrics=URI``); the others are closed. Taken once, at start:
+        a later upgrade describes its own."""
         texts = [spec.text for spec in config.binds]
-        kept = {lst.spec.text: lst for lst in keep}
+        if config.metrics:
+            texts.append(METRICS_TEXT + config.metrics)
         inherited = handover.inherited_fds(os.environ, texts, os.getpid())
         for fd in handover.unused_fds(inherited, texts):
             os.close(fd)
         for name in (handover.ENV_FDS, "LISTEN_FDS", "LISTEN_PID"):
-            os.environ.pop(name, None)  # adopted once; a later upgrade describes its own
+            os.environ.pop(name, None)
+        return inherited
+
+    def open_listeners(
+        self, config: Config, keep: list[Listener] = (), inherited: dict[str, int] | None = None
+    ) -> list[Listener]:
+        """The listeners ``config`` asks for: those in ``keep`` with the same bind text as
+        they are, ``inherited`` fds adopted (upgrade, systemd), the rest bound now."""
+        kept = {lst.spec.text: lst for lst in keep}
+        inherited = inherited or {}
         opened: list[Listener] = []
         try:
             for spec in config.binds:

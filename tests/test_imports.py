@@ -17,7 +17,10 @@ from tests.conftest import ROOT
 
 # The load tester and its extra's dependencies (and theirs: dill through multiprocess,
 # numpy and pillow through matplotlib).
-OPTIONAL = ("matplotlib", "numpy", "hdrh", "multiprocess", "dill", "loadtest", "PIL")
+# Also rich and prometheus_client: the server's own, but imported only by `cluster ctl` and
+# by --metrics, for every module the master imports is paid again by each fork.
+OPTIONAL = ("matplotlib", "numpy", "hdrh", "multiprocess", "dill", "loadtest", "PIL", "rich",
+            "prometheus_client")  # fmt: skip
 SERVER = ("cluster", "workers", "cluster.cli", "cluster.master")
 
 EXTRA_HINT = (

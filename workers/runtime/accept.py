@@ -181,7 +181,7 @@ def in_lane(
 ) -> None:
     """Dispatch one request with its lane marked busy on the scoreboard meanwhile, and its
     connection's reads marked in that lane."""
-    slot.begin(lane, client)
+    slot.begin(lane, client, server.listener_index)
     attached = type(request) is ClientSocket
     if attached:
         request.attach(slot.doubles, slot.io_index(lane))

@@ -55,11 +55,13 @@ class Lane(ctypes.Structure):
         ("started", ctypes.c_double),  # time.monotonic() when the request began; 0: idle
         ("io", ctypes.c_double),
         ("idle", ctypes.c_double),
+        ("listener", ctypes.c_double),  # the index of the listener the request came from
         ("client", ctypes.c_char * CLIENT_BYTES),
     ]
 
 
 IO_OFFSET = Lane.io.offset // 8  # the io field, in doubles from the start of its lane
+LISTENER_OFFSET = Lane.listener.offset // 8
 assert Lane.idle.offset == Lane.io.offset + 8  # a connection writes idle at io's index + 1
 assert ctypes.sizeof(Lane) % 8 == 0
 
@@ -92,6 +94,7 @@ class LaneView:
     client: str
     io: float = 0.0
     idle: float = 0.0
+    listener: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,11 +167,12 @@ class WorkerSlot:
     def beat(self) -> None:
         self.header.heartbeat = time.monotonic()
 
-    def begin(self, lane: int, client_address: object) -> None:
+    def begin(self, lane: int, client_address: object, listener: int = 0) -> None:
         record = self.lanes[lane]
         record.client = format_client(client_address)
         doubles, at = self.doubles, self._lane0 + lane * self._lane_size
         doubles[at + IO_OFFSET] = doubles[at + IO_OFFSET + 1] = 0.0
+        doubles[at + LISTENER_OFFSET] = listener
         doubles[at] = time.monotonic()  # ``started``: the lane's first field
 
     def end(self, lane: int, listener: int = 0) -> None:

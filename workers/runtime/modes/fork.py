@@ -170,7 +170,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
         children.client = client
         lane = children.next_lane = children.free_lanes[-1]
         children.next_listener = server.listener_index
-        context.slot.begin(lane, client)  # before the fork: the child writes into it
+        context.slot.begin(lane, client, server.listener_index)  # the child writes into it
         forked = len(children)
         dispatch(server, request, client)
         if len(children) == forked:  # refused by verify_request, or the fork failed
