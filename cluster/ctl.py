@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from cluster import commands
 from cluster.errors import OneLineParser
+from cluster.text import plural
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_CONTROL = "run/cluster.ctl"  # where `make run` puts it
@@ -53,11 +54,6 @@ def ask(path: str, message: dict, timeout: float = TIMEOUT) -> dict:
     if not data:
         raise Unreachable(f"no master at {path}: it closed the connection without a reply")
     return json.loads(data)
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 worker``, ``2 workers``."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def build_parser(prog: str = "cluster ctl") -> argparse.ArgumentParser:

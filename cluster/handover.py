@@ -11,8 +11,9 @@ new master adopts every inherited socket whose bind text it is configured with, 
 what is new, and closes what it does not use. Matching by the bind text the user wrote (not
 the resolved address) keeps ``127.0.0.1:0`` on the very port the old master got.
 
-systemd passes fds 3, 4, ... in the order of its ``ListenStream=`` lines; we match them to
-``--bind`` in order.
+systemd passes fds 3, 4, ... in the order of its ``ListenStream=`` lines, named by
+``LISTEN_FDNAMES`` (``FileDescriptorName=``): a bind with ``?name=N`` takes the fd named N, and
+the binds without a name take the rest in order.
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ def encode_fds(pairs: Sequence[tuple[int, str]]) -> str:
     return json.dumps([[fd, text] for fd, text in pairs])
 
 
-def inherited_fds(env: Mapping[str, str], bind_texts: Sequence[str], pid: int) -> dict[str, int]:
-    """Which configured binds arrive as inherited fds: {bind text: fd}.
+def inherited_fds(
+    env: Mapping[str, str], binds: Sequence[tuple[str, str | None]], pid: int
+) -> dict[str, int]:
+    """Which configured binds, given as (bind text, name), arrive as inherited fds:
+    {bind text: fd}.
 
     Reads ``CLUSTER_FDS`` first, then systemd's variables (honoured only when ``LISTEN_PID``
-    is ours, as systemd specifies). A malformed variable is a ConfigError naming it.
+    is ours, as systemd specifies). With ``LISTEN_FDNAMES`` a bind named ``?name=N`` takes
+    the fd named N, wherever it comes; the binds without a name take the others in order. A
+    malformed variable is a ConfigError naming it.
     """
     if ENV_FDS in env:
         try:
@@ -53,13 +59,35 @@ def inherited_fds(env: Mapping[str, str], bind_texts: Sequence[str], pid: int) -
             count = int(env["LISTEN_FDS"])
         except ValueError:
             raise ConfigError(f"bad LISTEN_FDS {env['LISTEN_FDS']!r}") from None
-        return {text: SYSTEMD_FIRST_FD + n for n, text in enumerate(bind_texts[:count])}
+        return systemd_fds(count, env.get("LISTEN_FDNAMES", ""), binds)
     return {}
 
 
-def unused_fds(found: Mapping[str, int], bind_texts: Sequence[str]) -> list[int]:
+def systemd_fds(
+    count: int, names_text: str, binds: Sequence[tuple[str, str | None]]
+) -> dict[str, int]:
+    """systemd's ``count`` fds (3, 4, ...) matched to ``binds``: by name, then in order."""
+    fds = [SYSTEMD_FIRST_FD + n for n in range(count)]
+    names = names_text.split(":") if names_text else []
+    if len(names) != count:
+        names = [""] * count  # no names, or not one per fd: by order only
+    found: dict[str, int] = {}
+    for text, name in binds:
+        if name and name in names:
+            found[text] = fds[names.index(name)]
+    left = iter(fd for fd in fds if fd not in found.values())
+    for text, name in binds:
+        if text not in found and not name:
+            fd = next(left, None)
+            if fd is None:
+                break
+            found[text] = fd
+    return found
+
+
+def unused_fds(found: Mapping[str, int], binds: Sequence[tuple[str, str | None]]) -> list[int]:
     """Inherited fds that no configured bind takes: the new master closes them."""
-    wanted = set(bind_texts)
+    wanted = {text for text, _ in binds}
     return [fd for text, fd in found.items() if text not in wanted]
 
 

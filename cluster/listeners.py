@@ -8,6 +8,7 @@ Grammar (DESIGN section 2)::
     fd://N            (a socket inherited from whoever started us)
     ANY-OF-THE-ABOVE=module:Class     serve this listener with its own handler
     ANY-OF-THE-ABOVE=DEMO             ... or a built-in demo (echo, http-hello)
+    ANY-OF-THE-ABOVE?name=N[=HANDLER] under systemd, adopt the socket named N (LISTEN_FDNAMES)
 
 Every listening socket is put in non-blocking mode once, here. The flag lives on the shared open
 file description, so all workers see the same mode: they try ``accept()`` first and only wait in
@@ -41,12 +42,28 @@ class BindSpec:
     fd: int = -1
     handler: str | None = None
     text: str = ""
+    options: tuple[tuple[str, str], ...] = ()  # ``?key=value&...``, known keys only
+
+    @property
+    def name(self) -> str | None:
+        """``?name=N``: the systemd socket (``FileDescriptorName=N``) this bind may adopt."""
+        return dict(self.options).get("name")
+
+
+BIND_OPTIONS = ("name",)  # what may follow ``?`` in a bind URI
 
 
 def parse_bind(text: str) -> BindSpec:
     """Parse one bind URI; raise ConfigError naming ``text`` when it does not fit the grammar."""
     raw = text.strip()
-    address, sep, handler = raw.partition("=")
+    address, question, query = raw.partition("?")
+    if question:
+        options, handler_text = _parse_options(query, text)
+        if handler_text is not None:
+            address += "=" + handler_text
+    else:
+        options = ()
+    address, sep, handler = address.partition("=")
     if (
         sep
         and handler not in BUILTIN_APPS
@@ -59,7 +76,7 @@ def parse_bind(text: str) -> BindSpec:
     handler_or_none = handler if sep else None
 
     def spec(**kw: object) -> BindSpec:
-        return BindSpec(handler=handler_or_none, text=raw, **kw)  # type: ignore[arg-type]
+        return BindSpec(handler=handler_or_none, text=raw, options=options, **kw)  # type: ignore[arg-type]
 
     if address.startswith("unix-dgram:"):
         return spec(kind="unix-dgram", path=_unix_path(address[len("unix-dgram:") :], text))
@@ -82,6 +99,24 @@ def parse_bind(text: str) -> BindSpec:
             )
     host, port = _host_port(address, text)
     return spec(kind=kind, host=host, port=port)
+
+
+def _parse_options(query: str, text: str) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """``name=web&...`` (and, after the last value, an optional ``=module:Class``)."""
+    items = query.split("&")
+    options = []
+    handler = None
+    for n, item in enumerate(items):
+        key, equals, value = item.partition("=")
+        if n == len(items) - 1 and "=" in value:
+            value, _, handler = value.partition("=")
+        if key not in BIND_OPTIONS:
+            raise ConfigError(f"bad bind {text!r}: unknown option {key!r} "
+                              f"(known: {', '.join(BIND_OPTIONS)})")  # fmt: skip
+        if not equals or not value or ":" in value:
+            raise ConfigError(f"bad bind {text!r}: option {key} needs a value without ':'")
+        options.append((key, value))
+    return tuple(options), handler
 
 
 def _unix_path(path: str, text: str) -> str:

@@ -54,8 +54,10 @@ from cluster.generation import Generation, Worker
 from cluster.listeners import Listener, adopt, bind, parse_bind
 from cluster.loopserver import LoopServer
 from cluster.metrics import Accounts, MetricsServer, restart_reason
+from cluster.notify import Notifier
 from cluster.spawn import WorkerProcess
 from cluster.stop import Stop
+from cluster.text import plural
 from cluster.upgrade import BOOTING, Predecessor, Successor
 from cluster.watchdog import Watchdog
 from workers.runtime.client import CUT_IDLE_SIGNAL
@@ -131,6 +133,7 @@ class Master:
         self.control: ControlServer | None = None  # --control: the control socket
         self.metrics: MetricsServer | None = None  # --metrics: the Prometheus endpoint
         self.accounts = Accounts()  # gone workers' numbers, restarts by reason
+        self.notifier = Notifier.from_environ(os.environ)  # systemd's NOTIFY_SOCKET, if any
         # Outcome.
         self.exit_code = EXIT_OK
         self.ready = threading.Event()  # set once the first generation is serving
@@ -157,6 +160,7 @@ class Master:
                 self.kill_past_grace(now)
                 for server in self.loop_servers():
                     server.expire(now)
+                self.notifier.ping(now)
                 if self.stop:
                     self.enforce_stop(now)
                     continue
@@ -195,7 +199,7 @@ class Master:
             set_title(f"cluster: master [{self.name}]")
         if self.install_signals:
             self.install_signal_handlers()
-        log.info("master %d starting %d %s workers", self.pid, self.current.target,
+        log.info("master %d starting %s (%s)", self.pid, plural(self.current.target, "worker"),
                  config.worker_class)  # fmt: skip
         if config.min_spare or config.max_spare:
             self.adaptive = pool.Adaptive(time.monotonic())
@@ -207,7 +211,8 @@ class Master:
         deadlines = [now + LOOP_TICK, self.hung.next_deadline()]
         if self.current is not None:
             deadlines.append(self.steered().backoff.next_deadline(now))
-        for part in (self.stop, self.successor, self.adaptive, *self.loop_servers()):
+        for part in (self.stop, self.successor, self.adaptive, self.notifier,
+                     *self.loop_servers()):  # fmt: skip
             if part is not None:
                 deadlines.append(part.next_deadline())
         if not self.stop:
@@ -316,7 +321,8 @@ class Master:
         generation = self.steered()
         generation.target = commands.target_after(command, generation.target,
                                                   generation.config.pool_bound)  # fmt: skip
-        log.info("pool target is now %d workers", generation.target)
+        log.info("pool target is now %s", plural(generation.target, "worker"))
+        self.notifier.send(STATUS=self.status_line())
         return {"target": generation.target}
 
     do_incr = do_decr = do_scale
@@ -372,8 +378,10 @@ class Master:
                 log.info("listening on %s", listener.uri)
         self.incoming = Generation(current.number + 1, config, listeners, preloaded,
                                    self.handler)  # fmt: skip
-        log.info("reload: starting generation %d (%d %s workers, %s)", self.incoming.number,
-                 self.incoming.target, config.worker_class, config.reload_strategy)  # fmt: skip
+        self.notifier.reloading()
+        log.info("reload: starting generation %d (%s, %s, %s)", self.incoming.number,
+                 plural(self.incoming.target, "worker"), config.worker_class,
+                 config.reload_strategy)  # fmt: skip
         return {"generation": self.incoming.number}
 
     def watch_generations(self, now: float) -> None:
@@ -391,13 +399,14 @@ class Master:
                 assert self.current is not None
                 self.draining.append(self.current)
                 self.current, self.incoming = incoming, None
+                self.notifier.send(READY=1, STATUS=self.status_line())
                 self.check_ready()  # a reload during the first boot
         for generation in [g for g in self.draining if not g.workers]:
             self.draining.remove(generation)
             self.drop(generation)
             if not self.draining and self.incoming is None:
-                log.info("reload complete: generation %d serving with %d workers",
-                         self.steered().number, len(self.steered().workers))  # fmt: skip
+                log.info("reload complete: generation %d serving with %s",
+                         self.steered().number, plural(len(self.steered().workers), "worker"))  # fmt: skip
         if self.incoming is None and self.folded is not None:
             folded, self.folded = self.folded, None
             log.info("reload: starting the reload folded during generation %d's boot",
@@ -414,6 +423,7 @@ class Master:
             _send(worker.pid, signal.SIGKILL)
         self.draining.append(incoming)
         log.error("reload failed: %s; still serving generation %d", why, self.current.number)
+        self.notifier.send(READY=1, STATUS=f"reload failed; {self.status_line()}")
 
     def drop(self, generation: Generation) -> None:
         """A generation with no worker left: close the listeners only it served."""
@@ -580,6 +590,7 @@ class Master:
             fds.extend(self.predecessor.fds())
         for server in self.loop_servers():
             fds.extend(server.fds())
+        fds.extend(self.notifier.fds())
         ours = {lst.sock.fileno() for lst in generation.listeners}
         fds.extend({lst.sock.fileno() for lst in self.open_listener_set()} - ours)
         return fds
@@ -629,8 +640,10 @@ class Master:
         current = self.current
         if self.ready.is_set() or current is None or not current.serving():
             return
-        log.info("ready: %d workers (%s)", current.target, current.mode.name)
+        log.info("ready: %s (%s)", plural(current.target, "worker"), current.mode.name)
         self.ready.set()
+        upgrade = {"MAINPID": self.pid} if self.predecessor is not None else {}
+        self.notifier.send(READY=1, STATUS=self.status_line(), **upgrade)
         if self.predecessor is not None:
             self.predecessor.announce_ready()
 
@@ -711,6 +724,13 @@ class Master:
             log.error("worker %d still alive %.1fs after TERM: KILL", pid, self.hung.grace)
             _send(pid, signal.SIGKILL)
 
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: generation, mode, workers."""
+        generation = self.steered()
+        ready = sum(1 for w in generation if w.ready)
+        return (f"generation {generation.number}, {generation.mode.name}: {ready} of "
+                f"{plural(generation.target, 'worker')} ready")  # fmt: skip
+
     def loop_servers(self) -> list[LoopServer]:
         return [server for server in (self.control, self.metrics) if server is not None]
 
@@ -760,9 +780,10 @@ class Master:
             log.info("stopping during the upgrade: leaving the new master %d to take over",
                      successor.pid)  # fmt: skip
         self.stop = Stop(graceful, self.config.graceful_timeout, time.monotonic(), reason)
+        self.notifier.send(STOPPING=1, STATUS=f"{'graceful' if graceful else 'quick'} stop")
         workers = list(self.all_workers())
-        log.info("%s stop (%s): %d workers, up to %.1fs", "graceful" if graceful else "quick",
-                 reason, len(workers), self.stop.deadline - time.monotonic())  # fmt: skip
+        log.info("%s stop (%s): %s, up to %.1fs", "graceful" if graceful else "quick",
+                 reason, plural(len(workers), "worker"), self.stop.deadline - time.monotonic())  # fmt: skip
         for worker in workers:
             _send(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
@@ -804,6 +825,7 @@ class Master:
             self.control.close()  # its file stays if an upgrade's new master took it over
         if self.metrics is not None:
             self.metrics.close(unlink=not handed_over)
+        self.notifier.close()
         self.selector.close()
         for fd in (self.wake_r, self.wake_w, self.notify_r, self.notify_w):
             os.close(fd)
@@ -833,11 +855,11 @@ class Master:
         """The fds an upgrade or systemd passed us, by the bind text each one serves (the
         metrics endpoint's is ``metrics=URI``); the others are closed. Taken once, at start:
         a later upgrade describes its own."""
-        texts = [spec.text for spec in config.binds]
-        if config.metrics:
-            texts.append(METRICS_TEXT + config.metrics)
-        inherited = handover.inherited_fds(os.environ, texts, os.getpid())
-        for fd in handover.unused_fds(inherited, texts):
+        binds: list[tuple[str, str | None]] = [(spec.text, spec.name) for spec in config.binds]
+        if config.metrics and handover.ENV_FDS in os.environ:  # an upgrade passes it on
+            binds.append((METRICS_TEXT + config.metrics, None))
+        inherited = handover.inherited_fds(os.environ, binds, os.getpid())
+        for fd in handover.unused_fds(inherited, binds):
             os.close(fd)
         for name in (handover.ENV_FDS, "LISTEN_FDS", "LISTEN_PID"):
             os.environ.pop(name, None)

@@ -455,7 +455,7 @@ class OwnCluster:
         """The URIs from the ``listening on`` lines, once the master says ``ready``."""
         assert self.proc is not None
         deadline = time.monotonic() + START_TIMEOUT
-        while not re.search(r"\] ready: \d+ workers", text := self.log()):
+        while not re.search(r"\] ready: \d+ workers?", text := self.log()):
             if self.proc.poll() is not None:
                 code = self.proc.returncode
                 raise ClusterFailed(f"the cluster exited with code {code}", code)

@@ -30,7 +30,7 @@ def main() -> int:
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if re.search(r"ready: \d+ workers", line):
+            if re.search(r"ready: \d+ workers?", line):
                 break
         before, started = own_cpu(proc.pid), time.monotonic()
         time.sleep(args.seconds)  # the measurement window itself

@@ -94,7 +94,7 @@ class Cluster:
             raise AssertionError(f"{err}\n--- log ---\n{self.log}") from None
 
     def wait_ready(self, timeout: float = 20.0) -> Cluster:
-        self.wait_log(r"ready: \d+ workers", timeout)
+        self.wait_log(r"ready: \d+ workers?", timeout)
         return self
 
     @property

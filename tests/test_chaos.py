@@ -125,7 +125,7 @@ def test_errors_fail_a_graceful_run_on_an_attached_cluster(
                     "--actions", "ttin,ttou", "--duration", "2.5")  # fmt: skip
     assert ran.code == 1 and ran.data["errors"]["refused"] > 0, ran.out + ran.err
     assert "verdict     FAIL" in ran.out and ran.masters == (cluster.pid, cluster.pid)
-    cluster.wait_log("pool target is now 1 workers")  # TTOU after TTIN, on this master
+    cluster.wait_log("pool target is now 1 worker")  # TTOU after TTIN, on this master
     assert alive(cluster.pid)
 
 

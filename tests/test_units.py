@@ -33,6 +33,8 @@ pytestmark = pytest.mark.timeout(10)
             BindSpec("tcp", host="127.0.0.1", port=0, handler="pkg.mod:Handler"),
         ),
         ("[::1]:0=m:H", BindSpec("tcp", host="::1", port=0, handler="m:H")),
+        ("127.0.0.1:80?name=web", BindSpec("tcp", host="127.0.0.1", port=80)),
+        ("127.0.0.1:80?name=web=m:H", BindSpec("tcp", host="127.0.0.1", port=80, handler="m:H")),
     ],
 )
 def test_parse_bind_accepts_the_grammar(text: str, expected: BindSpec) -> None:
@@ -45,12 +47,18 @@ def test_parse_bind_accepts_the_grammar(text: str, expected: BindSpec) -> None:
 @pytest.mark.parametrize(
     "text",
     ["nonsense", "tcp://127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", "ftp://a:1", "::1:80",
-     "[::1]80", "unix:", "fd://x", "127.0.0.1:0=nocolon", "127.0.0.1:0=:Cls"],
+     "[::1]80", "unix:", "fd://x", "127.0.0.1:0=nocolon", "127.0.0.1:0=:Cls",
+     "127.0.0.1:0?proxy=v2", "127.0.0.1:0?name=", "127.0.0.1:0?name"],
 )  # fmt: skip
 def test_parse_bind_rejects_bad_uris_naming_them(text: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_bind(text)
     assert repr(text) in str(err.value)
+
+
+def test_bind_names_for_systemd() -> None:
+    assert parse_bind("127.0.0.1:80?name=web").name == "web"
+    assert parse_bind("127.0.0.1:80").name is None
 
 
 def test_format_uri_round_trips() -> None:
@@ -174,10 +182,16 @@ def test_inherited_fds_from_upgrade_and_systemd() -> None:
 
     env = {handover.ENV_FDS: handover.encode_fds([(7, "tcp://127.0.0.1:0"), (9, "unix:/x")])}
     assert handover.inherited_fds(env, [], 1) == {"tcp://127.0.0.1:0": 7, "unix:/x": 9}
-    assert handover.unused_fds({"a": 7, "b": 9}, ["a"]) == [9]
+    assert handover.unused_fds({"a": 7, "b": 9}, [("a", None)]) == [9]
     systemd = {"LISTEN_PID": "42", "LISTEN_FDS": "2"}
-    assert handover.inherited_fds(systemd, ["a", "b", "c"], 42) == {"a": 3, "b": 4}
-    assert handover.inherited_fds(systemd, ["a"], 43) == {}  # not for us
+    abc = [("a", None), ("b", None), ("c", None)]
+    assert handover.inherited_fds(systemd, abc, 42) == {"a": 3, "b": 4}
+    assert handover.inherited_fds(systemd, [("a", None)], 43) == {}  # not for us
+    named = {**systemd, "LISTEN_FDNAMES": "admin:web"}
+    binds = [("w", "web"), ("x", "missing"), ("plain", None), ("a", "admin")]
+    assert handover.inherited_fds(named, binds, 42) == {"w": 4, "a": 3}  # by name; "x" binds
+    assert handover.inherited_fds({**systemd, "LISTEN_FDNAMES": "admin:web"},
+                                  [("p", None), ("a", "admin")], 42) == {"a": 3, "p": 4}  # fmt: skip
     with pytest.raises(ConfigError, match="CLUSTER_FDS"):
         handover.inherited_fds({handover.ENV_FDS: "nonsense"}, [], 1)
 

@@ -85,6 +85,8 @@ def _parse_http(uri: str, rest: str) -> Target:
 def _parse_bind(text: str, uri: str) -> BindSpec:
     """``parse_bind(text)`` with the bind errors reworded for ``uri``, and the forms that bind
     but are no target refused."""
+    if "?" in text:  # parse_bind would take it for a listener's options
+        raise UsageError(f"bad target {uri!r}: ?options belong to a listener, not a target")
     if "=" in text:  # parse_bind would take it for a handler suffix
         handler = text.partition("=")[2]
         raise UsageError(
