@@ -7,15 +7,13 @@ Errors the user can fix print one line and exit with the contract's code (2 usag
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from cluster import config as config_module
+from cluster import logs
 from cluster.app import BUILTIN_APPS
 from cluster.errors import ClusterError, OneLineParser
 from workers.runtime import modes
-
-LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 
 
 def version() -> str:
@@ -99,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics here: tcp://HOST:PORT or unix:PATH "
                      "(default: none)")  # fmt: skip
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info (default), warning, error")
+    run.add_argument("--log-format", choices=("text", "json"),
+                     help="text (default), or json: one object per line")  # fmt: skip
+    run.add_argument("--log-file", metavar="PATH",
+                     help="write the log here instead of stderr (USR1 reopens it)")  # fmt: skip
+    run.add_argument("--access-log", metavar="PATH",
+                     help="one line per request, to PATH or - (stderr); default: none")  # fmt: skip
+    run.add_argument("--access-log-format", metavar="FORMAT",
+                     help="str.format fields: time, client, listener, pid, duration_ms, "
+                     "bytes_in, bytes_out, request, status")  # fmt: skip
     run.add_argument("--preload", action="store_true",
                      help="import the app in the master only; workers use that copy")  # fmt: skip
     run.add_argument("--config", metavar="FILE", help="TOML file with the long flags as keys")
@@ -119,10 +126,6 @@ def config_from_args(args: argparse.Namespace) -> config_module.Config:
     path = flags.get("config")
     file_values = config_module.read_toml(path) if path else {}
     return config_module.build(file_values, flags)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return ctl.run(args)
     try:
         config = config_from_args(args)
-        setup_logging(config.log_level)
+        logs.setup(config.log_level, config.log_format, config.log_file)
         from cluster.master import Master  # after validation: `--help` and bad flags stay fast
 
         return Master(config, reread_config=lambda: config_from_args(args), upgradable=True).run()

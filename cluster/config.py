@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
 from workers.runtime import modes
+from workers.runtime.access import DEFAULT_ACCESS_FORMAT, format_error
 
 RELOAD_STRATEGIES = ("all", "rolling")
 DEFAULT_BIND = "tcp://127.0.0.1:8000"
@@ -45,6 +46,10 @@ class Config:
     metrics: str | None = None  # the Prometheus endpoint: tcp://HOST:PORT or unix:PATH
     name: str = ""
     log_level: str = "info"
+    log_format: str = "text"  # text | json
+    log_file: str | None = None  # default: stderr
+    access_log: str | None = None  # a path, or - for stderr; none by default
+    access_log_format: str = DEFAULT_ACCESS_FORMAT
     preload: bool = False
     config: str | None = None
 
@@ -93,6 +98,11 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
                           f"critical, got {config.log_level!r}")  # fmt: skip
     if not config.bind:
         raise ConfigError(f"at least one {spell('bind')} is needed")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"{spell('log_format')} must be text or json, got {config.log_format!r}")
+    if problem := format_error(config.access_log_format):
+        raise ConfigError(f"bad {spell('access_log_format')} {config.access_log_format!r}: "
+                          f"{problem}")  # fmt: skip
     if config.metrics and parse_bind(config.metrics).kind not in ("tcp", "unix"):
         raise ConfigError(f"{spell('metrics')} must be tcp://HOST:PORT or unix:PATH, "
                           f"got {config.metrics!r}")  # fmt: skip

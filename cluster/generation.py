@@ -106,8 +106,8 @@ class Generation:
         return WorkerSpec(
             slot=slot, generation=self.number, mode=self.mode.name, name=name,
             master_pid=os.getpid(),
-            endpoints=[Endpoint(lst.sock, lst.kind, lst.spec.handler, lst.server)
-                       for lst in self.listeners],
+            endpoints=[Endpoint(lst.sock, lst.kind, lst.spec.handler, lst.server, uri)
+                       for lst, uri in zip(self.listeners, self.uris, strict=True)],
             load_handler=self.loader(), notify_fd=notify_fd, scoreboard=self.scoreboard,
             inherited_fds=private_fds, threads=config.threads,
             max_children=config.max_children, graceful_timeout=config.graceful_timeout,

@@ -49,7 +49,7 @@ from cluster.app import load_handler
 from cluster.commands import Command, Refused, Reply
 from cluster.config import Config
 from cluster.control import ControlServer, open_control
-from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError
+from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError, ConfigError
 from cluster.generation import Generation, Worker
 from cluster.listeners import Listener, adopt, bind, parse_bind
 from cluster.loopserver import LoopServer
@@ -60,6 +60,7 @@ from cluster.stop import Stop
 from cluster.text import plural
 from cluster.upgrade import BOOTING, Predecessor, Successor
 from cluster.watchdog import Watchdog
+from workers.runtime.access import ACCESS, ROLE, AccessLog, reopen_logs
 from workers.runtime.client import CUT_IDLE_SIGNAL
 from workers.runtime.entry import run as worker_main
 from workers.runtime.entry import set_title
@@ -190,11 +191,14 @@ class Master:
             log.info("listening on %s", listener.uri)
         if config.metrics:
             self.open_metrics(config, inherited.get(METRICS_TEXT + config.metrics))
+        if config.access_log:
+            ACCESS.log = open_access_log(config)  # before any fork: every worker appends to it
         if config.control:
             sock = open_control(config.control, taking_over=self.predecessor is not None)
             self.control = ControlServer(sock, self.selector, config.control, self.dispatch)
             log.info("control socket on unix:%s", config.control)
         self.current = Generation(1, config, listeners, preloaded, self.handler)
+        ROLE.generation = 1
         if self.set_title:
             set_title(f"cluster: master [{self.name}]")
         if self.install_signals:
@@ -342,8 +346,12 @@ class Master:
         self.begin_stop(graceful=False, reason=command.origin or "asked")
 
     def do_reopen_logs(self, command: Command) -> dict:
-        log.info("nothing to reopen: logs go to stderr")
-        return {"reopened": []}
+        """USR1: reopen our log files (logrotate moved them) and have every worker do so."""
+        reopened = reopen_logs()
+        for worker in self.all_workers():
+            _send(worker.pid, signal.SIGUSR1)
+        log.info("reopened %s", ", ".join(reopened) if reopened else "nothing (logs go to stderr)")
+        return {"reopened": reopened}
 
     # ----------------------------------------------------------------- reload
     def do_reload(self, command: Command) -> dict:
@@ -367,6 +375,7 @@ class Master:
             return self.do_upgrade(command)
         try:
             config = self.reread_config() if self.reread_config else current.config
+            logging.getLogger().setLevel(config.log_level.upper())  # --log-level, re-applied
             preloaded = self.check_app(config)
             listeners = self.open_listeners(config, keep=self.open_listener_set())
         except ClusterError as err:
@@ -399,6 +408,7 @@ class Master:
                 assert self.current is not None
                 self.draining.append(self.current)
                 self.current, self.incoming = incoming, None
+                ROLE.generation = incoming.number
                 self.notifier.send(READY=1, STATUS=self.status_line())
                 self.check_ready()  # a reload during the first boot
         for generation in [g for g in self.draining if not g.workers]:
@@ -826,6 +836,9 @@ class Master:
         if self.metrics is not None:
             self.metrics.close(unlink=not handed_over)
         self.notifier.close()
+        if ACCESS.log is not None:
+            ACCESS.log.close()
+            ACCESS.log = None
         self.selector.close()
         for fd in (self.wake_r, self.wake_w, self.notify_r, self.notify_w):
             os.close(fd)
@@ -887,6 +900,14 @@ class Master:
                     listener.close()
             raise
         return opened
+
+
+def open_access_log(config: Config) -> AccessLog:
+    try:
+        return AccessLog(config.access_log or "-", config.access_log_format,
+                         as_json=config.log_format == "json")  # fmt: skip
+    except OSError as err:
+        raise ConfigError(f"cannot open access log {config.access_log}: {err.strerror}") from None
 
 
 def _only_wake(signum: int, frame: object) -> None:

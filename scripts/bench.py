@@ -30,6 +30,7 @@ per request the server may spend on this machine once the client has taken its s
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
 import re
@@ -122,15 +123,24 @@ def _start_logged(args: list[str], ready: str, timeout: float = 20.0) -> Running
     raise RuntimeError(f"{args} did not start:\n{''.join(lines)}")
 
 
-def cluster_row(mode: str, workers: int = WORKERS) -> Row:
+ACCESS_LOG = os.path.join(tempfile.gettempdir(), f"bench-access-{os.getpid()}.log")
+atexit.register(lambda: os.path.exists(ACCESS_LOG) and os.unlink(ACCESS_LOG))
+
+
+def cluster_row(mode: str, workers: int = WORKERS, access_log: bool = False) -> Row:
+    """The cluster in ``mode``; with ``access_log``, writing a line per request to a file
+    (what the access log costs: the target is under 10% of the row without it)."""
+
     def start(kind: str) -> Running:
         app = "http-hello" if kind == HTTP else "echo"
         bind = "udp://127.0.0.1:0" if kind == UDP_ECHO else "127.0.0.1:0"
+        extra = ["--access-log", ACCESS_LOG] if access_log else []
         return _start_logged([sys.executable, "-m", "cluster", "run", app, "-k", mode,
-                              "-w", str(workers), "--threads", str(THREADS), "-b", bind],
+                              "-w", str(workers), "--threads", str(THREADS), "-b", bind, *extra],
                              r"ready: \d+ workers?")  # fmt: skip
 
-    return Row(f"cluster {mode}", start, frozenset({HTTP, TCP_ECHO, UDP_ECHO}))
+    name = f"cluster {mode}" + (" + access log" if access_log else "")
+    return Row(name, start, frozenset({HTTP, TCP_ECHO, UDP_ECHO}))
 
 
 def stdlib_row(kind_name: str) -> Row:
@@ -516,7 +526,8 @@ def main() -> int:
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(unknown)}")
-    rows = [cluster_row("sync"), cluster_row("thread"), cluster_row("fork"),
+    rows = [cluster_row("sync"), cluster_row("sync", access_log=True), cluster_row("thread"),
+            cluster_row("fork"),
             stdlib_row("threading"), stdlib_row("forking"), stdlib_row("udp"),
             bare_row("prefork"), bare_row("fork")]  # fmt: skip
     rows += [row for row in (gunicorn_row("sync"), gunicorn_row("gthread"), nginx_row()) if row]

@@ -21,10 +21,11 @@ import socket
 import time
 from collections.abc import Callable
 
-from workers.runtime.client import CONNECTIONS, ClientSocket
+from workers.runtime.access import ACCESS
+from workers.runtime.client import CONNECTIONS, ClientSocket, CountingClientSocket
 from workers.runtime.context import Context
 from workers.runtime.lifecycle import Lifecycle, master_alive
-from workers.runtime.scoreboard import WorkerSlot
+from workers.runtime.scoreboard import WorkerSlot, format_client
 from workers.runtime.spec import PARENT_CHECK_INTERVAL
 from workers.servers import BaseServer
 
@@ -127,7 +128,10 @@ class AcceptLoop:
         self.poller.register(fd, LISTENER_EVENTS)
 
     def wait(self) -> None:
-        """Sleep until a listener is readable, a signal arrives, or the parent check is due."""
+        """Sleep until a listener is readable, a signal arrives, or the parent check is due.
+        (Going idle is when the access log's gathered lines go out.)"""
+        if ACCESS.log is not None:
+            ACCESS.log.flush()
         if self.starving:  # only a signal cuts the pause short
             select.select([self.lifecycle.wake_r], [], [], RESOURCE_PAUSE)
         else:
@@ -182,7 +186,7 @@ def in_lane(
     """Dispatch one request with its lane marked busy on the scoreboard meanwhile, and its
     connection's reads marked in that lane."""
     slot.begin(lane, client, server.listener_index)
-    attached = type(request) is ClientSocket
+    attached = isinstance(request, ClientSocket)
     if attached:
         request.attach(slot.doubles, slot.io_index(lane))
         CONNECTIONS.add(request)
@@ -191,7 +195,27 @@ def in_lane(
     finally:
         if attached:
             CONNECTIONS.discard(request)
-        slot.end(lane, server.listener_index)
+        duration = slot.end(lane, server.listener_index)
+        if ACCESS.log is not None:
+            log_access(server, request, client, duration)
+
+
+def log_access(server: BaseServer, request: object, client: object, duration: float) -> None:
+    """The request's access log line (an http.server handler wrote its own, per request)."""
+    if isinstance(request, tuple):  # a datagram
+        bytes_in, bytes_out = len(request[0]), "-"
+    elif type(request) is CountingClientSocket:
+        if request.http_logged:
+            return
+        bytes_in, bytes_out = request.bytes_in, request.bytes_out
+    else:
+        bytes_in = bytes_out = "-"
+    ACCESS.log.write({  # type: ignore[union-attr]
+        "client": format_client(client).decode(errors="replace"),
+        "listener": server.listener_uri, "pid": os.getpid(),
+        "duration_ms": f"{duration * 1000:.3f}", "bytes_in": bytes_in, "bytes_out": bytes_out,
+        "request": "-", "status": "-",
+    })  # fmt: skip
 
 
 def close_all(servers: list[BaseServer]) -> None:

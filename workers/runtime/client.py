@@ -28,9 +28,12 @@ interactive protocol) is never cut: it is the client's turn within a request.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from time import monotonic
+
+from workers.runtime.access import ACCESS
 
 CUT_IDLE_SIGNAL = signal.SIGURG  # from the master: cut connections idle past --keep-alive
 
@@ -90,15 +93,45 @@ class ClientSocket(socket.socket):
         return self._io[self._at + 1] if self.between else 0.0
 
 
+class CountingClientSocket(ClientSocket):
+    """A ``ClientSocket`` that also counts the bytes in and out, for the access log (only
+    with ``--access-log``: the counting is not free)."""
+
+    __slots__ = ("bytes_in", "bytes_out", "http_logged")
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = ClientSocket.recv(self, bufsize, flags)
+        self.bytes_in += len(data)
+        return data
+
+    def recv_into(self, buffer: object, nbytes: int = 0, flags: int = 0) -> int:
+        count = ClientSocket.recv_into(self, buffer, nbytes, flags)
+        self.bytes_in += count
+        return count
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        sent = socket.socket.send(self, data, flags)
+        self.bytes_out += sent
+        return sent
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        socket.socket.sendall(self, data, flags)
+        self.bytes_out += len(data)
+
+
 class ListeningSocket(socket.socket):
     """A shared listener whose ``accept()`` gives ``ClientSocket`` connections."""
 
     __slots__ = ()
+    client_class: type[ClientSocket] = ClientSocket  # CountingClientSocket with an access log
 
     def accept(self) -> tuple[ClientSocket, object]:
         fd, address = self._accept()
-        sock = ClientSocket(self.family, self.type, self.proto, fileno=fd)
+        sock = self.client_class(self.family, self.type, self.proto, fileno=fd)
         sock._io, sock._at, sock.between = _SPARE, 0, False
+        if type(sock) is CountingClientSocket:
+            sock.bytes_in = sock.bytes_out = 0
+            sock.http_logged = False
         return sock, address
 
 
@@ -149,6 +182,7 @@ def mark_requests(handler: type) -> type:
 
     class Marked(handler):  # type: ignore[misc, valid-type]
         _served_one = False
+        _cluster_status: object = None
 
         def handle_one_request(self) -> None:
             if self._served_one:
@@ -156,15 +190,48 @@ def mark_requests(handler: type) -> type:
                 if mark is not None:
                     mark()
             self._served_one = True
+            self._cluster_status = None
             super().handle_one_request()
+            if self._cluster_status is not None and ACCESS.log is not None:
+                self._log_access()
 
         def parse_request(self) -> bool:
             # The request line came (maybe from rfile's buffer, without a read): the wait
             # for this request is over, whatever the handler reads next is part of it.
-            if type(self.connection) is ClientSocket:
+            if isinstance(self.connection, ClientSocket):
                 self.connection.between = False
+            self._cluster_started = monotonic()
             return super().parse_request()
+
+        def log_request(self, code: object = "-", size: object = "-") -> None:
+            self._cluster_status = code  # the access log line waits for the whole reply
+            super().log_request(code, size)
+
+        def _log_access(self) -> None:
+            """One access log line per HTTP request, once it is answered: its request line,
+            status, and bytes (the handler's own logging goes on as it was)."""
+            sock = self.connection
+            if type(sock) is not CountingClientSocket:
+                return
+            seen_in, seen_out = getattr(self, "_cluster_bytes", (0, 0))
+            code = self._cluster_status
+            ACCESS.log.write({  # type: ignore[union-attr]
+                "client": _client(self.client_address),
+                "listener": getattr(self.server, "listener_uri", "-"), "pid": os.getpid(),
+                "duration_ms": f"{(monotonic() - self._cluster_started) * 1000:.3f}",
+                "bytes_in": sock.bytes_in - seen_in, "bytes_out": sock.bytes_out - seen_out,
+                "request": getattr(self, "requestline", "-"),
+                "status": int(code) if str(code).isdigit() else code,
+            })  # fmt: skip
+            self._cluster_bytes = (sock.bytes_in, sock.bytes_out)
+            sock.http_logged = True
 
     Marked.__name__ = Marked.__qualname__ = handler.__name__
     Marked.__module__ = handler.__module__
     return Marked
+
+
+def _client(address: object) -> str:
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address or "-")

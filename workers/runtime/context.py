@@ -97,6 +97,7 @@ def make_server(
     """
     server = _server(endpoint, handler, mixin)
     server.listener_index = listener
+    server.listener_uri = endpoint.uri
     server.shutdown = context.ask_master_to_stop  # type: ignore[method-assign]
     report = server.handle_error
     slot = context.slot

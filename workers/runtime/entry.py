@@ -19,14 +19,20 @@ import signal
 import sys
 
 from workers.runtime import modes
-from workers.runtime.client import CUT_IDLE_SIGNAL, mark_requests
+from workers.runtime.access import ACCESS, ROLE, reopen_logs
+from workers.runtime.client import (
+    CUT_IDLE_SIGNAL,
+    CountingClientSocket,
+    ListeningSocket,
+    mark_requests,
+)
 from workers.runtime.context import Context
 from workers.runtime.lifecycle import Lifecycle, set_parent_death_signal
 from workers.runtime.spec import EXIT_BOOT_ERROR, HANDLED_SIGNALS, STACK_DUMP_SIGNAL, WorkerSpec
 
 log = logging.getLogger("cluster.worker")
 
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
 
 def run(spec: WorkerSpec) -> None:
@@ -41,7 +47,11 @@ def run(spec: WorkerSpec) -> None:
         sys.exit(EXIT_BOOT_ERROR)
     mode = modes.get(spec.mode)
     context = Context(spec, lifecycle, slot)
-    mode.serve(list(zip(spec.endpoints, handlers, strict=True)), context)
+    try:
+        mode.serve(list(zip(spec.endpoints, handlers, strict=True)), context)
+    finally:
+        if ACCESS.log is not None:
+            ACCESS.log.flush()
     sys.exit(context.exit_code)
 
 
@@ -60,13 +70,23 @@ def boot(spec: WorkerSpec) -> Lifecycle:
     signal.signal(signal.SIGQUIT, lifecycle.quick_stop)
     for signum in IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, _reopen_logs)  # logrotate's, passed on by the master
     signal.signal(signal.SIGCHLD, lifecycle.child_exited)
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     set_parent_death_signal(signal.SIGQUIT, spec.master_pid)  # master gone: a quick stop
+    ROLE.name, ROLE.generation = "worker", spec.generation
+    if ACCESS.log is not None:  # the master opened it: count the bytes it logs
+        ListeningSocket.client_class = CountingClientSocket
     name = f" [{spec.name}]" if spec.name else ""
     set_title(f"cluster: worker{name} {spec.mode} slot={spec.slot} gen={spec.generation}")
     return lifecycle
+
+
+def _reopen_logs(signum: int, frame: object) -> None:
+    reopened = reopen_logs()
+    if reopened:
+        log.info("worker %d reopened %s", os.getpid(), ", ".join(reopened))
 
 
 def set_title(title: str) -> None:

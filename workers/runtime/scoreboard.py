@@ -175,8 +175,9 @@ class WorkerSlot:
         doubles[at + LISTENER_OFFSET] = listener
         doubles[at] = time.monotonic()  # ``started``: the lane's first field
 
-    def end(self, lane: int, listener: int = 0) -> None:
-        """The request in ``lane`` (from ``listener``) is over: count it and its duration."""
+    def end(self, lane: int, listener: int = 0) -> float:
+        """The request in ``lane`` (from ``listener``) is over: count it and its duration,
+        which it returns."""
         doubles, at = self.doubles, self._lane0 + lane * self._lane_size
         duration = time.monotonic() - doubles[at]
         doubles[at] = 0.0
@@ -184,6 +185,7 @@ class WorkerSlot:
         doubles[stats] += 1.0
         doubles[stats + DURATION_SUM] += duration
         doubles[stats + FIRST_BUCKET + bisect_left(BUCKETS, duration)] += 1.0
+        return duration
 
 
 class Scoreboard:

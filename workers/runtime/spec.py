@@ -8,8 +8,9 @@ as plain memory. Signals to a worker (the master is the only sender that matters
     USR2        dump the Python stack of every thread to the log (faulthandler): the master
                 sends it before it kills a worker whose request ran past ``--timeout``
     URG         cut the connections idle between requests past ``--keep-alive``
-    HUP, TTIN, TTOU, USR1, WINCH   ignored here: they are the master's, and a signal sent to
-                the whole process group must not kill workers
+    USR1        reopen the log files (the master passes the operator's USR1 on)
+    HUP, TTIN, TTOU, WINCH   ignored here: they are the master's, and a signal sent to the
+                whole process group must not kill workers
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Endpoint:
     kind: str  # "tcp" | "udp" | "unix" | "unix-dgram"
     app: str | None = None  # per-listener ``module:Class``; None serves the default app
     server: BaseServer | None = None  # the library API's own server object, reused as is
+    uri: str = "-"  # its real address, as the master's log and the access log name it
 
 
 @dataclass

@@ -14,7 +14,8 @@ import signal
 import time
 
 from workers.mixins import ForkingMixIn
-from workers.runtime.accept import AcceptLoop, dispatch
+from workers.runtime.accept import AcceptLoop, dispatch, log_access
+from workers.runtime.access import ACCESS
 from workers.runtime.client import CONNECTIONS, ClientSocket
 from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.escalation import Escalation, overdue, stalled_for
@@ -41,10 +42,23 @@ class WorkerForkingMixIn(ForkingMixIn):
         children = self.active_children
         if isinstance(children, Children):
             CURRENT.lane = children.next_lane  # this child's errors count in its lane
-            if type(request) is ClientSocket:
+            if isinstance(request, ClientSocket):
                 request.attach(children.slot.doubles, children.slot.io_index(children.next_lane))
                 CONNECTIONS.add(request)
-        super().finish_request(request, client_address)
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self._log_child(request, client_address)
+
+    def _log_child(self, request: object, client_address: object) -> None:
+        """A child writes its own access log line at once: it exits right after."""
+        if ACCESS.log is None:
+            return
+        children = self.active_children
+        lane = children.next_lane if isinstance(children, Children) else 0
+        started = children.slot.lanes[lane].started if isinstance(children, Children) else 0.0
+        log_access(self, request, client_address, time.monotonic() - started)
+        ACCESS.log.flush()
 
 
 class Children(set):
