@@ -137,8 +137,10 @@ def summarize(name: str, answer: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ tables
-def status_tables(status: dict, rates: dict[int, float] | None = None) -> list:
-    """The status as rich renderables: the workers, the totals, the listeners."""
+def status_tables(status: dict, rates: dict[int, float] | None = None,
+                  listener_rates: dict[str, float] | None = None) -> list:  # fmt: skip
+    """The status as rich renderables: the workers, the totals, the listeners (busiest
+    first, with their rates, in ``top``)."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -179,9 +181,17 @@ def status_tables(status: dict, rates: dict[int, float] | None = None) -> list:
     listeners.add_column("listener")
     for column in ("accepted", "requests", "errors"):
         listeners.add_column(column, justify="right")
-    for entry in status.get("listener_stats", []):
-        listeners.add_row(escape(entry["uri"]), str(entry["accepted"]), str(entry["requests"]),
-                          str(entry["errors"]))  # fmt: skip
+    if listener_rates is not None:
+        listeners.add_column("req/s", justify="right")
+    entries = status.get("listener_stats", [])
+    if listener_rates is not None:
+        entries = sorted(entries, key=lambda e: -listener_rates.get(e["uri"], 0.0))
+    for entry in entries:
+        row = [escape(entry["uri"]), str(entry["accepted"]), str(entry["requests"]),
+               str(entry["errors"])]  # fmt: skip
+        if listener_rates is not None:
+            row.append(f"{listener_rates.get(entry['uri'], 0.0):.0f}")
+        listeners.add_row(*row)
     if not status.get("listener_stats"):
         for uri in status["listeners"]:
             listeners.add_row(uri, "-", "-", "-")
@@ -208,13 +218,17 @@ def top(path: str, once: bool, interval: float) -> int:
         nonlocal previous, previous_at
         status, now = ask(path, {"cmd": "status"}), time.monotonic()
         rates: dict[int, float] = {}
+        listener_rates: dict[str, float] = {}
         if previous is not None:
-            before = {w["pid"]: w["requests"] for w in previous["workers"]}
             span = max(now - previous_at, 1e-6)
+            before = {w["pid"]: w["requests"] for w in previous["workers"]}
             for w in status["workers"]:
                 rates[w["pid"]] = max(0, w["requests"] - before.get(w["pid"], w["requests"])) / span
+            seen = {e["uri"]: e["requests"] for e in previous.get("listener_stats", [])}
+            for e in status.get("listener_stats", []):
+                listener_rates[e["uri"]] = max(0, e["requests"] - seen.get(e["uri"], 0)) / span
         previous, previous_at = status, now
-        return Group(*status_tables(status, rates))
+        return Group(*status_tables(status, rates, listener_rates))
 
     if once:
         frame()
