@@ -21,11 +21,11 @@ import socket
 import time
 from collections.abc import Callable
 
-from workers.runtime.access import ACCESS
+from workers.runtime.access import ACCESS, ROLE
 from workers.runtime.client import CONNECTIONS, ClientSocket, CountingClientSocket
 from workers.runtime.context import Context
 from workers.runtime.lifecycle import Lifecycle, master_alive
-from workers.runtime.scoreboard import WorkerSlot, format_client
+from workers.runtime.scoreboard import WorkerSlot
 from workers.runtime.spec import PARENT_CHECK_INTERVAL
 from workers.servers import BaseServer
 
@@ -210,12 +210,10 @@ def log_access(server: BaseServer, request: object, client: object, duration: fl
         bytes_in, bytes_out = request.bytes_in, request.bytes_out
     else:
         bytes_in = bytes_out = "-"
-    ACCESS.log.write({  # type: ignore[union-attr]
-        "client": format_client(client).decode(errors="replace"),
-        "listener": server.listener_uri, "pid": os.getpid(),
-        "duration_ms": f"{duration * 1000:.3f}", "bytes_in": bytes_in, "bytes_out": bytes_out,
-        "request": "-", "status": "-",
-    })  # fmt: skip
+    ACCESS.log.write(  # type: ignore[union-attr]
+        f"{client[0]}:{client[1]}" if type(client) is tuple else str(client or "-"),
+        server.listener_uri, ROLE.pid, f"{duration * 1000:.3f}", bytes_in, bytes_out, "-", "-",
+    )  # fmt: skip
 
 
 def close_all(servers: list[BaseServer]) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
 
 ACCESS_FIELDS = ("time", "client", "listener", "pid", "duration_ms", "bytes_in", "bytes_out",
                  "request", "status")  # fmt: skip
@@ -25,10 +24,12 @@ DEFAULT_ACCESS_FORMAT = ('{time} {client} {listener} pid={pid} {duration_ms}ms i
 
 
 class Role:
-    """Who this process is, for the JSON log: the master, or a worker of a generation."""
+    """Who this process is, for the JSON log and the access log: the master, or a worker of
+    a generation (``pid`` set once at the worker's boot, read on every logged request)."""
 
     name = "master"
     generation = 0
+    pid = 0
 
 
 ROLE = Role()
@@ -50,6 +51,7 @@ class AccessLog:
     def __init__(self, path: str, fmt: str = DEFAULT_ACCESS_FORMAT, as_json: bool = False) -> None:
         self.path = path
         self.format = fmt
+        self.line = compile_format(fmt)  # fields -> the line, without str.format's parsing
         self.as_json = as_json
         self.fd = (
             2
@@ -69,10 +71,14 @@ class AccessLog:
                                                               time.localtime(now))  # fmt: skip
         return self._stamp
 
-    def write(self, fields: Mapping[str, object]) -> None:
-        entry = {"time": self.stamp(), **fields}
-        line = json.dumps(entry, default=str) if self.as_json else self.format.format_map(entry)
-        self.lines.append(line + "\n")
+    def write(self, *values: object) -> None:
+        """One line: ``values`` are the fields after ``time`` (added here), in the order of
+        ``ACCESS_FIELDS``."""
+        if self.as_json:
+            self.lines.append(json.dumps(dict(zip(ACCESS_FIELDS, (self.stamp(), *values),
+                                                  strict=True)), default=str))  # fmt: skip
+        else:
+            self.lines.append(self.line(self.stamp(), *values))
         if len(self.lines) >= self.BATCH:
             self.flush()
 
@@ -81,7 +87,7 @@ class AccessLog:
             lines, self.lines = self.lines, []
         if not lines:
             return
-        data = "".join(lines).encode(errors="backslashreplace")
+        data = ("\n".join(lines) + "\n").encode(errors="backslashreplace")
         limit = self.PIPE_BUF if self.fd == 2 else len(data)
         while data:
             cut = len(data) if len(data) <= limit else data.rfind(b"\n", 0, limit) + 1 or limit
@@ -115,11 +121,41 @@ class Access:
 ACCESS = Access()
 
 
+def compile_format(fmt: str):  # noqa: ANN201
+    """``fmt`` (``str.format`` fields named in ``ACCESS_FIELDS``) as a function of the fields,
+    in that order: an f-string compiled once, several times faster per line than
+    ``format_map``.
+
+    The source is built from the parsed format, never from the text as it is: literals are
+    ``repr``-quoted, field names (the function's parameters) checked against
+    ``ACCESS_FIELDS``, conversions and specs checked to hold no brace nor quote, so nothing of
+    the format can become code."""
+    import string
+
+    parts = []
+    for literal, name, spec, conversion in string.Formatter().parse(fmt):
+        if literal:
+            parts.append(literal.replace("{", "{{").replace("}", "}}"))
+        if name is None:
+            continue
+        if (
+            name not in ACCESS_FIELDS
+            or (conversion or "") not in ("", "r", "s", "a")
+            or any(c in (spec or "") for c in "{}'\"\\\n")
+        ):
+            raise ValueError(f"bad field {{{name}}}")
+        field = "{" + name + (f"!{conversion}" if conversion else "")
+        parts.append(field + (f":{spec}" if spec else "") + "}")
+    return eval(compile(f"lambda {', '.join(ACCESS_FIELDS)}: f{''.join(parts)!r}",
+                        "<access-log-format>", "eval"), {"__builtins__": {}})  # noqa: S307  # fmt: skip
+
+
 def format_error(fmt: str) -> str | None:
     """What is wrong with an access log format (an unknown field, a bad brace), or None."""
     try:
         fmt.format_map(dict.fromkeys(ACCESS_FIELDS, "x"))
-    except (KeyError, ValueError, IndexError) as err:
+        compile_format(fmt)(*["x"] * len(ACCESS_FIELDS))
+    except (KeyError, ValueError, IndexError, SyntaxError) as err:
         return f"{err} (fields: {', '.join(ACCESS_FIELDS)})"
     return None
 

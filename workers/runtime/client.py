@@ -28,17 +28,17 @@ interactive protocol) is never cut: it is the client's turn within a request.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 from time import monotonic
 
-from workers.runtime.access import ACCESS
+from workers.runtime.access import ACCESS, ROLE
 
 CUT_IDLE_SIGNAL = signal.SIGURG  # from the master: cut connections idle past --keep-alive
 
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
+_send, _sendall = socket.socket.send, socket.socket.sendall
 _SPARE = memoryview(bytearray(16)).cast("d")  # where an unattached connection writes
 
 
@@ -100,22 +100,38 @@ class CountingClientSocket(ClientSocket):
     __slots__ = ("bytes_in", "bytes_out", "http_logged")
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = ClientSocket.recv(self, bufsize, flags)
+        if self.between:
+            data = self._next_request(_recv, b"", bufsize, flags)
+        else:
+            io, at = self._io, self._at
+            io[at] = monotonic()
+            try:
+                data = _recv(self, bufsize, flags)
+            finally:
+                io[at] = -monotonic()
         self.bytes_in += len(data)
         return data
 
     def recv_into(self, buffer: object, nbytes: int = 0, flags: int = 0) -> int:
-        count = ClientSocket.recv_into(self, buffer, nbytes, flags)
+        if self.between:
+            count = self._next_request(_recv_into, 0, buffer, nbytes, flags)
+        else:
+            io, at = self._io, self._at
+            io[at] = monotonic()
+            try:
+                count = _recv_into(self, buffer, nbytes, flags)
+            finally:
+                io[at] = -monotonic()
         self.bytes_in += count
         return count
 
     def send(self, data: bytes, flags: int = 0) -> int:
-        sent = socket.socket.send(self, data, flags)
+        sent = _send(self, data, flags)
         self.bytes_out += sent
         return sent
 
     def sendall(self, data: bytes, flags: int = 0) -> None:
-        socket.socket.sendall(self, data, flags)
+        _sendall(self, data, flags)
         self.bytes_out += len(data)
 
 
@@ -215,14 +231,12 @@ def mark_requests(handler: type) -> type:
                 return
             seen_in, seen_out = getattr(self, "_cluster_bytes", (0, 0))
             code = self._cluster_status
-            ACCESS.log.write({  # type: ignore[union-attr]
-                "client": _client(self.client_address),
-                "listener": getattr(self.server, "listener_uri", "-"), "pid": os.getpid(),
-                "duration_ms": f"{(monotonic() - self._cluster_started) * 1000:.3f}",
-                "bytes_in": sock.bytes_in - seen_in, "bytes_out": sock.bytes_out - seen_out,
-                "request": getattr(self, "requestline", "-"),
-                "status": int(code) if str(code).isdigit() else code,
-            })  # fmt: skip
+            ACCESS.log.write(  # type: ignore[union-attr]
+                _client(self.client_address), getattr(self.server, "listener_uri", "-"),
+                ROLE.pid, f"{(monotonic() - self._cluster_started) * 1000:.3f}",
+                sock.bytes_in - seen_in, sock.bytes_out - seen_out,
+                getattr(self, "requestline", "-"), int(code) if str(code).isdigit() else code,
+            )  # fmt: skip
             self._cluster_bytes = (sock.bytes_in, sock.bytes_out)
             sock.http_logged = True
 

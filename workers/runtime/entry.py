@@ -75,7 +75,7 @@ def boot(spec: WorkerSpec) -> Lifecycle:
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     set_parent_death_signal(signal.SIGQUIT, spec.master_pid)  # master gone: a quick stop
-    ROLE.name, ROLE.generation = "worker", spec.generation
+    ROLE.name, ROLE.generation, ROLE.pid = "worker", spec.generation, os.getpid()
     if ACCESS.log is not None:  # the master opened it: count the bytes it logs
         ListeningSocket.client_class = CountingClientSocket
     name = f" [{spec.name}]" if spec.name else ""
