@@ -47,7 +47,7 @@ from dataclasses import asdict, replace
 from cluster import appcheck, commands, exits, handover, pidfile, pool
 from cluster.app import load_handler
 from cluster.commands import Command, Refused, Reply
-from cluster.config import Config
+from cluster.config import Config, flag
 from cluster.control import ControlServer, open_control
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError, ConfigError
 from cluster.generation import Generation, Worker
@@ -71,6 +71,9 @@ log = logging.getLogger("cluster.master")
 
 LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
 METRICS_TEXT = "metrics="  # how an upgrade names the metrics endpoint's socket in CLUSTER_FDS
+# Settings of the master itself, which a reload does not change (an upgrade does).
+MASTER_SETTINGS = ("control", "metrics", "pidfile", "name", "log_format", "log_file",
+                   "access_log", "access_log_format")  # fmt: skip
 QUIET_COMMANDS = frozenset({"status", "config"})  # asked often (ctl top): logged at debug
 
 
@@ -381,6 +384,11 @@ class Master:
         except ClusterError as err:
             log.error("reload failed: %s; still serving generation %d", err, current.number)
             return {"ok": False, "error": f"reload failed: {err}"}
+        fixed = [name for name in MASTER_SETTINGS
+                 if getattr(config, name) != getattr(current.config, name)]  # fmt: skip
+        if fixed:
+            log.warning("reload: %s changed; the master's own settings take effect on an "
+                        "upgrade (USR2)", ", ".join(flag(name) for name in fixed))  # fmt: skip
         known = {id(lst) for lst in self.open_listener_set()}
         for listener in listeners:
             if id(listener) not in known:
