@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from cluster.errors import OneLineParser
+from cluster.pidfile import read as read_pidfile
 from cluster.procfs import (
     alive,
     become_subreaper,
@@ -174,16 +175,6 @@ def looks_idle(pid: int) -> bool:
         if not any(wait in wchan for wait in IDLE_WAITS):
             return False
     return True
-
-
-def read_pid(path: str) -> int | None:
-    """The pid in a pidfile; None while it is missing or half there."""
-    try:
-        with open(path) as fh:
-            text = fh.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, abort: threading.Event) -> Any:
@@ -326,7 +317,7 @@ def usr2(chaos: Chaos) -> None:
     sent = time.time()
     master.kill(signal.SIGUSR2)
     pidfile, abort = master.pidfile, chaos.abort
-    new = wait_until(lambda: (pid := read_pid(pidfile)) != old and pid, UPGRADE_TIMEOUT, abort)
+    new = wait_until(lambda: (pid := read_pidfile(pidfile)) != old and pid, UPGRADE_TIMEOUT, abort)
     if new is None:
         chaos.events.mark("USR2 sent", when=sent)
         if not abort.is_set():
@@ -474,7 +465,7 @@ class OwnCluster:
             return
         candidates = {self.proc.pid, *known}
         for path in (self.pidfile, self.pidfile + ".oldbin"):
-            if (pid := read_pid(path)) is not None:
+            if (pid := read_pidfile(path)) is not None:
                 candidates.add(pid)
         masters = {pid for pid in candidates if is_master(pid) or pid == self.proc.pid}
         for pid in list(masters):  # a new master still booting has no title yet
@@ -626,7 +617,7 @@ def check_attach(args: argparse.Namespace) -> None:
     if args.target is None:
         raise UsageError("--target URI is required with --pid/--pidfile")
     if args.pid is None:
-        args.pid = read_pid(args.pidfile)
+        args.pid = read_pidfile(args.pidfile)
         if args.pid is None:
             raise UsageError(f"no pid in {args.pidfile}")
     if not is_master(args.pid):

@@ -180,6 +180,28 @@ def start_cluster(tmp_path: Path) -> Iterator:
         cluster.end()
 
 
+@pytest.fixture
+def served():
+    """Run a library server in a thread of this process; end its workers by pid at teardown."""
+    started: list = []
+
+    def serve(server):
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        started.append((server, thread))
+        assert server.wait_ready(20)
+        return server
+
+    yield serve
+    for server, thread in started:
+        pids = server.worker_pids
+        if thread.is_alive():
+            server.shutdown()
+        thread.join(20)
+        kill_all(pids)
+        server.server_close()
+
+
 # ------------------------------------------------------------------------- clients
 def tcp_connect(address: tuple[str, int], timeout: float = 10.0) -> socket.socket:
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET

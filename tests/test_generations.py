@@ -14,7 +14,7 @@ import pytest
 
 from loadtest import Events, LoadConfig, run
 from tests.conftest import read_line, tcp_connect
-from tests.procs import children, kill_all, wait_for
+from tests.procs import children, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,28 +76,6 @@ def test_hup_moves_sync_to_thread_16_and_back_under_load(start_cluster, tmp_path
     load.join(60)
     assert results[0].requests > 100 and results[0].error_count == 0, results[0].errors
     assert "Traceback" not in cluster.log and "IndexError" not in cluster.log
-
-
-@pytest.fixture
-def served():
-    """Run a library server in a thread of this process; end its workers by pid at teardown."""
-    started: list = []
-
-    def serve(server):
-        thread = threading.Thread(target=server.serve_forever)
-        thread.start()
-        started.append((server, thread))
-        assert server.wait_ready(20)
-        return server
-
-    yield serve
-    for server, thread in started:
-        pids = server.worker_pids
-        if thread.is_alive():
-            server.shutdown()
-        thread.join(20)
-        kill_all(pids)
-        server.server_close()
 
 
 def busy_lanes_reach(server, lanes: int) -> int:

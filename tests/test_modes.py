@@ -17,7 +17,6 @@ from tests.procs import (
     children,
     descendants,
     gone,
-    kill_all,
     sample_until,
     state,
     wait_for,
@@ -179,28 +178,6 @@ def test_killed_fork_worker_takes_its_children_with_it(start_cluster) -> None:
 
 
 # ------------------------------------------------------------------------------- library API
-@pytest.fixture
-def served():
-    """Run a library server in a thread of this process; end its workers by pid at teardown."""
-    started: list = []
-
-    def serve(server):
-        thread = threading.Thread(target=server.serve_forever)
-        thread.start()
-        started.append((server, thread))
-        assert server.wait_ready(20)
-        return server
-
-    yield serve
-    for server, thread in started:
-        pids = server.worker_pids
-        if thread.is_alive():
-            server.shutdown()
-        thread.join(20)
-        kill_all(pids)
-        server.server_close()
-
-
 @pytest.mark.parametrize("mode", list(modes.names()))
 def test_library_tcp_server_serves_and_shuts_down(served, mode: str) -> None:
     from cluster import PreforkTCPServer
