@@ -27,13 +27,18 @@ def check(apps: list[str], timeout: float) -> None:
     """Import each of ``apps`` (``module:Class`` or a demo) in a forked child; raise AppError
     with its one-line message when one fails, or when the child takes over ``timeout``
     seconds or cannot be forked."""
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    except OSError as err:
+        raise AppError(f"cannot check the app: no pipe ({err.strerror})") from None
     child = WorkerProcess(_import_all, (apps, write_end))
     try:
         try:
             child.start()
-        except OSError as err:
-            raise AppError(f"cannot check the app: cannot fork ({err.strerror})") from None
+        except OSError as err:  # fork (no process left) or pidfd_open (no fd left)
+            raise AppError(
+                f"cannot check the app: cannot start its process ({err.strerror})"
+            ) from None
         finally:
             os.close(write_end)
         message = _read_all(read_end, time.monotonic() + timeout)

@@ -126,7 +126,11 @@ class PreforkMixIn:
         master = self._master
         if master is None:
             return None
-        return master.submit(commands.make(name, n, origin="library")).wait(timeout)
+        try:
+            command = commands.make(name, n, origin="library")
+        except commands.CommandError as err:  # scale(0): a reply that says why, as for others
+            return {"ok": False, "error": f"{name} refused: {err}"}
+        return master.submit(command).wait(timeout)
 
     def scale(self, n: int) -> dict | None:
         """Set the pool's target to ``n`` workers (within 1 .. max_workers): the reply says

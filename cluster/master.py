@@ -65,7 +65,7 @@ from workers.runtime.client import CUT_IDLE_SIGNAL
 from workers.runtime.entry import run as worker_main
 from workers.runtime.entry import set_title
 from workers.runtime.escalation import Escalation
-from workers.runtime.spec import HANDLED_SIGNALS
+from workers.runtime.spec import EXIT_CUT, HANDLED_SIGNALS
 
 log = logging.getLogger("cluster.master")
 
@@ -272,8 +272,13 @@ class Master:
         }
 
     def restore_signal_handlers(self) -> None:
+        """A host program's handlers back (the library). The command line's master instead
+        ignores the signals from here on: it is on its way out, and a late TERM must not
+        turn a clean exit into death by SIGTERM."""
         signal.set_wakeup_fd(self.previous_wakeup_fd)
         for signum, handler in self.previous_handlers.items():
+            if self.upgradable:
+                handler = signal.SIG_IGN if signum != signal.SIGCHLD else signal.SIG_DFL
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     def submit(self, command: Command) -> Reply:
@@ -313,6 +318,9 @@ class Master:
         except Refused as why:
             log.warning("%s refused: %s", command.name, why)
             return {"ok": False, "error": f"{command.name} refused: {why}"}
+        except OSError as err:  # out of fds or memory half-way: the command fails, we serve on
+            log.error("%s failed: %s", command.name, err.strerror or err)
+            return {"ok": False, "error": f"{command.name} failed: {err.strerror or err}"}
         result.setdefault("ok", True)  # a handler that failed after trying says so itself
         return result
 
@@ -472,7 +480,10 @@ class Master:
         pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.open_listener_set()]
         if self.metrics is not None:
             pairs.append((self.metrics.sock.fileno(), self.metrics.listener.spec.text))
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as err:
+            raise Refused(f"cannot open the handover pipe: {err.strerror}") from None
         os.set_blocking(ready_r, False)
         pidfile.move_aside(self.config.pidfile, to_old=True)
         process = WorkerProcess(handover.exec_successor, (pairs, self.pid, ready_w))
@@ -696,11 +707,13 @@ class Master:
             self.accounts.restarts[restart_reason(worker.retiring, verdict.kind)] += 1
         if verdict.expected:
             log.info("worker %d (slot %d) %s", worker.pid, worker.slot, how)
-            if self.stop and self.stop.graceful and exitcode and self.exit_code == EXIT_OK:
+            if self.stop and self.stop.graceful and exitcode == EXIT_CUT:
                 self.exit_code = EXIT_RUNTIME  # it had to cut requests short (thread mode)
             return
         lived = now - worker.spawned_at
-        if verdict.backoff:
+        if verdict.kind == exits.RELOAD_FAILED:
+            then = "giving the reload up"
+        elif verdict.backoff:
             wait = generation.backoff.failed(worker.slot, lived, now, _rand())
             then = f"respawn in {wait:.1f}s" if wait else "respawning"
         else:
@@ -810,6 +823,8 @@ class Master:
         if not self.stop.overdue(now):
             return
         workers = sorted(self.all_workers(), key=lambda w: w.pid)
+        if not workers:
+            return  # the last ones left by themselves as the deadline came
         log.error("stop timed out: killing workers %s", ", ".join(str(w.pid) for w in workers))
         for worker in workers:
             _send(worker.pid, signal.SIGKILL)

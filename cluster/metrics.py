@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import selectors
-import socket
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -26,6 +24,7 @@ from dataclasses import dataclass, field
 from cluster.generation import Generation
 from cluster.listeners import Listener
 from cluster.loopserver import Conn, LoopServer
+from workers.runtime.accept import listen_queue
 from workers.runtime.scoreboard import BUCKETS, ListenerStats
 
 log = logging.getLogger("cluster.master")
@@ -69,20 +68,6 @@ class Accounts:
                 for uri, numbers in zip(generation.uris, stats, strict=False):
                     totals[uri] = totals.get(uri, ListenerStats()) + numbers
         return totals
-
-
-def listen_queue(sock: socket.socket) -> tuple[int, int] | None:
-    """(connections waiting in the accept queue, the backlog) of a TCP listener, from
-    ``TCP_INFO`` (Linux reports them as ``tcpi_unacked`` and ``tcpi_sacked`` for a
-    listening socket); None where the kernel does not tell."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except OSError:
-        return None
-    unacked, sacked = struct.unpack_from("II", info, 24)
-    return unacked, sacked
 
 
 class Collector:

@@ -8,6 +8,9 @@ only waits to reap them. A graceful stop that had to kill ends the master with e
 from __future__ import annotations
 
 QUICK_STOP_GRACE = 3.0  # seconds workers get to exit after QUIT before they are killed
+# A graceful stop's KILL waits this much past --graceful-timeout: a worker that counts the
+# same timeout from its own TERM, a moment later, then exits by itself, not by our KILL.
+MARGIN = 1.0
 
 
 class Stop:
@@ -16,7 +19,7 @@ class Stop:
     def __init__(self, graceful: bool, grace: float, now: float, reason: str) -> None:
         self.graceful = graceful
         self.reason = reason
-        self.deadline = now + (grace if graceful else QUICK_STOP_GRACE)
+        self.deadline = now + (grace + MARGIN if graceful else QUICK_STOP_GRACE)
         self.killed = False  # the deadline passed and the survivors were sent KILL
 
     def next_deadline(self) -> float:

@@ -79,7 +79,7 @@ def test_ctl_status_table_has_a_row_per_worker(controlled) -> None:
 def test_ctl_scale_and_reload_under_load(controlled) -> None:
     cluster, path = controlled
     results: list = []
-    config = LoadConfig(cluster.uris[0], duration=4.0, concurrency=4, connect="per-request")
+    config = LoadConfig(cluster.uris[0], duration=3.0, concurrency=4, connect="per-request")
     load = threading.Thread(target=lambda: results.append(run(config, events=Events())))
     load.start()
     try:

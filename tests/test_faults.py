@@ -191,7 +191,7 @@ def test_a_busy_worker_under_load_is_not_taken_for_silent(start_cluster) -> None
     that beats its heartbeat; its moving request count keeps the watchdog quiet."""
     cluster = start_cluster("echo", "-w", "1", "--timeout", "1", "-b", "127.0.0.1:0")
     workers = cluster.workers()
-    config = LoadConfig(cluster.uris[0], duration=2.5, concurrency=4, connect="per-request")
+    config = LoadConfig(cluster.uris[0], duration=2.2, concurrency=4, connect="per-request")
     result = run(config, events=Events())
     assert result.requests > 1000 and result.error_count == 0
     assert cluster.workers() == workers and "no heartbeat" not in cluster.log
@@ -225,7 +225,7 @@ def test_timeout_spares_a_kept_alive_client_that_keeps_asking(start_cluster, mod
                             "-b", "127.0.0.1:0")  # fmt: skip
     workers = children(cluster.pid)
     sock = tcp_connect(cluster.address())
-    deadline = time.monotonic() + 2.5
+    deadline = time.monotonic() + 2.2
     replies = 0
     with sock:
         while time.monotonic() < deadline:
@@ -478,3 +478,89 @@ def test_a_thousand_worker_restarts_leave_the_master_flat(start_cluster) -> None
         raise AssertionError(f"{before} -> {fd_names()}\n{cluster.log[-3000:]}") from None
     assert master_fds_and_rss(cluster.pid)[1] - rss <= 1024, (rss, master_fds_and_rss(cluster.pid))
     wait_for(lambda: cluster.log.count("recycling after 1 requests") >= 1050, 5, "1050 recycles")
+
+
+# ------------------------------------------------------------------ found by the adversary run
+def fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_hup_and_usr2_without_a_free_fd_are_refused_and_the_master_serves_on(
+    start_cluster,
+) -> None:
+    cluster = start_cluster("echo", "-w", "1", "-b", "127.0.0.1:0")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(cluster.pid, resource.RLIMIT_NOFILE, (fds_of(cluster.pid), hard))
+    try:
+        cluster.signal(signal.SIGHUP)
+        cluster.wait_log("reload failed: cannot check the app: no pipe")
+        cluster.signal(signal.SIGUSR2)
+        cluster.wait_log("upgrade refused: cannot open the handover pipe")
+        assert alive(cluster.pid)
+        assert stream_roundtrip(tcp_connect(cluster.address()), b"on") == b"on"
+    finally:
+        resource.prlimit(cluster.pid, resource.RLIMIT_NOFILE, (1024, hard))
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload complete: generation 2")
+
+
+def test_a_graceful_stop_under_steady_load_serves_what_was_queued_and_ends(start_cluster) -> None:
+    """Clients that keep connecting during the stop would keep the queue from ever emptying;
+    the workers serve what was queued when the TERM came, then leave: exit 0, well before
+    --graceful-timeout."""
+    cluster = start_cluster("echo", "-w", "2", "--graceful-timeout", "10", "-b", "127.0.0.1:0")
+    config = LoadConfig(cluster.uris[0], duration=2.5, concurrency=4, connect="per-request",
+                        timeout=5.0)  # fmt: skip
+    load = threading.Thread(target=lambda: run(config, events=Events()))
+    load.start()
+    try:
+        holds_for(lambda: alive(cluster.pid), 1.0, "the master, under load")
+        started = time.monotonic()
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait_exit(timeout=15) == 0
+        assert time.monotonic() - started < 3
+        assert "stop timed out" not in cluster.log
+    finally:
+        load.join(30)
+
+
+def test_kept_alive_http_clients_see_no_error_across_a_reload(start_cluster) -> None:
+    """A client that sends request after request on one connection, and reconnects when a
+    reply says ``Connection: close``: a reload closes the old workers' connections with such
+    a reply (or while they sit idle), never under a request in flight."""
+    import http.client
+
+    cluster = start_cluster("http-hello", "-w", "2", "-k", "thread", "-b", "127.0.0.1:0")
+    host, port = cluster.address()
+    errors, replies, reconnects = [], [0], [0]
+    done = threading.Event()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        while not done.is_set():
+            try:
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                response.read()
+                replies[0] += 1
+                if response.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                    reconnects[0] += 1
+            except (OSError, http.client.HTTPException) as err:
+                errors.append(repr(err))
+                conn.close()
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_for(lambda: replies[0] > 200, 10, "replies flowing")
+        cluster.signal(signal.SIGHUP)
+        cluster.wait_log("reload complete: generation 2", timeout=20)
+        before = replies[0]
+        wait_for(lambda: replies[0] > before + 200, 10, "replies from the new generation")
+    finally:
+        done.set()
+        for thread in clients:
+            thread.join(20)
+    assert errors == [] and reconnects[0] >= 2, (errors, reconnects)

@@ -142,6 +142,8 @@ def test_library_scale_and_reload(served) -> None:
     wait_for(lambda: count() == 1, 10, "1 worker")
     refused = server.scale(5)
     assert refused["ok"] is False and "max-workers 4" in refused["error"]
+    zero = server.scale(0)
+    assert zero["ok"] is False and "at least 1" in zero["error"]
     assert server.scale(2)["ok"]
     before = set(wait_for(lambda: count() == 2 and server.worker_pids, 10, "2 workers"))
     assert server.reload()["ok"]

@@ -66,6 +66,7 @@ def test_usr1_reopens_the_logs_in_the_master_and_the_workers(start_cluster, tmp_
     wait_for(lambda: any("ready: 2 workers" in line for line in lines(main)), 20, "ready")
     port = int(next(line for line in lines(main) if "listening on" in line).rsplit(":", 1)[1])
     stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"before\n")
+    wait_for(lambda: len(lines(access)) == 1, 10, "the first line written (the worker idles)")
     main.rename(tmp_path / "main.log.1")
     access.rename(tmp_path / "access.log.1")
     cluster.signal(signal.SIGUSR1)

@@ -59,6 +59,11 @@ def body_length(head: bytes) -> int:
     return int(value)
 
 
+def closing(sock: socket.socket) -> bool:
+    """Whether the cluster is stopping this worker (a reply then closes its connection)."""
+    return getattr(sock, "closing", False)
+
+
 class HelloHandler(BaseRequestHandler):
     """Serve requests on one connection until the client closes, asks to close, or idles."""
 
@@ -93,8 +98,8 @@ class HelloHandler(BaseRequestHandler):
                     if not buffer:
                         return
                 buffer = buffer[skip:]
-                if wants_close(head):
-                    sendall(CLOSE_REPLY)
+                if wants_close(head) or closing(sock):
+                    sendall(CLOSE_REPLY)  # a stop began (under the cluster): the last reply
                     return
                 sendall(KEEP_ALIVE_REPLY)
                 if between is not None and not buffer:

@@ -18,6 +18,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -37,6 +38,26 @@ LISTENER_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 RESOURCE_PAUSE = 0.1  # seconds between accept attempts while out of resources
 
 Taken = tuple[BaseServer, object, object]  # server, request, client address
+DRAIN_BOUND = 2048  # a stop serves at most this many queued requests of a non-TCP listener
+
+
+def listen_queue(sock: socket.socket) -> tuple[int, int] | None:
+    """(connections waiting in the accept queue, the backlog) of a TCP listener, from
+    ``TCP_INFO`` (Linux reports them as ``tcpi_unacked`` and ``tcpi_sacked`` for a
+    listening socket); None where the kernel does not tell."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    return struct.unpack_from("II", info, 24)
+
+
+def queued(sock: socket.socket) -> int:
+    """How many requests a stop may still serve from ``sock``: its queue now, where known."""
+    found = listen_queue(sock)
+    return found[0] if found is not None else DRAIN_BOUND
 
 
 class AcceptLoop:
@@ -63,13 +84,14 @@ class AcceptLoop:
             self.poller.register(server.fileno(), LISTENER_EVENTS)
         self.poller.register(self.lifecycle.wake_r, select.EPOLLIN)
 
-    def take(self) -> Taken | None:
-        """One queued request from any listener, or None when all are empty right now.
+    def take(self, servers: list[BaseServer] | None = None) -> Taken | None:
+        """One queued request from any listener (of ``servers``, by default all), or None
+        when all are empty right now.
 
         The listeners are tried in turn, starting after the one that gave the last request, so
         that a saturated listener cannot starve the others.
         """
-        servers = self.servers
+        servers = servers or self.servers
         count = len(servers)
         for step in range(count):
             index = (self.turn + step) % count
@@ -161,14 +183,22 @@ class AcceptLoop:
         and the master kills us at the end of the graceful timeout anyway.
         """
         deadline = time.monotonic() + within
+        # What was queued when the stop came, and no more: connections that keep arriving
+        # meanwhile would keep the queue from ever emptying. (TCP tells its queue length;
+        # other listeners get a bound no queue of theirs can exceed by much.)
+        budget = {server: queued(server.socket) for server in self.servers}
         while time.monotonic() < deadline:
+            open_ = [server for server in self.servers if budget[server] > 0]
+            if not open_:
+                return
             if room is not None and not room(deadline):
                 return
-            taken = self.take()
+            taken = self.take(open_)
             if taken is None:
                 if unroom is not None:
                     unroom()
                 return
+            budget[taken[0]] -= 1
             dispatch(*taken)
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from time import monotonic
 from workers.runtime.access import ACCESS, ROLE
 
 CUT_IDLE_SIGNAL = signal.SIGURG  # from the master: cut connections idle past --keep-alive
+IDLE_GRACE = 0.5  # seconds a stop leaves a just-answered connection for its next request
 
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
@@ -46,7 +47,8 @@ class ClientSocket(socket.socket):
     """An accepted stream connection whose reads are marked in a scoreboard lane."""
 
     __slots__ = ("_io", "_at", "between")
-    closing = False  # class-wide: a graceful stop began; idle waits end at once
+    closing = False  # class-wide: a graceful stop began; idle waits end (after IDLE_GRACE)
+    closing_at = 0.0
 
     def attach(self, doubles: memoryview, at: int) -> None:
         """Write this connection's waits into the lane whose ``io`` is ``doubles[at]``."""
@@ -77,11 +79,18 @@ class ClientSocket(socket.socket):
             io[at] = -monotonic()
 
     def _next_request(self, read, eof, *args):  # noqa: ANN001, ANN202
-        """A read that waits for the client's next request: cut (end-of-file) on a stop."""
-        if ClientSocket.closing:
+        """A read that waits for the client's next request: cut (end-of-file) on a stop,
+        once the stop's grace for requests already on their way is over."""
+        if ClientSocket.closing and monotonic() >= ClientSocket.closing_at + IDLE_GRACE:
             return eof
         io, at = self._io, self._at
-        io[at] = io[at + 1] = monotonic()
+        io[at] = io[at + 1] = now = monotonic()
+        if ClientSocket.closing and now >= ClientSocket.closing_at + IDLE_GRACE:
+            # The grace ran out between the check above and this wait being seen: the cut
+            # (SIGALRM) may have passed it by. End it here.
+            io[at], io[at + 1] = -now, 0.0
+            self.between = False
+            return eof
         try:
             return read(self, *args)
         finally:
@@ -182,9 +191,23 @@ CONNECTIONS = Connections()  # one per process (a fork-mode child gets a copy of
 
 
 def close_idle() -> None:
-    """A graceful stop (or a recycle) began: cut the idle connections now, and make every
-    later wait for a next request end at once."""
-    ClientSocket.closing = True
+    """A graceful stop (or a recycle) began: close the connections that wait between
+    requests.
+
+    Those idle for ``IDLE_GRACE`` already are cut now. One that just had its reply may have
+    its client's next request on the way: it gets ``IDLE_GRACE`` for it (the reply then says
+    ``Connection: close``, so the client closes cleanly), and is cut when that is over
+    (``SIGALRM``). After that, every wait for a next request ends at once.
+    """
+    if ClientSocket.closing:
+        return
+    ClientSocket.closing, ClientSocket.closing_at = True, monotonic()
+    CONNECTIONS.cut_idle(IDLE_GRACE)
+    signal.setitimer(signal.ITIMER_REAL, IDLE_GRACE)  # also for waits that begin meanwhile
+
+
+def cut_after_grace(signum: int, frame: object) -> None:
+    """SIGALRM, ``IDLE_GRACE`` into a stop: cut what still waits for a next request."""
     CONNECTIONS.cut_idle(0.0)
 
 
@@ -222,6 +245,21 @@ def mark_requests(handler: type) -> type:
         def log_request(self, code: object = "-", size: object = "-") -> None:
             self._cluster_status = code  # the access log line waits for the whole reply
             super().log_request(code, size)
+
+        def end_headers(self) -> None:
+            # A stop began: this reply is the connection's last, and says so, so that its
+            # client closes instead of sending a request that would find it gone.
+            if (
+                ClientSocket.closing
+                and not self.close_connection
+                and (
+                    getattr(self, "request_version", "HTTP/0.9") >= "HTTP/1.1"
+                    or self.headers
+                    and "keep-alive" in self.headers.get("Connection", "").lower()
+                )
+            ):
+                self.send_header("Connection", "close")
+            super().end_headers()
 
         def _log_access(self) -> None:
             """One access log line per HTTP request, once it is answered: its request line,

@@ -31,7 +31,7 @@ class Context:
         self.served = 0
         self.limit = spec.max_requests
         self.recycled = False  # we hit --max-requests: the master is forking our replacement
-        self.exit_code = 0  # 1: a graceful stop had to cut requests short
+        self.exit_code = 0  # EXIT_CUT: a graceful stop had to cut requests short
 
     def tell(self, message: bytes) -> None:
         notify(self.spec.notify_fd, message, self.pid)

@@ -24,6 +24,7 @@ from workers.runtime.client import (
     CUT_IDLE_SIGNAL,
     CountingClientSocket,
     ListeningSocket,
+    cut_after_grace,
     mark_requests,
 )
 from workers.runtime.context import Context
@@ -66,6 +67,7 @@ def boot(spec: WorkerSpec) -> Lifecycle:
     signal.set_wakeup_fd(lifecycle.wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, lifecycle.request_stop)
     signal.signal(CUT_IDLE_SIGNAL, lifecycle.cut_idle)
+    signal.signal(signal.SIGALRM, cut_after_grace)
     signal.signal(signal.SIGINT, lifecycle.quick_stop)
     signal.signal(signal.SIGQUIT, lifecycle.quick_stop)
     for signum in IGNORED_SIGNALS:
@@ -74,7 +76,9 @@ def boot(spec: WorkerSpec) -> Lifecycle:
     signal.signal(signal.SIGCHLD, lifecycle.child_exited)
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-    set_parent_death_signal(signal.SIGQUIT, spec.master_pid)  # master gone: a quick stop
+    # Master gone: end at once. KILL, not QUIT: a worker stopped (SIGSTOP) when the master
+    # died would wait for a SIGCONT with QUIT pending, holding the listeners all along.
+    set_parent_death_signal(signal.SIGKILL, spec.master_pid)
     ROLE.name, ROLE.generation, ROLE.pid = "worker", spec.generation, os.getpid()
     if ACCESS.log is not None:  # the master opened it: count the bytes it logs
         ListeningSocket.client_class = CountingClientSocket

@@ -24,6 +24,7 @@ from workers.runtime.scoreboard import Scoreboard
 from workers.servers import BaseServer
 
 EXIT_BOOT_ERROR = 3  # the master treats this exit code as "the app cannot boot"
+EXIT_CUT = 65  # a graceful stop had to cut requests short: the master's stop then exits 1
 STACK_DUMP_SIGNAL = signal.SIGUSR2  # to a worker (never the master): dump every thread's stack
 PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the master still lives
 # Blocked by the master across a fork and unblocked by the worker once its own handlers are

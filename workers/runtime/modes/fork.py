@@ -7,6 +7,7 @@ costs its child, and the worker with its other children lives on.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -28,8 +29,32 @@ from workers.servers import BaseServer
 log = logging.getLogger("cluster.worker")
 
 
+class Forks:
+    refused = False  # the kernel refused our last fork for a request (logged once)
+
+
+FORKS = Forks()
+
+
 class WorkerForkingMixIn(ForkingMixIn):
-    """``ForkingMixIn`` whose children die with the worker that forked them."""
+    """``ForkingMixIn`` whose children die with the worker that forked them, and whose
+    refused forks cost the request, one log line per episode, and no traceback."""
+
+    def process_request(self, request: object, client_address: object) -> None:
+        try:
+            super().process_request(request, client_address)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.ENOMEM):
+                raise
+            if not FORKS.refused:
+                log.error("worker %d cannot fork for a request: %s; closing such requests "
+                          "until it can", os.getpid(), err.strerror)  # fmt: skip
+            FORKS.refused = True
+            self.shutdown_request(request)
+            return
+        if FORKS.refused:
+            log.warning("worker %d forks for requests again", os.getpid())
+            FORKS.refused = False
 
     def finish_request(self, request: object, client_address: object) -> None:
         # In the child. Everything a child touches first costs it a copy-on-write page fault,

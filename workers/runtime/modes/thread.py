@@ -16,7 +16,7 @@ from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.lifecycle import master_alive
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.scoreboard import WorkerSlot
-from workers.runtime.spec import PARENT_CHECK_INTERVAL
+from workers.runtime.spec import EXIT_CUT, PARENT_CHECK_INTERVAL
 from workers.servers import BaseServer
 
 log = logging.getLogger("cluster.worker")
@@ -101,7 +101,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
         if cut:
             log.error("worker %d: %d requests still running after --graceful-timeout %gs; "
                       "cutting them", os.getpid(), cut, spec.graceful_timeout)  # fmt: skip
-            context.exit_code = 1
+            context.exit_code = EXIT_CUT
     finally:
         loop.close()
         close_all(servers)
