@@ -258,3 +258,14 @@ def read_line(sock: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+SLOW_FIRST = ("test_lifecycle.py", "test_faults.py", "test_chaos.py", "test_supervision.py",
+              "test_control.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The slowest modules first, so that the parallel run does not end waiting on one of
+    them while the other workers idle (the order of tests within a module stays)."""
+    rank = {name: n for n, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
