@@ -232,17 +232,17 @@ def in_lane(
 
 def log_access(server: BaseServer, request: object, client: object, duration: float) -> None:
     """The request's access log line (an http.server handler wrote its own, per request)."""
-    if isinstance(request, tuple):  # a datagram
-        bytes_in, bytes_out = len(request[0]), "-"
-    elif type(request) is CountingClientSocket:
+    if type(request) is CountingClientSocket:
         if request.http_logged:
             return
         bytes_in, bytes_out = request.bytes_in, request.bytes_out
+    elif isinstance(request, tuple):  # a datagram
+        bytes_in, bytes_out = len(request[0]), "-"
     else:
         bytes_in = bytes_out = "-"
     ACCESS.log.write(  # type: ignore[union-attr]
         f"{client[0]}:{client[1]}" if type(client) is tuple else str(client or "-"),
-        server.listener_uri, ROLE.pid, f"{duration * 1000:.3f}", bytes_in, bytes_out, "-", "-",
+        server.listener_uri, ROLE.pid, duration * 1000, bytes_in, bytes_out, "-", "-",
     )  # fmt: skip
 
 

@@ -3,7 +3,8 @@
 ``--access-log PATH|-``: the master opens it before forking (so a path that cannot be
 written fails at start, and every worker appends to the same open file) and each worker
 writes its lines. Fields, for ``--access-log-format`` (``str.format`` names): ``time``,
-``client``, ``listener``, ``pid``, ``duration_ms``, ``bytes_in``, ``bytes_out``, ``request``
+``client``, ``listener``, ``pid``, ``duration_ms`` (a float: ``{duration_ms:.3f}``),
+``bytes_in``, ``bytes_out``, ``request``
 and ``status`` (an ``http.server`` handler's request line and status; ``-`` for others).
 With ``--log-format json`` each line is a JSON object of the same fields.
 
@@ -19,7 +20,7 @@ import time
 
 ACCESS_FIELDS = ("time", "client", "listener", "pid", "duration_ms", "bytes_in", "bytes_out",
                  "request", "status")  # fmt: skip
-DEFAULT_ACCESS_FORMAT = ('{time} {client} {listener} pid={pid} {duration_ms}ms in={bytes_in} '
+DEFAULT_ACCESS_FORMAT = ('{time} {client} {listener} pid={pid} {duration_ms:.3f}ms in={bytes_in} '
                          'out={bytes_out} "{request}" {status}')  # fmt: skip
 
 
@@ -63,23 +64,20 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
 
-    def stamp(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:  # formatting a time costs more than the rest of a line
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                                                              time.localtime(now))  # fmt: skip
-        return self._stamp
-
     def write(self, *values: object) -> None:
         """One line: ``values`` are the fields after ``time`` (added here), in the order of
         ``ACCESS_FIELDS``."""
+        now = time.time()
+        if int(now) != self._second:  # formatting a time costs more than the rest of a line
+            self._second = int(now)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
+        lines = self.lines
         if self.as_json:
-            self.lines.append(json.dumps(dict(zip(ACCESS_FIELDS, (self.stamp(), *values),
-                                                  strict=True)), default=str))  # fmt: skip
+            lines.append(json.dumps(dict(zip(ACCESS_FIELDS, (self._stamp, *values),
+                                             strict=True)), default=str))  # fmt: skip
         else:
-            self.lines.append(self.line(self.stamp(), *values))
-        if len(self.lines) >= self.BATCH:
+            lines.append(self.line(self._stamp, *values))
+        if len(lines) >= self.BATCH:
             self.flush()
 
     def flush(self) -> None:
@@ -153,8 +151,8 @@ def compile_format(fmt: str):  # noqa: ANN201
 def format_error(fmt: str) -> str | None:
     """What is wrong with an access log format (an unknown field, a bad brace), or None."""
     try:
-        fmt.format_map(dict.fromkeys(ACCESS_FIELDS, "x"))
-        compile_format(fmt)(*["x"] * len(ACCESS_FIELDS))
+        fmt.format_map(dict.fromkeys(ACCESS_FIELDS, 0.0))
+        compile_format(fmt)(*[0.0] * len(ACCESS_FIELDS))
     except (KeyError, ValueError, IndexError, SyntaxError) as err:
         return f"{err} (fields: {', '.join(ACCESS_FIELDS)})"
     return None

@@ -271,7 +271,7 @@ def mark_requests(handler: type) -> type:
             code = self._cluster_status
             ACCESS.log.write(  # type: ignore[union-attr]
                 _client(self.client_address), getattr(self.server, "listener_uri", "-"),
-                ROLE.pid, f"{(monotonic() - self._cluster_started) * 1000:.3f}",
+                ROLE.pid, (monotonic() - self._cluster_started) * 1000,
                 sock.bytes_in - seen_in, sock.bytes_out - seen_out,
                 getattr(self, "requestline", "-"), int(code) if str(code).isdigit() else code,
             )  # fmt: skip

@@ -31,14 +31,16 @@ import mmap
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
+from time import monotonic
 
 EMPTY, BOOTING, IDLE, DRAINING = 0, 1, 2, 3
 STATE_NAMES = {EMPTY: "empty", BOOTING: "booting", IDLE: "idle", DRAINING: "draining"}
 CLIENT_BYTES = 64
 # Request duration bucket bounds, in seconds (Prometheus' "le"), and an overflow bucket.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Per lane and listener: requests, errors, duration sum, then a count per bucket, + overflow.
-REQUESTS, ERRORS, DURATION_SUM, FIRST_BUCKET = 0, 1, 2, 3
+# Per lane and listener: errors, duration sum, then a count per bucket and the overflow (the
+# requests are the sum of the buckets: one store less per request).
+ERRORS, DURATION_SUM, FIRST_BUCKET = 0, 1, 2
 STAT_FIELDS = FIRST_BUCKET + len(BUCKETS) + 1
 
 
@@ -56,12 +58,14 @@ class Lane(ctypes.Structure):
         ("io", ctypes.c_double),
         ("idle", ctypes.c_double),
         ("listener", ctypes.c_double),  # the index of the listener the request came from
-        ("client", ctypes.c_char * CLIENT_BYTES),
+        ("port", ctypes.c_double),  # the client's port; -1 for a client with none (Unix)
+        ("host", ctypes.c_char * CLIENT_BYTES),  # its host, or its Unix path (often empty)
     ]
 
 
 IO_OFFSET = Lane.io.offset // 8  # the io field, in doubles from the start of its lane
 LISTENER_OFFSET = Lane.listener.offset // 8
+PORT_OFFSET = Lane.port.offset // 8
 assert Lane.idle.offset == Lane.io.offset + 8  # a connection writes idle at io's index + 1
 assert ctypes.sizeof(Lane) % 8 == 0
 
@@ -79,12 +83,16 @@ class SlotHeader(ctypes.Structure):
 
 
 def format_client(client_address: object) -> bytes:
-    """A short text for the client address: ``host:port``, or the Unix path (often empty)."""
-    if isinstance(client_address, tuple):
-        return b"%s:%d" % (str(client_address[0]).encode(), client_address[1])
+    """A short text for a client address that has no port: its Unix path, or ``unix``."""
     if isinstance(client_address, bytes):
         return client_address[:CLIENT_BYTES] or b"unix"
     return str(client_address).encode()[:CLIENT_BYTES] or b"unix"
+
+
+def client_text(host: bytes, port: float) -> str:
+    """``host:port``, or the host alone (a Unix path) for a client with no port."""
+    name = host.decode(errors="replace")
+    return f"{name}:{int(port)}" if port >= 0 else name
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,8 @@ class WorkerSlot:
         self._listeners = listeners
         self._lane_size = ctypes.sizeof(Lane) // 8
         self._lane0 = (ctypes.addressof(lanes) - base) // 8
+        self._records = [lanes[n] for n in range(len(lanes))]  # ctypes indexing is slow
+        self._hosts: list[object] = [None] * len(lanes)  # the host each lane's record holds
 
     def io_index(self, lane: int) -> int:
         """Where lane ``lane``'s ``io`` field is in ``doubles`` (``idle`` is the next one)."""
@@ -168,21 +178,28 @@ class WorkerSlot:
         self.header.heartbeat = time.monotonic()
 
     def begin(self, lane: int, client_address: object, listener: int = 0) -> None:
-        record = self.lanes[lane]
-        record.client = format_client(client_address)
         doubles, at = self.doubles, self._lane0 + lane * self._lane_size
+        if type(client_address) is tuple:
+            host = client_address[0]
+            if host != self._hosts[lane]:  # most clients come from the host the last one did
+                self._records[lane].host = str(host).encode()[:CLIENT_BYTES]
+                self._hosts[lane] = host
+            doubles[at + PORT_OFFSET] = client_address[1]
+        else:
+            self._records[lane].host = format_client(client_address)
+            self._hosts[lane] = None
+            doubles[at + PORT_OFFSET] = -1.0
         doubles[at + IO_OFFSET] = doubles[at + IO_OFFSET + 1] = 0.0
         doubles[at + LISTENER_OFFSET] = listener
-        doubles[at] = time.monotonic()  # ``started``: the lane's first field
+        doubles[at] = monotonic()  # ``started``: the lane's first field
 
     def end(self, lane: int, listener: int = 0) -> float:
         """The request in ``lane`` (from ``listener``) is over: count it and its duration,
         which it returns."""
         doubles, at = self.doubles, self._lane0 + lane * self._lane_size
-        duration = time.monotonic() - doubles[at]
+        duration = monotonic() - doubles[at]
         doubles[at] = 0.0
         stats = self._stats + (lane * self._listeners + listener) * STAT_FIELDS
-        doubles[stats] += 1.0
         doubles[stats + DURATION_SUM] += duration
         doubles[stats + FIRST_BUCKET + bisect_left(BUCKETS, duration)] += 1.0
         return duration
@@ -243,17 +260,15 @@ class Scoreboard:
         stats = record.stats
         result = []
         for listener in range(self.listener_count):
-            requests = errors = 0.0
-            total = 0.0
+            errors = total = 0.0
             buckets = [0.0] * (len(BUCKETS) + 1)
             for lane in range(self.lane_count):
                 at = (lane * self.listener_count + listener) * STAT_FIELDS
-                requests += stats[at + REQUESTS]
                 errors += stats[at + ERRORS]
                 total += stats[at + DURATION_SUM]
                 for n in range(len(buckets)):
                     buckets[n] += stats[at + FIRST_BUCKET + n]
-            result.append(ListenerStats(int(record.accepted[listener]), int(requests),
+            result.append(ListenerStats(int(record.accepted[listener]), int(sum(buckets)),
                                         int(errors), total, tuple(int(b) for b in buckets)))  # fmt: skip
         return tuple(result)
 
@@ -265,10 +280,16 @@ class Scoreboard:
         for lane in range(self.lane_count):
             for listener in range(self.listener_count):
                 at = (lane * self.listener_count + listener) * STAT_FIELDS
-                per_lane[lane] += int(record.stats[at + REQUESTS])
+                first = at + FIRST_BUCKET
+                per_lane[lane] += int(sum(record.stats[first : first + len(BUCKETS) + 1]))
         lanes = tuple(
             LaneView(
-                lane.started, per_lane[n], lane.client.decode(errors="replace"), lane.io, lane.idle
+                lane.started,
+                per_lane[n],
+                client_text(lane.host, lane.port),
+                lane.io,
+                lane.idle,
+                int(lane.listener),
             )  # fmt: skip
             for n, lane in enumerate(record.lanes)
         )
