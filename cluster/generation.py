@@ -100,7 +100,7 @@ class Generation:
         return worker
 
     def spec(self, slot: int, notify_fd: int, private_fds: list[int], max_requests: int,
-             name: str) -> WorkerSpec:  # fmt: skip
+             name: str, beat_every: float) -> WorkerSpec:  # fmt: skip
         """What a worker of this generation in ``slot`` needs (the slot claimed already)."""
         config = self.config
         return WorkerSpec(
@@ -112,6 +112,7 @@ class Generation:
             inherited_fds=private_fds, threads=config.threads,
             max_children=config.max_children, graceful_timeout=config.graceful_timeout,
             timeout=config.timeout, keep_alive=config.keep_alive, max_requests=max_requests,
+            beat_every=beat_every,
         )  # fmt: skip
 
     def loader(self) -> Callable[[str | None], type]:

@@ -59,7 +59,7 @@ from cluster.spawn import WorkerProcess
 from cluster.stop import Stop
 from cluster.text import plural
 from cluster.upgrade import BOOTING, Predecessor, Successor
-from cluster.watchdog import Watchdog
+from cluster.watchdog import Watchdog, beat_period
 from workers.runtime.access import ACCESS, ROLE, AccessLog, reopen_logs
 from workers.runtime.client import CUT_IDLE_SIGNAL
 from workers.runtime.entry import run as worker_main
@@ -580,7 +580,7 @@ class Master:
         config = generation.config
         limit = pool.request_limit(config.max_requests, config.max_requests_jitter, _rand())
         spec = generation.spec(slot, self.notify_w, self.private_fds(generation), limit,
-                               self.name)  # fmt: skip
+                               self.name, beat_period(config.timeout))  # fmt: skip
         process = WorkerProcess(worker_main, (spec,))
         try:
             self.fork(process)

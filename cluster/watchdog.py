@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from cluster.generation import Worker
 from workers.runtime.escalation import overdue, stalled_for
 from workers.runtime.scoreboard import LaneView, SlotView
+from workers.runtime.spec import PARENT_CHECK_INTERVAL
 
 SCANS_PER_INTERVAL = 4
 HEARTBEAT_DEFAULT = 30.0  # seconds: the heartbeat watchdog's interval when --timeout is 0
@@ -58,6 +59,12 @@ def silent(view: SlotView, now: float, interval: float, quiet_since: float) -> b
 
 def watch_interval(timeout: float) -> float:
     return timeout or HEARTBEAT_DEFAULT
+
+
+def beat_period(timeout: float) -> float:
+    """How often an idle worker beats its heartbeat: ``SCANS_PER_INTERVAL`` times per watchdog
+    interval at least (a late beat is never a missed one), and at most once a second."""
+    return min(PARENT_CHECK_INTERVAL, watch_interval(timeout) / SCANS_PER_INTERVAL)
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,11 @@ def test_each_mode_sizes_its_lanes() -> None:
         "sync": 1, "thread": 7, "fork": 11,
     }  # fmt: skip
     assert [m.name for m in modes.MODES.values() if m.kills_own_overdue] == ["fork"]
+
+
+def test_idle_workers_beat_several_times_per_watchdog_interval() -> None:
+    from cluster.watchdog import HEARTBEAT_DEFAULT, SCANS_PER_INTERVAL, beat_period
+
+    assert beat_period(1.0) == 1.0 / SCANS_PER_INTERVAL  # --timeout 1: a beat every 0.25 s
+    assert beat_period(30.0) == 1.0 and beat_period(0) == 1.0  # at most once a second
+    assert HEARTBEAT_DEFAULT / beat_period(0) >= SCANS_PER_INTERVAL

@@ -27,7 +27,6 @@ from workers.runtime.client import CONNECTIONS, ClientSocket, CountingClientSock
 from workers.runtime.context import Context
 from workers.runtime.lifecycle import Lifecycle, master_alive
 from workers.runtime.scoreboard import WorkerSlot
-from workers.runtime.spec import PARENT_CHECK_INTERVAL
 from workers.servers import BaseServer
 
 log = logging.getLogger("cluster.worker")
@@ -73,6 +72,7 @@ class AcceptLoop:
         self.lifecycle: Lifecycle = context.lifecycle
         self.slot = context.slot
         self.master_pid = context.spec.master_pid
+        self.beat_every = context.spec.beat_every  # the idle wait's bound: a heartbeat each
         self.on_wake = on_wake  # runs after every sleep: fork mode reaps its children there
         self.turn = 0  # the listener to try first
         self.starving = False  # accept() failed for want of fds or memory
@@ -157,7 +157,7 @@ class AcceptLoop:
         if self.starving:  # only a signal cuts the pause short
             select.select([self.lifecycle.wake_r], [], [], RESOURCE_PAUSE)
         else:
-            self.poller.poll(PARENT_CHECK_INTERVAL)
+            self.poller.poll(self.beat_every)
         self.lifecycle.drain_wakeups()
         self.slot.beat()
         if self.on_wake is not None:

@@ -65,4 +65,5 @@ class WorkerSpec:
     graceful_timeout: float = 30.0
     timeout: float = 30.0  # modes that kill their own overdue requests (fork) read it
     keep_alive: float = 5.0  # cut a connection idle between requests this long (0: never)
+    beat_every: float = PARENT_CHECK_INTERVAL  # an idle worker's heartbeat period
     max_requests: int = 0  # recycle after this many requests (0: never); jitter already added
