@@ -160,3 +160,83 @@ class Generation:
     def close(self) -> None:
         """Its last worker is gone: free the scoreboard (listeners are the master's call)."""
         self.scoreboard.close()
+
+
+class Generations:
+    """The master's generations, and the one owner of which is which: the ``current`` one,
+    the ``incoming`` one of a reload, and the older ``draining`` ones that still have workers.
+
+    The transitions are here (``begin``, ``promote``, ``abort``, ``gone``); the master decides
+    when to make them and does the I/O (signals, logs, listeners to close)."""
+
+    def __init__(self) -> None:
+        self.current: Generation | None = None
+        self.incoming: Generation | None = None
+        self.draining: list[Generation] = []
+
+    def __iter__(self) -> Iterator[Generation]:
+        """Every generation that still has a reason to exist, oldest first."""
+        yield from list(self.draining)
+        if self.current is not None:
+            yield self.current
+        if self.incoming is not None:
+            yield self.incoming
+
+    def workers(self) -> Iterator[Worker]:
+        for generation in list(self):
+            yield from generation
+
+    def steered(self) -> Generation:
+        """The generation the pool is steered toward: the incoming one during a reload."""
+        generation = self.incoming or self.current
+        assert generation is not None
+        return generation
+
+    def find(self, pid: int) -> Worker | None:
+        for generation in self:
+            if pid in generation.workers:
+                return generation.workers[pid]
+        return None
+
+    def listeners(self) -> list[Listener]:
+        """Every listener a live generation serves, each once."""
+        seen: dict[int, Listener] = {}
+        for generation in self:
+            for listener in generation.listeners:
+                seen.setdefault(id(listener), listener)
+        return list(seen.values())
+
+    def begin(self, generation: Generation) -> None:
+        self.incoming = generation
+
+    def promotable(self) -> bool:
+        """The incoming generation serves its whole target, and every older worker retires."""
+        incoming = self.incoming
+        return incoming is not None and incoming.serving() and not any(
+            not w.retiring for g in self if g is not incoming for w in g
+        )  # fmt: skip
+
+    def promote(self) -> Generation:
+        """The incoming generation becomes the current one; the current one drains."""
+        assert self.current is not None and self.incoming is not None
+        self.draining.append(self.current)
+        self.current, self.incoming = self.incoming, None
+        return self.current
+
+    def abort(self) -> Generation:
+        """A reload failed: its generation drains (the current one was never touched)."""
+        assert self.incoming is not None
+        failed, self.incoming = self.incoming, None
+        self.draining.append(failed)
+        return failed
+
+    def gone(self) -> list[Generation]:
+        """The draining generations whose last worker left, now forgotten."""
+        empty = [g for g in self.draining if not g.workers]
+        for generation in empty:
+            self.draining.remove(generation)
+        return empty
+
+    def settled(self) -> bool:
+        """No reload under way and no older generation draining."""
+        return not self.draining and self.incoming is None

@@ -41,7 +41,7 @@ import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, replace
 
 from cluster import appcheck, commands, exits, handover, pidfile, pool
@@ -50,7 +50,7 @@ from cluster.commands import Command, Refused, Reply
 from cluster.config import Config, flag
 from cluster.control import ControlServer, open_control
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError, ConfigError
-from cluster.generation import Generation, Worker
+from cluster.generation import Generation, Generations, Worker
 from cluster.listeners import Listener, adopt, bind, parse_bind
 from cluster.loopserver import LoopServer
 from cluster.metrics import Accounts, MetricsServer, restart_reason
@@ -123,9 +123,7 @@ class Master:
         self.closed = False  # the loop is over: commands are answered at once
         self.exited: list[Worker] = []  # workers whose sentinel fired, to be reaped
         # The parts.
-        self.current: Generation | None = None
-        self.incoming: Generation | None = None
-        self.draining: list[Generation] = []
+        self.gens = Generations()  # current, incoming, draining: the one owner
         self.stop: Stop | None = None
         self.successor: Successor | None = None
         self.predecessor = Predecessor.from_environ(os.environ)
@@ -155,7 +153,7 @@ class Master:
         try:
             self.start()
             started = True
-            while not (self.stop and not any(self.all_workers())):
+            while not (self.stop and not any(self.gens.workers())):
                 self.sleep()
                 self.read_notifications()
                 self.handle_commands()  # before reaping: Ctrl-C kills workers and us at once
@@ -200,7 +198,7 @@ class Master:
             sock = open_control(config.control, taking_over=self.predecessor is not None)
             self.control = ControlServer(sock, self.selector, config.control, self.dispatch)
             log.info("control socket on unix:%s", config.control)
-        self.current = Generation(1, config, listeners, preloaded, self.handler)
+        self.gens.current = Generation(1, config, listeners, preloaded, self.handler)
         ROLE.generation = 1
         if self.set_title:
             set_title(f"cluster: master [{self.name}]")
@@ -217,7 +215,7 @@ class Master:
         now = time.monotonic()
         deadlines = [now + LOOP_TICK, self.hung.next_deadline()]
         if self.current is not None:
-            deadlines.append(self.steered().backoff.next_deadline(now))
+            deadlines.append(self.gens.steered().backoff.next_deadline(now))
         for part in (self.stop, self.successor, self.adaptive, self.notifier,
                      *self.loop_servers()):  # fmt: skip
             if part is not None:
@@ -242,23 +240,13 @@ class Master:
         """The config in force: the current generation's (the first one's before it exists)."""
         return self.current.config if self.current else self.first_config
 
-    def generations(self) -> Iterator[Generation]:
-        """Every generation that still has a reason to exist, oldest first."""
-        yield from self.draining
-        if self.current is not None:
-            yield self.current
-        if self.incoming is not None:
-            yield self.incoming
+    @property
+    def current(self) -> Generation | None:
+        return self.gens.current
 
-    def all_workers(self) -> Iterator[Worker]:
-        for generation in list(self.generations()):
-            yield from generation
-
-    def steered(self) -> Generation:
-        """The generation the pool is steered toward: the incoming one during a reload."""
-        generation = self.incoming or self.current
-        assert generation is not None
-        return generation
+    @property
+    def incoming(self) -> Generation | None:
+        return self.gens.incoming
 
     # ----------------------------------------------------------------- commands
     def install_signal_handlers(self) -> None:
@@ -333,7 +321,7 @@ class Master:
     def do_scale(self, command: Command) -> dict:
         if self.stop:
             raise Refused("stopping")
-        generation = self.steered()
+        generation = self.gens.steered()
         generation.target = commands.target_after(command, generation.target,
                                                   generation.config.pool_bound)  # fmt: skip
         log.info("pool target is now %s", plural(generation.target, "worker"))
@@ -359,7 +347,7 @@ class Master:
     def do_reopen_logs(self, command: Command) -> dict:
         """USR1: reopen our log files (logrotate moved them) and have every worker do so."""
         reopened = reopen_logs()
-        for worker in self.all_workers():
+        for worker in self.gens.workers():
             _send(worker.pid, signal.SIGUSR1)
         log.info("reopened %s", ", ".join(reopened) if reopened else "nothing (logs go to stderr)")
         return {"reopened": reopened}
@@ -388,7 +376,7 @@ class Master:
             config = self.reread_config() if self.reread_config else current.config
             logging.getLogger().setLevel(config.log_level.upper())  # --log-level, re-applied
             preloaded = self.check_app(config)
-            listeners = self.open_listeners(config, keep=self.open_listener_set())
+            listeners = self.open_listeners(config, keep=self.gens.listeners())
         except ClusterError as err:
             log.error("reload failed: %s; still serving generation %d", err, current.number)
             return {"ok": False, "error": f"reload failed: {err}"}
@@ -397,12 +385,11 @@ class Master:
         if fixed:
             log.warning("reload: %s changed; the master's own settings take effect on an "
                         "upgrade (USR2)", ", ".join(flag(name) for name in fixed))  # fmt: skip
-        known = {id(lst) for lst in self.open_listener_set()}
+        known = {id(lst) for lst in self.gens.listeners()}
         for listener in listeners:
             if id(listener) not in known:
                 log.info("listening on %s", listener.uri)
-        self.incoming = Generation(current.number + 1, config, listeners, preloaded,
-                                   self.handler)  # fmt: skip
+        self.gens.begin(Generation(current.number + 1, config, listeners, preloaded, self.handler))
         self.notifier.reloading()
         log.info("reload: starting generation %d (%s, %s, %s)", self.incoming.number,
                  plural(self.incoming.target, "worker"), config.worker_class,
@@ -418,55 +405,39 @@ class Master:
             if any(not w.ready and now - w.spawned_at > limit for w in incoming):
                 self.abort_reload(f"a worker of generation {incoming.number} was not ready "
                                   f"within {limit:g}s")  # fmt: skip
-            elif incoming.serving() and not any(
-                not w.retiring for g in self.generations() if g is not incoming for w in g
-            ):
-                assert self.current is not None
-                self.draining.append(self.current)
-                self.current, self.incoming = incoming, None
-                ROLE.generation = incoming.number
+            elif self.gens.promotable():
+                ROLE.generation = self.gens.promote().number
                 self.notifier.send(READY=1, STATUS=self.status_line())
                 self.check_ready()  # a reload during the first boot
-        for generation in [g for g in self.draining if not g.workers]:
-            self.draining.remove(generation)
+        for generation in self.gens.gone():
             self.drop(generation)
-            if not self.draining and self.incoming is None:
+            if self.gens.settled():
                 log.info("reload complete: generation %d serving with %s",
-                         self.steered().number, plural(len(self.steered().workers), "worker"))  # fmt: skip
+                         self.gens.steered().number, plural(len(self.gens.steered().workers), "worker"))  # fmt: skip
         if self.incoming is None and self.folded is not None:
             folded, self.folded = self.folded, None
             log.info("reload: starting the reload folded during generation %d's boot",
-                     self.steered().number)  # fmt: skip
+                     self.gens.steered().number)  # fmt: skip
             self.dispatch(folded)
 
     def abort_reload(self, why: str) -> None:
         """The health gate: the new generation failed; put its workers down, stay on the old
         one. Its workers drain (quickly: KILL) like any older generation's."""
-        incoming, self.incoming = self.incoming, None
-        assert incoming is not None and self.current is not None
-        for worker in incoming:
+        for worker in self.gens.abort():
             worker.retiring = "reload failed"
             _send(worker.pid, signal.SIGKILL)
-        self.draining.append(incoming)
+        assert self.current is not None
         log.error("reload failed: %s; still serving generation %d", why, self.current.number)
         self.notifier.send(READY=1, STATUS=f"reload failed; {self.status_line()}")
 
     def drop(self, generation: Generation) -> None:
         """A generation with no worker left: close the listeners only it served."""
         generation.close()
-        still = {id(lst) for lst in self.open_listener_set()}
+        still = {id(lst) for lst in self.gens.listeners()}
         for listener in generation.listeners:
             if id(listener) not in still:
                 log.info("closed %s", listener.uri)
                 listener.close()
-
-    def open_listener_set(self) -> list[Listener]:
-        """Every listener a live generation serves, each once."""
-        seen: dict[int, Listener] = {}
-        for generation in self.generations():
-            for listener in generation.listeners:
-                seen.setdefault(id(listener), listener)
-        return list(seen.values())
 
     # ----------------------------------------------------------------- upgrade
     def do_upgrade(self, command: Command) -> dict:
@@ -477,7 +448,7 @@ class Master:
             raise Refused(f"one is under way (new master {self.successor.pid})")
         if not self.upgradable:
             raise Refused("not running the command line (the library re-executes nothing)")
-        pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.open_listener_set()]
+        pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.gens.listeners()]
         if self.metrics is not None:
             pairs.append((self.metrics.sock.fileno(), self.metrics.listener.spec.text))
         try:
@@ -546,11 +517,11 @@ class Master:
     def manage_workers(self, now: float) -> None:
         """Fork or retire workers until the pool matches its target. A fork into a slot
         whose last worker failed on its own waits out that slot's backoff."""
-        steered = self.steered()
-        views = [worker.view() for worker in self.all_workers()]
+        steered = self.gens.steered()
+        views = [worker.view() for worker in self.gens.workers()]
         decision = pool.plan(steered.target, steered.number, steered.config.reload_strategy,
                              views)  # fmt: skip
-        for worker in self.all_workers():
+        for worker in self.gens.workers():
             if worker.pid in decision.retire:
                 self.retire(worker, "scaled down" if worker.generation is steered
                             else f"replaced by generation {steered.number}")  # fmt: skip
@@ -562,7 +533,7 @@ class Master:
         """--min-spare/--max-spare: once a second, move the target toward the idle band."""
         if self.adaptive is None:
             return
-        generation = self.steered()
+        generation = self.gens.steered()
         idle = sum(1 for w in generation if w.view().idle)
         config = generation.config
         target = self.adaptive.step(now, generation.target, idle, config.min_spare,
@@ -612,7 +583,7 @@ class Master:
         other generations serve (a worker holding one would keep it open, queueing
         connections that nobody ever accepts)."""
         fds = [self.wake_r, self.wake_w, self.notify_r, self.selector.fileno()]
-        fds.extend(worker.process.sentinel for worker in self.all_workers())
+        fds.extend(worker.process.sentinel for worker in self.gens.workers())
         if self.successor is not None:
             fds.extend(self.successor.fds())
         if self.predecessor is not None:
@@ -621,7 +592,7 @@ class Master:
             fds.extend(server.fds())
         fds.extend(self.notifier.fds())
         ours = {lst.sock.fileno() for lst in generation.listeners}
-        fds.extend({lst.sock.fileno() for lst in self.open_listener_set()} - ours)
+        fds.extend({lst.sock.fileno() for lst in self.gens.listeners()} - ours)
         return fds
 
     def retire(self, worker: Worker, why: str) -> None:
@@ -629,12 +600,6 @@ class Master:
         worker.retiring = why
         _send(worker.pid, signal.SIGTERM)
         log.info("retiring worker %d (slot %d): %s", worker.pid, worker.slot, why)
-
-    def find(self, pid: int) -> Worker | None:
-        for generation in self.generations():
-            if pid in generation.workers:
-                return generation.workers[pid]
-        return None
 
     def read_notifications(self) -> None:
         """Read ``PID MESSAGE`` lines the workers wrote to the notify pipe."""
@@ -645,7 +610,7 @@ class Master:
         self.notify_buffer = lines.pop()
         for line in lines:
             pid_text, _, message = line.partition(b" ")
-            worker = self.find(int(pid_text)) if pid_text.isdigit() else None
+            worker = self.gens.find(int(pid_text)) if pid_text.isdigit() else None
             if worker is None:
                 continue
             if message == b"ready":
@@ -735,7 +700,7 @@ class Master:
         """Workers the watchdog names (a request past ``--timeout``, a silent idle worker, a
         boot past ``--timeout``): stack dump and TERM now, KILL after the grace
         (``kill_past_grace``), a replacement at once."""
-        for hung in self.watchdog.scan(self.all_workers(), now):
+        for hung in self.watchdog.scan(self.gens.workers(), now):
             worker = hung.worker
             if worker.pid in self.hung:
                 continue
@@ -757,7 +722,7 @@ class Master:
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: generation, mode, workers."""
-        generation = self.steered()
+        generation = self.gens.steered()
         ready = sum(1 for w in generation if w.ready)
         return (f"generation {generation.number}, {generation.mode.name}: {ready} of "
                 f"{plural(generation.target, 'worker')} ready")  # fmt: skip
@@ -774,20 +739,20 @@ class Master:
 
     def metrics_source(self) -> dict:
         """What a scrape reads: the live generations, the master's own counts, the listeners."""
-        return {"generations": list(self.generations()), "accounts": self.accounts,
-                "generation": self.steered().number,
+        return {"generations": list(self.gens), "accounts": self.accounts,
+                "generation": self.gens.steered().number,
                 "uptime": time.monotonic() - self.started_at,
-                "listeners": self.open_listener_set()}  # fmt: skip
+                "listeners": self.gens.listeners()}  # fmt: skip
 
     def status(self) -> dict:
         """What ``ctl status`` and the library's ``status()`` report: one place to read."""
         now = time.monotonic()
-        generations = list(self.generations())
-        steered = self.steered()
+        generations = list(self.gens)
+        steered = self.gens.steered()
         return {
             "pid": self.pid, "name": self.name, "uptime": round(now - self.started_at, 3),
             "generation": steered.number, "mode": steered.mode.name, "target": steered.target,
-            "listeners": [lst.uri for lst in self.open_listener_set()],
+            "listeners": [lst.uri for lst in self.gens.listeners()],
             "listener_stats": [
                 {"uri": uri, "accepted": t.accepted, "requests": t.requests, "errors": t.errors}
                 for uri, t in self.accounts.per_listener(generations).items()
@@ -812,7 +777,7 @@ class Master:
                      successor.pid)  # fmt: skip
         self.stop = Stop(graceful, self.config.graceful_timeout, time.monotonic(), reason)
         self.notifier.send(STOPPING=1, STATUS=f"{'graceful' if graceful else 'quick'} stop")
-        workers = list(self.all_workers())
+        workers = list(self.gens.workers())
         log.info("%s stop (%s): %s, up to %.1fs", "graceful" if graceful else "quick",
                  reason, plural(len(workers), "worker"), self.stop.deadline - time.monotonic())  # fmt: skip
         for worker in workers:
@@ -820,9 +785,12 @@ class Master:
 
     def enforce_stop(self, now: float) -> None:
         assert self.stop is not None
+        if self.stop.nudge(now):
+            for worker in self.gens.workers():
+                _send(worker.pid, CUT_IDLE_SIGNAL)
         if not self.stop.overdue(now):
             return
-        workers = sorted(self.all_workers(), key=lambda w: w.pid)
+        workers = sorted(self.gens.workers(), key=lambda w: w.pid)
         if not workers:
             return  # the last ones left by themselves as the deadline came
         log.error("stop timed out: killing workers %s", ", ".join(str(w.pid) for w in workers))
@@ -841,16 +809,16 @@ class Master:
         for _, reply in pending:
             if reply is not None:
                 reply.answer({"ok": False, "error": "the master stopped"})
-        for worker in list(self.all_workers()):
+        for worker in list(self.gens.workers()):
             _send(worker.pid, signal.SIGKILL)
             worker.process.join()
             worker.process.close()
         if self.previous_handlers:
             self.restore_signal_handlers()
         handed_over = self.successor is not None  # the new master serves the socket files
-        for listener in self.open_listener_set() or self.given_listeners:
+        for listener in self.gens.listeners() or self.given_listeners:
             listener.close(unlink=not handed_over)
-        for generation in self.generations():
+        for generation in self.gens:
             generation.close()
         if self.successor is not None:
             self.successor.close()

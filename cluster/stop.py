@@ -11,6 +11,7 @@ QUICK_STOP_GRACE = 3.0  # seconds workers get to exit after QUIT before they are
 # A graceful stop's KILL waits this much past --graceful-timeout: a worker that counts the
 # same timeout from its own TERM, a moment later, then exits by itself, not by our KILL.
 MARGIN = 1.0
+NUDGE_EVERY = 1.0  # seconds between the graceful stop's reminders to cut idle connections
 
 
 class Stop:
@@ -21,9 +22,20 @@ class Stop:
         self.reason = reason
         self.deadline = now + (grace + MARGIN if graceful else QUICK_STOP_GRACE)
         self.killed = False  # the deadline passed and the survivors were sent KILL
+        self.nudge_at = now + NUDGE_EVERY  # graceful: ask the workers to cut idle connections
 
     def next_deadline(self) -> float:
-        return float("inf") if self.killed else self.deadline
+        if self.killed:
+            return float("inf")
+        return min(self.deadline, self.nudge_at) if self.graceful else self.deadline
+
+    def nudge(self, now: float) -> bool:
+        """Time to ask the workers, again, to close the connections idle between requests
+        (their own timer does it too; this is the second way, in case a worker missed it)."""
+        if not self.graceful or self.killed or now < self.nudge_at:
+            return False
+        self.nudge_at = now + NUDGE_EVERY
+        return True
 
     def overdue(self, now: float) -> bool:
         """Whether the survivors are due their KILL now (true once)."""

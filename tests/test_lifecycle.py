@@ -57,7 +57,7 @@ def test_ten_hups_under_load_lose_nothing(start_cluster, tmp_path: Path, name: s
     first = set(cluster.workers())
     events, flowing = Events(), threading.Event()
     load, results = load_in_background(
-        LoadConfig(uri, duration=5.5, concurrency=4, connect=connect, timeout=5.0), events, flowing
+        LoadConfig(uri, duration=6.5, concurrency=4, connect=connect, timeout=5.0), events, flowing
     )
     assert flowing.wait(10), "the load never started"
 

@@ -206,6 +206,10 @@ def close_idle() -> None:
     signal.setitimer(signal.ITIMER_REAL, IDLE_GRACE)  # also for waits that begin meanwhile
 
 
+def stopping_past_grace() -> bool:
+    return ClientSocket.closing and monotonic() >= ClientSocket.closing_at + IDLE_GRACE
+
+
 def cut_after_grace(signum: int, frame: object) -> None:
     """SIGALRM, ``IDLE_GRACE`` into a stop: cut what still waits for a next request."""
     CONNECTIONS.cut_idle(0.0)

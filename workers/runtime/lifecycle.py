@@ -7,7 +7,7 @@ import ctypes
 import os
 from collections.abc import Callable
 
-from workers.runtime.client import CONNECTIONS, close_idle
+from workers.runtime.client import CONNECTIONS, close_idle, stopping_past_grace
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,8 +31,11 @@ class Lifecycle:
             self.on_signal(signum)
 
     def cut_idle(self, signum: int, frame: object) -> None:
-        """The master saw a connection idle past ``--keep-alive``: cut those that are."""
-        if self.keep_alive:
+        """The master saw a connection idle past ``--keep-alive``: cut those that are. During
+        a stop (the master repeats it then), cut every idle one once the stop's grace is over."""
+        if stopping_past_grace():
+            CONNECTIONS.cut_idle(0.0)
+        elif self.keep_alive:
             CONNECTIONS.cut_idle(self.keep_alive)
         if self.on_signal is not None:
             self.on_signal(signum)
