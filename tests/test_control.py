@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import Events, LoadConfig, run
-from tests.conftest import ROOT, cluster_env, stream_roundtrip, tcp_connect
+from tests.conftest import ROOT, cluster_env, read_line, stream_roundtrip, tcp_connect
 from tests.procs import children, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -35,13 +35,7 @@ def ask(path: Path, payload: bytes, timeout: float = 10) -> bytes:
         sock.connect(str(path))  # blocking: waits for room in a full backlog, as ctl does
         sock.settimeout(timeout)
         sock.sendall(payload)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return read_line(sock)
 
 
 @pytest.fixture

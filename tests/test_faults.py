@@ -224,16 +224,15 @@ def test_timeout_spares_a_kept_alive_client_that_keeps_asking(start_cluster, mod
     cluster = start_cluster("http-hello", "-w", "1", "-k", mode, "--timeout", "1",
                             "-b", "127.0.0.1:0")  # fmt: skip
     workers = children(cluster.pid)
-    sock = tcp_connect(cluster.address())
-    deadline = time.monotonic() + 2.2
-    replies = 0
-    with sock:
-        while time.monotonic() < deadline:
-            sock.sendall(HTTP_REQUEST)
-            assert read_http_reply(sock).endswith(b"Hello, world!\n")
-            replies += 1
-            time.sleep(0.01)  # the client's pace between requests, not a wait for anything
-    assert replies > 50
+    replies = []
+
+    def ask(n: int) -> None:
+        sock.sendall(HTTP_REQUEST)
+        replies.append(read_http_reply(sock))
+
+    with tcp_connect(cluster.address()) as sock:
+        every(0.01, 220, ask)  # one request every 10 ms, on one connection, for 2.2 s
+    assert len(replies) == 220 and all(r.endswith(b"Hello, world!\n") for r in replies)
     assert "no progress" not in cluster.log and children(cluster.pid) == workers
 
 
@@ -371,15 +370,14 @@ def pending_signals(pid: int) -> int:
 
 
 HELD_VERSION = """
-import os, time
+import os
 from setproctitle import getproctitle
 from workers import BaseRequestHandler
+from tests.procs import wait_for
 
 HOLD = {hold!r}
 if getproctitle().startswith("cluster: worker"):
-    deadline = time.monotonic() + 60
-    while os.path.exists(HOLD) and time.monotonic() < deadline:
-        time.sleep(0.01)  # polls the file the test removes
+    wait_for(lambda: not os.path.exists(HOLD), 60, "the test to let the boot go on")
 
 
 class Handler(BaseRequestHandler):
