@@ -80,10 +80,6 @@ class Generation:
     def __iter__(self) -> Iterator[Worker]:
         return iter(list(self.workers.values()))
 
-    @property
-    def ready_count(self) -> int:
-        return sum(1 for w in self.workers.values() if w.ready and not w.retiring)
-
     def serving(self) -> bool:
         """Its whole target is up and ready, none of its active workers still booting."""
         active = [w for w in self.workers.values() if not w.retiring]
