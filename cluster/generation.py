@@ -169,6 +169,11 @@ class Generations:
         self.current: Generation | None = None
         self.incoming: Generation | None = None
         self.draining: list[Generation] = []
+        self.last_number = 0  # numbers are never reused, a failed reload's included
+
+    def next_number(self) -> int:
+        self.last_number += 1
+        return self.last_number
 
     def __iter__(self) -> Iterator[Generation]:
         """Every generation that still has a reason to exist, oldest first."""

@@ -198,7 +198,8 @@ class Master:
             sock = open_control(config.control, taking_over=self.predecessor is not None)
             self.control = ControlServer(sock, self.selector, config.control, self.dispatch)
             log.info("control socket on unix:%s", config.control)
-        self.gens.current = Generation(1, config, listeners, preloaded, self.handler)
+        self.gens.current = Generation(self.gens.next_number(), config, listeners, preloaded,
+                                       self.handler)  # fmt: skip
         ROLE.generation = 1
         if self.set_title:
             set_title(f"cluster: master [{self.name}]")
@@ -389,7 +390,8 @@ class Master:
         for listener in listeners:
             if id(listener) not in known:
                 log.info("listening on %s", listener.uri)
-        self.gens.begin(Generation(current.number + 1, config, listeners, preloaded, self.handler))
+        self.gens.begin(Generation(self.gens.next_number(), config, listeners, preloaded,
+                                   self.handler))  # fmt: skip
         self.notifier.reloading()
         log.info("reload: starting generation %d (%s, %s, %s)", self.incoming.number,
                  plural(self.incoming.target, "worker"), config.worker_class,

@@ -369,6 +369,13 @@ def pending_signals(pid: int) -> int:
     return mask
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """A new version of an app file that no import can catch half-written."""
+    staged = path.with_suffix(".staged")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 HELD_VERSION = """
 import os
 from setproctitle import getproctitle
@@ -395,10 +402,10 @@ def test_hups_during_a_boot_fold_into_one_reload_with_the_latest_code(
     cluster = start_cluster("held:Handler", "-w", "1", "-b", "127.0.0.1:0", cwd=tmp_path)
     ask = lambda: stream_roundtrip(tcp_connect(cluster.address()), b"")  # noqa: E731
     hold.write_text("held")
-    app.write_text(HELD_VERSION.format(hold=str(hold), version="v2"))
+    write_atomically(app, HELD_VERSION.format(hold=str(hold), version="v2"))
     cluster.signal(signal.SIGHUP)
     cluster.wait_log("reload: starting generation 2")
-    app.write_text(HELD_VERSION.format(hold=str(hold), version="v3"))
+    write_atomically(app, HELD_VERSION.format(hold=str(hold), version="v3"))
     for _ in range(5):
         cluster.signal(signal.SIGHUP)
     cluster.wait_log("folding this reload into one that starts after it")

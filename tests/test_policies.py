@@ -219,3 +219,10 @@ def test_idle_workers_beat_several_times_per_watchdog_interval() -> None:
     assert beat_period(1.0) == 1.0 / SCANS_PER_INTERVAL  # --timeout 1: a beat every 0.25 s
     assert beat_period(30.0) == 1.0 and beat_period(0) == 1.0  # at most once a second
     assert HEARTBEAT_DEFAULT / beat_period(0) >= SCANS_PER_INTERVAL
+
+
+def test_generation_numbers_are_never_reused() -> None:
+    from cluster.generation import Generations
+
+    gens = Generations()
+    assert [gens.next_number() for _ in range(3)] == [1, 2, 3]  # a failed reload's 2 included
