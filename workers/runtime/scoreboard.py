@@ -158,10 +158,11 @@ class WorkerSlot:
         self._lane0 = (ctypes.addressof(lanes) - base) // 8
         self._records = [lanes[n] for n in range(len(lanes))]  # ctypes indexing is slow
         self._hosts: list[object] = [None] * len(lanes)  # the host each lane's record holds
+        self._io_at = [self._lane0 + n * self._lane_size + IO_OFFSET for n in range(len(lanes))]
 
     def io_index(self, lane: int) -> int:
         """Where lane ``lane``'s ``io`` field is in ``doubles`` (``idle`` is the next one)."""
-        return self._lane0 + lane * self._lane_size + IO_OFFSET
+        return self._io_at[lane]
 
     def stats_index(self, lane: int, listener: int) -> int:
         """Where the numbers of ``lane`` for ``listener`` begin in ``doubles``."""
@@ -254,34 +255,36 @@ class Scoreboard:
         record = self._slots[slot]
         return record.header.state == IDLE and not any(lane.started for lane in record.lanes)
 
-    def listener_stats(self, slot: int) -> tuple[ListenerStats, ...]:
-        """One slot's numbers per listener, summed over its lanes."""
+    def _tally(self, slot: int) -> tuple[list[int], tuple[ListenerStats, ...]]:
+        """One pass over a slot's numbers: the requests per lane, and per listener its
+        accepts, requests, errors, duration sum and buckets (summed over the lanes)."""
         record = self._slots[slot]
-        stats = record.stats
-        result = []
+        numbers = record.stats[:]  # one copy out of shared memory, then plain floats
+        width = len(BUCKETS) + 1
+        per_lane = [0] * self.lane_count
+        per_listener = []
         for listener in range(self.listener_count):
             errors = total = 0.0
-            buckets = [0.0] * (len(BUCKETS) + 1)
+            buckets = [0.0] * width
             for lane in range(self.lane_count):
                 at = (lane * self.listener_count + listener) * STAT_FIELDS
-                errors += stats[at + ERRORS]
-                total += stats[at + DURATION_SUM]
-                for n in range(len(buckets)):
-                    buckets[n] += stats[at + FIRST_BUCKET + n]
-            result.append(ListenerStats(int(record.accepted[listener]), int(sum(buckets)),
-                                        int(errors), total, tuple(int(b) for b in buckets)))  # fmt: skip
-        return tuple(result)
+                errors += numbers[at + ERRORS]
+                total += numbers[at + DURATION_SUM]
+                counts = numbers[at + FIRST_BUCKET : at + FIRST_BUCKET + width]
+                per_lane[lane] += int(sum(counts))
+                buckets = [b + c for b, c in zip(buckets, counts, strict=True)]
+            per_listener.append(ListenerStats(int(record.accepted[listener]), int(sum(buckets)),
+                                              int(errors), total, tuple(int(b) for b in buckets)))  # fmt: skip
+        return per_lane, tuple(per_listener)
+
+    def listener_stats(self, slot: int) -> tuple[ListenerStats, ...]:
+        """One slot's numbers per listener, summed over its lanes."""
+        return self._tally(slot)[1]
 
     def view(self, slot: int) -> SlotView:
         record = self._slots[slot]
         header = record.header
-        listeners = self.listener_stats(slot)
-        per_lane = [0] * self.lane_count
-        for lane in range(self.lane_count):
-            for listener in range(self.listener_count):
-                at = (lane * self.listener_count + listener) * STAT_FIELDS
-                first = at + FIRST_BUCKET
-                per_lane[lane] += int(sum(record.stats[first : first + len(BUCKETS) + 1]))
+        per_lane, listeners = self._tally(slot)
         lanes = tuple(
             LaneView(
                 lane.started,
