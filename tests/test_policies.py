@@ -226,3 +226,18 @@ def test_generation_numbers_are_never_reused() -> None:
 
     gens = Generations()
     assert [gens.next_number() for _ in range(3)] == [1, 2, 3]  # a failed reload's 2 included
+
+
+def test_silent_means_idle_with_an_old_heartbeat_and_a_count_that_did_not_move() -> None:
+    """The heartbeat watchdog's decision: a sync worker under load never reaches its idle
+    wait (so its heartbeat ages), but its request count moves, which counts as a beat."""
+    from cluster.watchdog import silent
+
+    def view(state: str, heartbeat: float) -> SlotView:
+        return SlotView(0, 1, 1, state, 0.0, heartbeat, 0, ())
+
+    assert silent(view("idle", heartbeat=10.0), now=50.0, interval=30, quiet_since=10.0)
+    assert not silent(view("idle", heartbeat=10.0), now=50.0, interval=30, quiet_since=45.0)
+    assert not silent(view("idle", heartbeat=45.0), now=50.0, interval=30, quiet_since=10.0)
+    assert not silent(view("busy", heartbeat=10.0), now=50.0, interval=30, quiet_since=10.0)
+    assert silent(view("draining", heartbeat=10.0), now=50.0, interval=30, quiet_since=10.0)
