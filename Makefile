@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-tools chaos clean
+.PHONY: run test fuzz soak lint bench bench-tools chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q
+
+# The property tests marked fuzz (bind URIs, config files, the control socket, PROXY headers)
+# with thousands of examples each instead of make test's few dozen.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m fuzz -n 2 -q -p no:randomly
+
+# A cluster under mixed load and faults for 5 minutes (scripts/soak.py --help for the knobs).
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py --duration 300
 
 # The peers and the HTTP client the benchmark compares against: wrk and nginx from Debian,
 # gunicorn from PyPI. Rows whose peer cannot be installed are left out, saying so.

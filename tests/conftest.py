@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from tests.procs import (
     alive,
@@ -27,6 +29,18 @@ from tests.procs import (
 
 ROOT = Path(__file__).resolve().parent.parent
 become_subreaper()
+
+# Hypothesis: a short, repeatable run by default (``make test``: a few dozen examples per fuzz
+# test, derandomized so that a CI run is the same every time), a long random one for ``make
+# fuzz`` (HYPOTHESIS_PROFILE=fuzz). Tests marked ``fuzz`` take their example count from here.
+hypothesis_settings.register_profile(
+    "ci", max_examples=30, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+hypothesis_settings.register_profile(
+    "fuzz", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 APPS = ROOT / "tests" / "apps"
 
 
