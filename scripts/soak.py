@@ -475,9 +475,10 @@ CONTROL_GARBAGE = (b"{not json", b'{"cmd": 5}', b'{"cmd": "scale", "n": "many"}'
 
 @fault("ctl-garbage")
 def ctl_garbage(soak: Soak) -> None:
-    """A few garbage lines on the control socket: each reply must be a JSON error."""
-    lines = [soak.rng.choice(CONTROL_GARBAGE) for _ in range(3)]
-    lines.append(soak.rng.randbytes(64).replace(b"\n", b"."))
+    """Garbage lines on the control socket (the known kinds, shuffled, and random bytes):
+    each reply must be a JSON error."""
+    lines = [*CONTROL_GARBAGE, soak.rng.randbytes(64).replace(b"\n", b".")]
+    soak.rng.shuffle(lines)
     with soak.lock, socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(5)
         sock.connect(soak.control)
