@@ -83,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="close a connection that waits for its next request longer than S "
                      "seconds (http.server handlers and the demos mark those waits; default 5; "
                      "0: never)")  # fmt: skip
+    run.add_argument("--request-timeout", type=float, metavar="S",
+                     help="cut a client that has not sent a whole request S seconds after it "
+                     "began (from the connection's accept, or the request's first byte), "
+                     "however often it sends a byte (default 30; 0: never)")  # fmt: skip
+    run.add_argument("--waiting-room", action=argparse.BooleanOptionalAction,
+                     help="new connections whose client has sent nothing yet wait in the "
+                     "worker's epoll, not in a handler (default on; handlers that speak first "
+                     "say speaks_first = True and skip it)")  # fmt: skip
+    run.add_argument("--defer-accept", action=argparse.BooleanOptionalAction,
+                     help="TCP_DEFER_ACCEPT on TCP listeners: the kernel holds a new connection "
+                     "until its client sends something, for up to --request-timeout (default "
+                     "off; never with handlers that speak first)")  # fmt: skip
+    run.add_argument("--max-connections", type=int, metavar="N",
+                     help="connections a worker holds at once, in its handlers and its "
+                     "waiting room; the rest wait in the listen queue (default: handlers + 64)")  # fmt: skip
     run.add_argument("--max-requests", type=int, metavar="N",
                      help="recycle a worker after N requests (default 0: never)")  # fmt: skip
     run.add_argument("--max-requests-jitter", type=int, metavar="J",

@@ -36,6 +36,10 @@ class Config:
     graceful_timeout: float = 30.0
     timeout: float = 30.0  # kill a worker whose request makes no progress this long; 0: never
     keep_alive: float = 5.0  # close a connection idle between requests this long; 0: never
+    request_timeout: float = 30.0  # the deadline for reading one request; 0: none
+    waiting_room: bool = True  # silent new connections wait in a room, not in a handler
+    defer_accept: bool = False  # TCP_DEFER_ACCEPT: the kernel holds silent connections
+    max_connections: int = 0  # per worker, in handlers and the room; 0: handlers + 64
     max_requests: int = 0  # recycle a worker after this many requests; 0: never
     max_requests_jitter: int = 0
     reload_strategy: str = "all"  # all: a whole new generation, then retire the old; rolling
@@ -77,8 +81,8 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     for name in at_least_1:
         if getattr(config, name) < 1:
             raise ConfigError(f"{spell(name)} must be at least 1, got {getattr(config, name)}")
-    for name in ("graceful_timeout", "timeout", "keep_alive", "max_requests",
-                 "max_requests_jitter", "min_spare", "max_spare"):  # fmt: skip
+    for name in ("graceful_timeout", "timeout", "keep_alive", "request_timeout", "max_requests",
+                 "max_requests_jitter", "min_spare", "max_spare", "max_connections"):  # fmt: skip
         if getattr(config, name) < 0:
             raise ConfigError(f"{spell(name)} must not be negative, got {getattr(config, name)}")
     if config.max_workers and config.max_workers < config.workers:
@@ -90,6 +94,11 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.reload_strategy not in RELOAD_STRATEGIES:
         raise ConfigError(f"{spell('reload_strategy')} must be all or rolling, "
                           f"got {config.reload_strategy!r}")  # fmt: skip
+    handlers = modes.get(config.worker_class).lanes(config)
+    if config.max_connections and config.max_connections < handlers:
+        raise ConfigError(f"{spell('max_connections')} {config.max_connections} is below the "
+                          f"{handlers} connections a {config.worker_class} worker serves at "
+                          "once")  # fmt: skip
     if config.max_spare and config.max_spare < config.min_spare:
         raise ConfigError(f"{spell('max_spare')} {config.max_spare} is below "
                           f"{spell('min_spare')} {config.min_spare}")  # fmt: skip

@@ -22,6 +22,9 @@ from workers.runtime import modes
 from workers.runtime.access import ACCESS, ROLE, reopen_logs
 from workers.runtime.client import (
     CUT_IDLE_SIGNAL,
+    NEXT_BYTE,
+    NO_DEADLINE,
+    ClientSocket,
     CountingClientSocket,
     ListeningSocket,
     cut_after_grace,
@@ -82,6 +85,8 @@ def boot(spec: WorkerSpec) -> Lifecycle:
     ROLE.name, ROLE.generation, ROLE.pid = "worker", spec.generation, os.getpid()
     if ACCESS.log is not None:  # the master opened it: count the bytes it logs
         ListeningSocket.client_class = CountingClientSocket
+    ClientSocket.request_timeout = spec.request_timeout
+    ClientSocket.after_reply = NEXT_BYTE if spec.request_timeout else NO_DEADLINE
     name = f" [{spec.name}]" if spec.name else ""
     set_title(f"cluster: worker{name} {spec.mode} slot={spec.slot} gen={spec.generation}")
     return lifecycle
