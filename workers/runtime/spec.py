@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from workers.runtime.privileges import Identity
 from workers.runtime.scoreboard import Scoreboard
 from workers.servers import BaseServer
 
@@ -67,3 +68,4 @@ class WorkerSpec:
     keep_alive: float = 5.0  # cut a connection idle between requests this long (0: never)
     beat_every: float = PARENT_CHECK_INTERVAL  # an idle worker's heartbeat period
     max_requests: int = 0  # recycle after this many requests (0: never); jitter already added
+    identity: Identity | None = None  # --user/--group: whom to become before the app loads
