@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-b", "--bind", action="append", metavar="URI",
         help="listener, repeatable (default tcp://127.0.0.1:8000): tcp://HOST:PORT, HOST:PORT, "
         "[IPV6]:PORT, udp://HOST:PORT, unix:PATH, unix-dgram:PATH, fd://N; "
-        "append =module:Class to serve that listener with its own handler",
+        "append =module:Class to serve that listener with its own handler; "
+        "unix:PATH?mode=0660&owner=U&group=G sets the socket file's mode and owner",
     )  # fmt: skip
     run.add_argument(
         "-w", "--workers", type=int, metavar="N", help="initial pool size (default: CPUs)"

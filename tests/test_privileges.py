@@ -318,6 +318,33 @@ def test_socket_files_get_their_mode_owner_and_umask_and_only_ours_are_removed_a
     assert f"left {replaced} in place" in cluster.log
 
 
+@as_root
+def test_reload_and_upgrade_keep_workers_nobody_and_the_socket_file_in_place(
+    start_cluster, world_dir: Path
+) -> None:
+    """HUP: a new generation, dropped too. USR2: the new master adopts the socket file, the
+    old one leaves it in place as it exits, and the new one removes it when it stops."""
+    path, pidfile = world_dir / "app.sock", world_dir / "m.pid"
+    cluster = start_cluster("rootless:Boom", "-w", "1", "-b", f"unix:{path}?mode=0666",
+                            "--user", "nobody", "--pidfile", str(pidfile))  # fmt: skip
+    first = children(cluster.pid)
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload complete: generation 2")
+    second = wait_for(lambda: [p for p in children(cluster.pid) if p not in first], 10, "gen 2")
+    assert all(is_nobody(pid) for pid in second)
+    cluster.signal(signal.SIGUSR2)
+    new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
+    cluster.adopt(new_pid)
+    assert cluster.wait_exit() == 0  # the old master handed over and left
+    cluster.adopt(new_pid)
+    new_workers = wait_for(lambda: children(new_pid), 10, "the new master's worker")
+    assert all(is_nobody(pid) for pid in new_workers)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
+    assert stream_roundtrip(unix_connect(str(path)), b"new\n") == b"new\n"
+    os.kill(new_pid, signal.SIGTERM)
+    wait_for(lambda: not path.exists() and not pidfile.exists(), 10, "the new master's cleanup")
+
+
 # ------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     ("args", "needle"),
