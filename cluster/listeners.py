@@ -226,10 +226,10 @@ class Listener:
 
 def socket_file_id(path: str) -> FileId | None:
     """The (device, inode) of the socket file at ``path``, None if it is anything else (a
-    symbolic link is not followed) or gone."""
+    symbolic link is not followed), gone, or no file at all (an abstract name, ``\\0...``)."""
     try:
         info = os.lstat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
 
@@ -287,8 +287,8 @@ def _bind_inet(spec: BindSpec, backlog: int, reuse_port: bool) -> Listener:
 
 
 def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
-    """Bind a socket file: born 0600 when ``mode=`` asks for other bits (the umask narrowed
-    around the bind), then given its owner and group, then its mode."""
+    """Bind a socket file: born 0600 when ``mode=`` is given (the umask narrowed around the
+    bind), then given its owner and group, then its mode."""
     sock_type = socket.SOCK_STREAM if spec.kind == "unix" else socket.SOCK_DGRAM
     mode, (uid, gid) = spec.mode, spec.owner_ids()
     _clear_stale_unix_socket(spec, sock_type)
