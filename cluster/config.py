@@ -11,10 +11,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+from cluster import users
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
 from workers.runtime import modes
 from workers.runtime.access import DEFAULT_ACCESS_FORMAT, format_error
+from workers.runtime.privileges import Identity
 
 RELOAD_STRATEGIES = ("all", "rolling")
 DEFAULT_BIND = "tcp://127.0.0.1:8000"
@@ -55,11 +57,23 @@ class Config:
     access_log: str | None = None  # a path, or - for stderr; none by default
     access_log_format: str = DEFAULT_ACCESS_FORMAT
     preload: bool = False
+    user: str | None = None  # workers drop to this user (a name or a uid) after the bind
+    group: str | None = None  # ... and group (default: the user's primary group)
+    umask: str | None = None  # octal text ("027") or, from TOML, an int (0o027)
     config: str | None = None
 
     @property
     def binds(self) -> list[BindSpec]:
         return [parse_bind(text) for text in self.bind]
+
+    @property
+    def identity(self) -> Identity | None:
+        """Whom the workers run as (``--user``/``--group`` resolved), None: as the master."""
+        return users.identity(self.user, self.group)
+
+    @property
+    def umask_bits(self) -> int | None:
+        return users.parse_umask(self.umask)
 
     @property
     def pool_bound(self) -> int:
@@ -115,7 +129,16 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.metrics and parse_bind(config.metrics).kind not in ("tcp", "unix"):
         raise ConfigError(f"{spell('metrics')} must be tcp://HOST:PORT or unix:PATH, "
                           f"got {config.metrics!r}")  # fmt: skip
-    config.binds  # noqa: B018  parse every URI now, so that a bad one fails before binding any
+    if config.metrics:
+        parse_bind(config.metrics).owner_ids()
+    for spec in config.binds:  # parse every URI now, so that a bad one fails before binding any
+        spec.owner_ids()  # and resolve a socket file's owner= and group=
+    users.parse_umask(config.umask, spell("umask"))
+    identity = users.identity(config.user, config.group, spell("user"), spell("group"))
+    if identity is not None and (
+        problem := users.switch_problem(identity, os.geteuid(), os.getegid(), spell("user"))
+    ):
+        raise ConfigError(problem)
     return config
 
 

@@ -26,6 +26,7 @@ from cluster.listeners import Listener, defer_accept
 from cluster.spawn import WorkerProcess
 from workers.runtime import modes
 from workers.runtime.mode import Mode
+from workers.runtime.privileges import Identity
 from workers.runtime.scoreboard import Scoreboard, SlotView
 from workers.runtime.spec import Endpoint, WorkerSpec
 
@@ -102,7 +103,7 @@ class Generation:
         return worker
 
     def spec(self, slot: int, notify_fd: int, private_fds: list[int], max_requests: int,
-             name: str, beat_every: float) -> WorkerSpec:  # fmt: skip
+             name: str, beat_every: float, identity: Identity | None = None) -> WorkerSpec:  # fmt: skip
         """What a worker of this generation in ``slot`` needs (the slot claimed already)."""
         config = self.config
         return WorkerSpec(
@@ -114,7 +115,8 @@ class Generation:
             inherited_fds=private_fds, threads=config.threads,
             max_children=config.max_children, graceful_timeout=config.graceful_timeout,
             timeout=config.timeout, keep_alive=config.keep_alive, max_requests=max_requests,
-            beat_every=beat_every, request_timeout=config.request_timeout,
+            beat_every=beat_every, identity=identity,
+            request_timeout=config.request_timeout,
             waiting_room=config.waiting_room, max_connections=config.max_connections,
         )  # fmt: skip
 

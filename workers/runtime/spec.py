@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from workers.runtime.privileges import Identity
 from workers.runtime.scoreboard import Scoreboard
 from workers.servers import BaseServer
 
@@ -71,6 +72,7 @@ class WorkerSpec:
     request_timeout: float = 30.0  # the deadline for reading one request (0: none)
     waiting_room: bool = True  # silent new connections wait in a room, not in a handler
     max_connections: int = 0  # connections held at once, handlers' and room's (0: see below)
+    identity: Identity | None = None  # --user/--group: whom to become before the app loads
 
     def connection_bound(self, handlers: int) -> int:
         """The most connections a worker with ``handlers`` handlers holds at once: those in
