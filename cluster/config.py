@@ -14,11 +14,13 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+from cluster import users
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
 from cluster.text import shown
 from workers.runtime import modes
 from workers.runtime.access import DEFAULT_ACCESS_FORMAT, format_error
+from workers.runtime.privileges import Identity
 
 RELOAD_STRATEGIES = ("all", "rolling")
 DEFAULT_BIND = "tcp://127.0.0.1:8000"
@@ -47,6 +49,10 @@ class Config:
     graceful_timeout: float = 30.0
     timeout: float = 30.0  # kill a worker whose request makes no progress this long; 0: never
     keep_alive: float = 5.0  # close a connection idle between requests this long; 0: never
+    request_timeout: float = 30.0  # the deadline for reading one request; 0: none
+    waiting_room: bool = True  # silent new connections wait in a room, not in a handler
+    defer_accept: bool = False  # TCP_DEFER_ACCEPT: the kernel holds silent connections
+    max_connections: int = 0  # per worker, in handlers and the room; 0: handlers + 64
     max_requests: int = 0  # recycle a worker after this many requests; 0: never
     max_requests_jitter: int = 0
     reload_strategy: str = "all"  # all: a whole new generation, then retire the old; rolling
@@ -62,11 +68,23 @@ class Config:
     access_log: str | None = None  # a path, or - for stderr; none by default
     access_log_format: str = DEFAULT_ACCESS_FORMAT
     preload: bool = False
+    user: str | int | None = None  # workers drop to this user (a name or a uid) after the bind
+    group: str | int | None = None  # ... and group (default: the user's primary group)
+    umask: str | int | None = None  # octal text ("027") or, from TOML, an int (0o027)
     config: str | None = None
 
     @property
     def binds(self) -> list[BindSpec]:
         return [parse_bind(text) for text in self.bind]
+
+    @property
+    def identity(self) -> Identity | None:
+        """Whom the workers run as (``--user``/``--group`` resolved), None: as the master."""
+        return users.identity(self.user, self.group)
+
+    @property
+    def umask_bits(self) -> int | None:
+        return users.parse_umask(self.umask)
 
     @property
     def pool_bound(self) -> int:
@@ -106,8 +124,8 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     for name in at_least_1:
         if getattr(config, name) < 1:
             raise ConfigError(f"{spell(name)} must be at least 1, got {getattr(config, name)}")
-    for name in ("graceful_timeout", "timeout", "keep_alive", "max_requests",
-                 "max_requests_jitter", "min_spare", "max_spare"):  # fmt: skip
+    for name in ("graceful_timeout", "timeout", "keep_alive", "request_timeout", "max_requests",
+                 "max_requests_jitter", "min_spare", "max_spare", "max_connections"):  # fmt: skip
         if getattr(config, name) < 0:
             raise ConfigError(f"{spell(name)} must not be negative, got {getattr(config, name)}")
     if config.max_workers and config.max_workers < config.workers:
@@ -119,6 +137,11 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.reload_strategy not in RELOAD_STRATEGIES:
         raise ConfigError(f"{spell('reload_strategy')} must be all or rolling, "
                           f"got {shown(config.reload_strategy)}")  # fmt: skip
+    handlers = modes.get(config.worker_class).lanes(config)
+    if config.max_connections and config.max_connections < handlers:
+        raise ConfigError(f"{spell('max_connections')} {config.max_connections} is below the "
+                          f"{handlers} connections a {config.worker_class} worker serves at "
+                          "once")  # fmt: skip
     if config.max_spare and config.max_spare < config.min_spare:
         raise ConfigError(f"{spell('max_spare')} {config.max_spare} is below "
                           f"{spell('min_spare')} {config.min_spare}")  # fmt: skip
@@ -137,7 +160,16 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.metrics and parse_bind(config.metrics).kind not in ("tcp", "unix"):
         raise ConfigError(f"{spell('metrics')} must be tcp://HOST:PORT or unix:PATH, "
                           f"got {shown(config.metrics)}")  # fmt: skip
-    config.binds  # noqa: B018  parse every URI now, so that a bad one fails before binding any
+    if config.metrics:
+        parse_bind(config.metrics).owner_ids()
+    for spec in config.binds:  # parse every URI now, so that a bad one fails before binding any
+        spec.owner_ids()  # and resolve a socket file's owner= and group=
+    users.parse_umask(config.umask, spell("umask"))
+    identity = users.identity(config.user, config.group, spell("user"), spell("group"))
+    if identity is not None and (
+        problem := users.switch_problem(identity, os.geteuid(), os.getegid(), spell("user"))
+    ):
+        raise ConfigError(problem)
     return config
 
 
