@@ -175,8 +175,9 @@ SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an IPv6 zone: an interface name o
 
 
 def _is_number(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also takes ``'²'``, which ``int()`` refuses."""
-    return text.isascii() and text.isdigit()
+    """ASCII digits only (``str.isdigit`` also takes ``'²'``, which ``int()`` refuses), and
+    few enough of them for ``int()`` (it refuses over 4300): no port or fd needs more than 10."""
+    return text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 10
 
 
 def _host_port(address: str, text: str) -> tuple[str, int]:

@@ -46,26 +46,18 @@ PORTS = st.one_of(
     st.sampled_from(["", "²", "١٢", "0x50", " 80", "80 ", "+80", "0" * 30, "9" * 5000]),
     st.text(max_size=6),
 )
+OPTION_SUFFIXES = ["=echo", "=http-hello", "=m:C", "=:C", "=m:", "=x", "?name=web", "?", "=",
+                   "?name=web=m:C", "?name=", "?proxy=v2", "?name=a:b", "?name=a&name=b", "=a=b",
+                   "?mode=0660", "?mode=9999", "?mode=0o777", "?mode=-1", "?owner=root",
+                   "?owner=0", "?group=0", "?owner=nobody&group=nogroup", "?group=-5",
+                   "?owner=99999999999999999999", "?mode=0660&owner=root=echo"]  # fmt: skip
 SUFFIXES = st.one_of(
     st.just(""),
-    st.sampled_from(
-        [
-            "=echo",
-            "=http-hello",
-            "=m:C",
-            "=:C",
-            "=m:",
-            "=x",
-            "?name=web",
-            "?name=web=m:C",
-            "?name=",
-            "?proxy=v2",
-            "?name=a:b",
-            "?name=a&name=b",
-            "?",
-            "=",
-            "=a=b",
-        ]
+    st.sampled_from(OPTION_SUFFIXES),
+    st.builds(
+        lambda key, value: f"?{key}={value}",
+        st.sampled_from(["mode", "owner", "group", "name"]),
+        st.text(max_size=12),
     ),  # fmt: skip
     st.text(max_size=12).map(lambda text: "=" + text),
     st.text(max_size=12).map(lambda text: "?" + text),
@@ -94,6 +86,7 @@ BIND_TEXTS = st.one_of(
 @example("fd://²")
 @example("tcp://a\0b:80")  # reached the resolver, which raised a ValueError-like gaierror
 @example("tcp://" + "x" * 300 + ":80")  # the resolver's IDNA codec raised UnicodeError
+@example("127.0.0.1:" + "9" * 5000)  # int() refuses over 4300 digits: a ValueError
 def test_parse_bind_raises_only_config_error(text: str) -> None:
     try:
         spec = parse_bind(text)
@@ -110,6 +103,7 @@ def test_parse_bind_raises_only_config_error(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["127.0.0.1:²", "fd://²", "fd://99999999999999999999",
+                                  "127.0.0.1:" + "9" * 5000, "fd://" + "3" * 5000,
                                   "tcp://a\0b:80", "unix:/tmp/a\0b", "[::1%a b]:80",
                                   "tcp://" + "x" * 300 + ":80", "tcp://bücher.example:80",
                                   "[not-v6]:80", "a b:80"])  # fmt: skip
@@ -277,6 +271,9 @@ def test_every_real_key_with_any_value_raises_only_config_error(key: str, value:
         ("threads = 100000", "--threads"),
         ('pidfile = "a\\u0000b"', "NUL"),
         ("a = " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+        ("bind = ['unix:/tmp/x.sock?owner=99999999999999999999']", "is over"),  # chown overflowed
+        ("user = '²'", "no such user"),  # str.isdigit took it, int() did not
+        ("user = 'root'\ngroup = '4294967295'", "is over"),
     ],
 )
 def test_config_values_that_once_crashed_later_are_config_errors(
