@@ -280,3 +280,17 @@ def test_a_worker_near_its_fd_limit_logs_one_line_per_episode(start_cluster) -> 
         sock.sendall(b"back\n")
         assert read_line(sock) == b"back\n"
     assert cluster.log.count("cannot accept") == 1
+
+
+def test_defer_accept_keeps_silent_tcp_clients_in_the_kernel(start_cluster) -> None:
+    """No waiting room, one sync worker: only the kernel's TCP_DEFER_ACCEPT keeps the silent
+    client from holding the worker (without it, the good request would wait behind it)."""
+    cluster = start_cluster("http-hello", "-w", "1", "-b", "127.0.0.1:0", "--no-waiting-room",
+                            "--defer-accept", "--request-timeout", "5")  # fmt: skip
+    address = cluster.address()
+    silent = silent_clients(address, 3)
+    try:
+        assert request_latency(address) <= 0.5
+    finally:
+        for sock in silent:
+            sock.close()
