@@ -274,7 +274,8 @@ def read_line(sock: socket.socket) -> bytes:
     return data
 
 
-SLOW_FIRST = ("test_soak.py", "test_lifecycle.py", "test_faults.py", "test_chaos.py",
+SLOW_FIRST = ("test_soak.py", "test_hostile.py", "test_lifecycle.py", "test_faults.py",
+              "test_chaos.py",
               "test_supervision.py", "test_control.py")  # fmt: skip
 
 
