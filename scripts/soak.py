@@ -9,7 +9,8 @@ fd or memory that leaks a little per operation, a zombie nobody reaps, a process
 **The cluster** (started here, ended here by pid whatever happens; ``scripts/chaos.py``'s
 ``OwnCluster``): ``python -m cluster run echo`` in thread mode, 3 workers (at most 5), with
 four listeners: TCP echo, TCP HTTP (``=http-hello``), UDP echo and a Unix stream echo, a
-control socket and a pidfile in a temp dir.
+control socket and a pidfile in a temp dir, ``--request-timeout 4`` (slowloris clients
+outlast it, so the log shows what cutting them costs).
 
 **The well-behaved load** (``loadtest``, one process per transport, open loop so the shared
 machine is not saturated): a new TCP connection per echo request, HTTP keep-alive (persistent
@@ -94,7 +95,8 @@ RSS_BOUND = 4 * 1024 * 1024  # bytes of RSS it may have grown by
 USR2_UNTIL = 0.6  # no upgrade in the last 40% of the run
 SETTLE_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0  # after the final TERM, for every master to exit
-SLOWLORIS_SECONDS = 3.0
+REQUEST_TIMEOUT = 4.0  # the cluster's --request-timeout: slowloris clients outlast it
+SLOWLORIS_SECONDS = 6.0
 BASELINE_READS = 10  # fd counts read 50 ms apart for a baseline: the least is the steady one
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM)
 RECORD = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+) \[\d+\] \[([A-Z]+)\]")
@@ -407,7 +409,8 @@ def in_background(soak: Soak, name: str, body: Callable[[], Iterator[int]]) -> N
 @fault("slowloris")
 def slowloris(soak: Soak) -> None:
     """Two connections (HTTP and echo) that drip an HTTP request a byte every 0.2 s for
-    SLOWLORIS_SECONDS, then close."""
+    SLOWLORIS_SECONDS (longer than the cluster's --request-timeout, which cuts them), then
+    close."""
 
     def body() -> Iterator[int]:
         socks = [bad_connection(soak, soak.uris[name]) for name in ("http", "tcp")]
@@ -827,6 +830,7 @@ def cluster_command(args: argparse.Namespace) -> Callable[[str, str], list[str]]
                 "-b", "udp://127.0.0.1:0", "-b", f"unix:{tmp}/echo.sock",
                 "-w", str(args.workers), "--max-workers", str(args.max_workers),
                 "-k", "thread", "--threads", str(args.threads), "--graceful-timeout", "10",
+                "--request-timeout", str(REQUEST_TIMEOUT),
                 "--control", f"{tmp}/control.sock", "--pidfile", pidfile]  # fmt: skip
 
     return command
