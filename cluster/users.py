@@ -15,7 +15,6 @@ import pwd
 from cluster.errors import ConfigError
 from workers.runtime.privileges import Identity
 
-
 MAX_ID = 2**32 - 2  # uid_t and gid_t are 32 bits, and -1 (2**32 - 1) means "no change"
 
 
