@@ -87,7 +87,7 @@ from cluster.procfs import alive, children, descendants, reap_if_ours, state
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_DURATION = 3600.0
 SAMPLE_EVERY = 1.0
-GOOD_TIMEOUT = 2.0  # seconds a well-behaved request may take
+GOOD_TIMEOUT = 5.0  # seconds a well-behaved request may take (loadtest's default)
 STREAM_WINDOW = (-0.05, 1.0)  # a stream error this close to a kill is the kill's
 DATAGRAM_WINDOW = (0.0, GOOD_TIMEOUT + 0.5)  # a UDP timeout this long after a kill is the kill's
 FD_BOUND = 2  # fds the final master may hold beyond its start (none expected)
@@ -97,6 +97,7 @@ SETTLE_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0  # after the final TERM, for every master to exit
 REQUEST_TIMEOUT = 4.0  # the cluster's --request-timeout: slowloris clients outlast it
 SLOWLORIS_SECONDS = 6.0
+STALL = 0.5  # seconds the sampler woke late: the machine (or this process) was starved
 BASELINE_READS = 10  # fd counts read 50 ms apart for a baseline: the least is the steady one
 MASTER_SIGNALS = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM)
 RECORD = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+) \[\d+\] \[([A-Z]+)\]")
@@ -181,6 +182,7 @@ class Soak:
     bad_threads: list[threading.Thread] = field(default_factory=list)
     ctl_garbage_replies: int = 0
     first: subprocess.Popen | None = None  # the first master: ours, collected through Popen
+    stalls: list[tuple[float, float]] = field(default_factory=list)  # (UNIX time, seconds late)
 
     def note(self, kind: str, text: str = "") -> None:
         self.faults.append((time.time(), kind, text))
@@ -568,11 +570,18 @@ def reap(soak: Soak) -> None:
 
 
 def run_sampler(soak: Soak, done: threading.Event) -> None:
-    while not done.wait(SAMPLE_EVERY):
+    """Sample every second; how late each wake-up comes is the machine's stall (a starved
+    machine makes timeouts of its own: this says when)."""
+    due = time.monotonic() + SAMPLE_EVERY
+    while not done.wait(max(0.0, due - time.monotonic())):
+        late = time.monotonic() - due
+        if late > STALL:
+            soak.stalls.append((time.time() - late, late))
         try:
             sample(soak)
         except Exception as err:  # noqa: BLE001  a sampler bug must not end the run silently
             soak.problem(f"sampler failed: {err!r}")
+        due = max(due + SAMPLE_EVERY, time.monotonic())
 
 
 # ----------------------------------------------------------------------------- load
@@ -776,6 +785,9 @@ def summary(soak: Soak, outcomes: list[LoadOutcome], verdict: Verdict, log_lines
         lines.append(f"master {pid:<6} fds {start.get('fds', '?')} -> {end.get('fds', '-')} "
                      f"(max {life.max_fds}), RSS {mib(start.get('rss'))} -> {mib(end.get('rss'))} "
                      f"(max {mib(life.max_rss)}), {life.samples} samples, exit {life.exit_code}")  # fmt: skip
+    worst = max((late for _, late in soak.stalls), default=0.0)
+    lines.append(f"stalls      {len(soak.stalls)} times the sampler woke over {STALL:g} s late "
+                 f"(worst {worst:.1f} s): the machine's own, not the cluster's")  # fmt: skip
     lines.append(f"bad clients {len(soak.bad_clients)} connections; log lines they caused: "
                  f"{log_lines[0]} (warning/error records in the whole log: {log_lines[1]})")  # fmt: skip
     for name, (ok, detail) in verdict.checks.items():
@@ -947,6 +959,7 @@ def write_json(path: str, soak: Soak, outcomes: list[LoadOutcome], verdict: Verd
         "warning_records": log_lines[1],
         "ctl_garbage_replies": soak.ctl_garbage_replies,
         "problems": soak.problems,
+        "stalls": soak.stalls,
     }
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2)
