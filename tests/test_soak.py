@@ -97,7 +97,7 @@ def test_usage_errors_are_one_line_and_exit_2() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_a_short_soak_passes_every_check(tmp_path: Path) -> None:
-    """Ten seconds of load and a fault every 0.8 s (nearly the whole deck): no unexplained
+    """Ten seconds of load and a fault every 0.8 s (most of the deck, no kind twice): no unexplained
     error, the final master's fds and RSS flat, no zombie, no orphan, every master exit 0."""
     out = tmp_path / "soak.json"
     result = subprocess.run(
@@ -108,7 +108,8 @@ def test_a_short_soak_passes_every_check(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(out.read_text())
     assert data["passed"] and all(check["passed"] for check in data["checks"].values())
-    assert len(data["fault_counts"]) >= 8, data["fault_counts"]
+    dealt = sum(data["fault_counts"].values())  # fewer when a loaded machine slows the faults
+    assert dealt >= 4 and len(data["fault_counts"]) == min(dealt, len(soak.FAULTS)), data
     assert all(load["requests"] > 100 for load in data["loads"]), data["loads"]
     assert data["pids_tracked"] >= 4 and not data["zombies"]
     assert "verdict     PASS" in result.stdout
