@@ -220,10 +220,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
     try:
         while room() and (taken := loop.next()) is not None:
             fork_one(*taken)
-        if context.draining():
-            loop.drain(spec.graceful_timeout, fork_one, room)
-        else:  # recycled: the queue is the others', but what we parked is ours
-            loop.serve_waiting(time.monotonic() + spec.graceful_timeout, fork_one, room)
+        # Recycled, a worker leaves the queue to the others; what it parked is its own.
+        loop.drain(spec.graceful_timeout, fork_one, room, queue=context.draining())
     finally:
         loop.close()
         for server in servers:
