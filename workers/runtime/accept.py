@@ -157,6 +157,8 @@ class AcceptLoop:
         room = self.room
         while self.lifecycle.running:
             if room is not None:
+                if room.incoming:
+                    room.admit()
                 if room.parked:
                     room.check()
                 if (ready := room.take()) is not None:

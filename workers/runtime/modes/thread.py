@@ -20,12 +20,17 @@ import time
 from collections.abc import Iterator
 
 from workers.runtime.accept import AcceptLoop, Taken, close_all, in_lane
+from workers.runtime.client import readable
 from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.lifecycle import master_alive
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.spec import EXIT_CUT, PARENT_CHECK_INTERVAL
 
 log = logging.getLogger("cluster.worker")
+# A connection taken the moment its client connected usually has its request a few
+# microseconds behind: a free thread waits this long for it before it sends the connection
+# to the waiting room (a round of hand-offs that costs far more).
+HOT_WAIT = 0.002
 
 
 class Followers:
@@ -76,9 +81,9 @@ class Followers:
         taken = loop.take()
         if taken is None:
             return None
-        if loop.needs_room(taken[0], taken[1]):
-            with self.leader:
-                loop.room.park(*taken)  # type: ignore[union-attr, arg-type]
+        if loop.needs_room(taken[0], taken[1]) and not readable(taken[1], HOT_WAIT):  # type: ignore[arg-type]
+            # Silent still: the leader parks it, and we wait our turn.
+            loop.room.hand_in(*taken, self.context.lifecycle.wake_w)  # type: ignore[union-attr, arg-type]
             return None
         with self.counting:
             self.context.counted()
