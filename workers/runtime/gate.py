@@ -42,6 +42,7 @@ from functools import lru_cache
 from typing import Any
 
 from workers.runtime.access import ROLE
+from workers.runtime.client import ClientSocket
 from workers.runtime.context import CURRENT
 from workers.runtime.proxyproto import LOCAL, ProxyHeader, ProxyHeaderError, parse
 from workers.runtime.scoreboard import REJECT_REASONS, WorkerSlot
@@ -187,7 +188,12 @@ def read_header(sock: socket.socket, versions: str, timeout: float) -> ProxyHead
     peek waits for new bytes instead of spinning), then exactly up to its end, so that the
     handler's first read starts with the client's own first byte. A proxy that drips its
     header one byte at a time still gets ``timeout`` in all, not per byte.
+
+    The reads are marked in the request's lane as any of its reads are (waiting for the
+    client's bytes is progress, not a hang), but not counted in the access log's bytes in:
+    those are the client protocol's.
     """
+    recv = ClientSocket.recv if isinstance(sock, ClientSocket) else socket.socket.recv
     deadline = time.monotonic() + timeout
     previous = sock.gettimeout()
     got = b""
@@ -198,7 +204,7 @@ def read_header(sock: socket.socket, versions: str, timeout: float) -> ProxyHead
             if remaining <= 0:
                 raise TimeoutError
             sock.settimeout(remaining)
-            peeked = socket.socket.recv(sock, want, socket.MSG_PEEK)
+            peeked = recv(sock, want, socket.MSG_PEEK)
             if not peeked:
                 raise Rejected(BAD_HEADER, "closed before its PROXY header was complete"
                                if got else "closed without a PROXY header")  # fmt: skip
@@ -207,7 +213,7 @@ def read_header(sock: socket.socket, versions: str, timeout: float) -> ProxyHead
             except ProxyHeaderError as err:
                 raise Rejected(BAD_HEADER, f"bad PROXY header: {err}") from None
             take = len(peeked) if header is None else header.length - len(got)
-            got += socket.socket.recv(sock, take, socket.MSG_WAITALL)  # queued already
+            got += recv(sock, take, socket.MSG_WAITALL)  # queued already: no wait
             if header is not None:
                 return header
             if len(got) >= 16 and got[:1] == b"\r":  # v2: its length is known now
