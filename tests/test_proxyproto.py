@@ -15,10 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster.config import Config, build, read_toml, validate
 from cluster.errors import ConfigError
 from cluster.listeners import parse_bind
 from cluster.sources import Rules, rules_for
 from tests.procs import every
+from tests.test_bad_input import assert_one_line_error, run_cluster
 from workers.runtime.gate import Rejected, ReplyThroughProxy, contains, read_header
 from workers.runtime.proxyproto import (
     LOCAL,
@@ -154,6 +156,31 @@ def test_haproxy_send_proxy_v2_as_captured_on_the_wire() -> None:
     header = parse(wire + b"GET / HTTP/1.1\r\n")
     assert header is not None and header.length == 28
     assert header.source == ("172.19.0.1", 42578) and header.destination == ("172.19.0.3", 80)
+
+
+# HAProxy 2.6's own headers, captured from `server s1 ... send-proxy-v2 proxy-v2-options
+# unique-id,authority,crc32c,ssl check`: its health check, and a client 127.0.0.9:40001 that
+# connected to its frontend 127.0.0.1:18441 and sent "hello\n".
+HAPROXY_CHECK = bytes.fromhex("0d0a0d0a000d0a515549540a2000000f030004889da1df2000050000000000")
+HAPROXY_CLIENT = bytes.fromhex(
+    "0d0a0d0a000d0a515549540a211100477f0000097f0000019c414809030004bc9f39a905002937463030"
+    "303030393a394334315f37463030303030313a343830395f36423045434346375f3030303020000500"
+    "0000000068656c6c6f0a"
+)
+
+
+def test_haproxy_26_send_proxy_v2_with_crc32c_unique_id_and_ssl() -> None:
+    header = parse(HAPROXY_CLIENT)
+    assert header is not None and HAPROXY_CLIENT[header.length :] == b"hello\n"
+    assert header.source == ("127.0.0.9", 40001) and header.destination == ("127.0.0.1", 18441)
+    assert [kind for kind, _ in header.tlvs] == [0x03, 0x05, 0x20]  # CRC32C, UNIQUE_ID, SSL
+    assert dict(header.tlvs)[0x05] == b"7F000009:9C41_7F000001:4809_6B0ECCF7_0000"
+    corrupted = bytearray(HAPROXY_CLIENT)
+    corrupted[19] ^= 0x01  # the client's address, 127.0.0.8: the checksum catches it
+    with pytest.raises(ProxyHeaderError):
+        parse(bytes(corrupted))
+    check = parse(HAPROXY_CHECK)
+    assert check is not None and check.command == LOCAL and check.length == len(HAPROXY_CHECK)
 
 
 def haproxy_tlvs() -> tuple[tuple[int, bytes], ...]:
@@ -447,3 +474,33 @@ def test_bind_options_parse_proxy_and_allow_with_a_handler() -> None:
     assert spec.proxy == "v2" and spec.handler == "m:H"
     assert spec.allow == ("::1/128,10.0.0.0/8", "fd00::/8")
     assert parse_bind("unix:/tmp/x.sock?proxy=v1&allow=10.0.0.0/8").proxy == "v1"
+
+
+def test_config_lists_of_sources_from_flags_files_and_the_library(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('allow-from = "10.0.0.0/8"\nproxy-allow = ["10.1.2.3", "fd00::/8"]\n')
+    config = build(read_toml(str(path)), {})
+    assert config.allow_from == ["10.0.0.0/8"] and config.proxy_allow == ["10.1.2.3", "fd00::/8"]
+    assert build({}, {"allow_from": ("127.0.0.1",)}).allow_from == ["127.0.0.1"]  # a tuple
+    assert Config().proxy_allow == ["127.0.0.0/8", "::1/128"]  # loopback by default
+    for bad, needle in ((["10.0.0.300/8"], "10.0.0.300/8"), (["a,10.0.0.0/8"], "'a'"),
+                        (5, "--allow-from")):  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            build({}, {"allow_from": bad})
+        assert needle in str(err.value)
+    with pytest.raises(ConfigError) as err:  # nobody could send the header it requires
+        validate(Config(bind=["tcp://127.0.0.1:0?proxy=v2"], proxy_allow=[]))
+    assert "--proxy-allow is empty" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--allow-from", "10.0.0.300/8"], "10.0.0.300/8"),
+        (["--proxy-allow", "127.0.0.1,nope"], "'nope'"),
+        (["-b", "tcp://127.0.0.1:0?proxy=v9"], "v9"),
+        (["-b", "unix:/tmp/never.sock?allow=10.0.0.0/8"], "never.sock"),
+    ],
+)
+def test_bad_sources_on_the_command_line_exit_2_in_one_line(args: list[str], needle: str) -> None:
+    assert_one_line_error(run_cluster(*args), 2, needle)
