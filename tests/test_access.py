@@ -165,7 +165,7 @@ def test_a_header_may_come_in_pieces_but_whole_within_3s(start_cluster) -> None:
         held = time.monotonic() - started
         stop.set()
         dripper.join()
-    assert 2.9 < held < 4.5, held
+    assert 2.9 < held < 5.0, held  # 3 s from the worker's first read (a loaded CI adds some)
     assert ask(address, header + b"next\n") == b"192.0.2.3 3333 next\n"
     wait_rejected(metrics_of(cluster), {(cluster.uris[0], "timeout"): 1})
 
