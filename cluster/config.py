@@ -11,11 +11,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+from cluster import users
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
 from cluster.sources import DEFAULT_PROXY_ALLOW, networks
 from workers.runtime import modes
 from workers.runtime.access import DEFAULT_ACCESS_FORMAT, format_error
+from workers.runtime.privileges import Identity
 
 RELOAD_STRATEGIES = ("all", "rolling")
 DEFAULT_BIND = "tcp://127.0.0.1:8000"
@@ -37,6 +39,10 @@ class Config:
     graceful_timeout: float = 30.0
     timeout: float = 30.0  # kill a worker whose request makes no progress this long; 0: never
     keep_alive: float = 5.0  # close a connection idle between requests this long; 0: never
+    request_timeout: float = 30.0  # the deadline for reading one request; 0: none
+    waiting_room: bool = True  # silent new connections wait in a room, not in a handler
+    defer_accept: bool = False  # TCP_DEFER_ACCEPT: the kernel holds silent connections
+    max_connections: int = 0  # per worker, in handlers and the room; 0: handlers + 64
     max_requests: int = 0  # recycle a worker after this many requests; 0: never
     max_requests_jitter: int = 0
     reload_strategy: str = "all"  # all: a whole new generation, then retire the old; rolling
@@ -56,11 +62,23 @@ class Config:
     # (empty: everyone), and the sources trusted to send PROXY headers (?proxy= listeners).
     allow_from: list[str] = field(default_factory=list)
     proxy_allow: list[str] = field(default_factory=lambda: list(DEFAULT_PROXY_ALLOW))
+    user: str | None = None  # workers drop to this user (a name or a uid) after the bind
+    group: str | None = None  # ... and group (default: the user's primary group)
+    umask: str | None = None  # octal text ("027") or, from TOML, an int (0o027)
     config: str | None = None
 
     @property
     def binds(self) -> list[BindSpec]:
         return [parse_bind(text) for text in self.bind]
+
+    @property
+    def identity(self) -> Identity | None:
+        """Whom the workers run as (``--user``/``--group`` resolved), None: as the master."""
+        return users.identity(self.user, self.group)
+
+    @property
+    def umask_bits(self) -> int | None:
+        return users.parse_umask(self.umask)
 
     @property
     def pool_bound(self) -> int:
@@ -82,8 +100,8 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     for name in at_least_1:
         if getattr(config, name) < 1:
             raise ConfigError(f"{spell(name)} must be at least 1, got {getattr(config, name)}")
-    for name in ("graceful_timeout", "timeout", "keep_alive", "max_requests",
-                 "max_requests_jitter", "min_spare", "max_spare"):  # fmt: skip
+    for name in ("graceful_timeout", "timeout", "keep_alive", "request_timeout", "max_requests",
+                 "max_requests_jitter", "min_spare", "max_spare", "max_connections"):  # fmt: skip
         if getattr(config, name) < 0:
             raise ConfigError(f"{spell(name)} must not be negative, got {getattr(config, name)}")
     if config.max_workers and config.max_workers < config.workers:
@@ -95,6 +113,11 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.reload_strategy not in RELOAD_STRATEGIES:
         raise ConfigError(f"{spell('reload_strategy')} must be all or rolling, "
                           f"got {config.reload_strategy!r}")  # fmt: skip
+    handlers = modes.get(config.worker_class).lanes(config)
+    if config.max_connections and config.max_connections < handlers:
+        raise ConfigError(f"{spell('max_connections')} {config.max_connections} is below the "
+                          f"{handlers} connections a {config.worker_class} worker serves at "
+                          "once")  # fmt: skip
     if config.max_spare and config.max_spare < config.min_spare:
         raise ConfigError(f"{spell('max_spare')} {config.max_spare} is below "
                           f"{spell('min_spare')} {config.min_spare}")  # fmt: skip
@@ -116,11 +139,21 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise ConfigError(f"{spell(name)} must be a list of CIDRs, got {values!r}")
         networks(values, spell(name))
+    if config.metrics:
+        parse_bind(config.metrics).owner_ids()
     binds = config.binds  # parse every URI now, so that a bad one fails before binding any
+    for spec in binds:
+        spec.owner_ids()  # and resolve a socket file's owner= and group=
     proxied = [b.text for b in binds if b.proxy is not None and b.kind in ("tcp", "udp")]
     if proxied and not networks(config.proxy_allow, spell("proxy_allow")):
         raise ConfigError(f"{spell('proxy_allow')} is empty: no source could send the PROXY "
                           f"header {proxied[0]!r} requires")  # fmt: skip
+    users.parse_umask(config.umask, spell("umask"))
+    identity = users.identity(config.user, config.group, spell("user"), spell("group"))
+    if identity is not None and (
+        problem := users.switch_problem(identity, os.geteuid(), os.getegid(), spell("user"))
+    ):
+        raise ConfigError(problem)
     return config
 
 

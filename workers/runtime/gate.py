@@ -49,7 +49,10 @@ from workers.runtime.scoreboard import REJECT_REASONS, WorkerSlot
 
 log = logging.getLogger("cluster.worker")
 
-HEADER_TIMEOUT = 3.0  # seconds for a whole PROXY header (the spec's "at least 3 s")
+# Seconds for a whole PROXY header (the spec's "at least 3 s"), from the moment a handler
+# step takes the connection: with the waiting room, once its first byte came (a silent one
+# waits there, holding no handler, up to --request-timeout).
+HEADER_TIMEOUT = 3.0
 LOG_EVERY = 10.0  # seconds between two rejection log lines of one worker
 FIRST_PEEK = 232  # bytes: a v2 header with Unix addresses, more than any v1 line
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -216,7 +216,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
         if len(children) == forked:  # refused by verify_request, or the fork failed
             context.slot.end(lane, server.listener_index)
 
-    loop = AcceptLoop(servers, context, on_wake=on_wake)
+    loop = AcceptLoop(servers, context, on_wake=on_wake, handlers=lanes)
     context.ready()
     try:
         while room() and (taken := loop.next()) is not None:

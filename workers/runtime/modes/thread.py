@@ -80,7 +80,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
     servers = [
         make_server(endpoint, handler, context, n) for n, (endpoint, handler) in enumerate(bindings)
     ]
-    loop = AcceptLoop(servers, context)
+    loop = AcceptLoop(servers, context, handlers=MODE.lanes(spec))
     pool = ThreadPool(MODE.lanes(spec), context.slot)
     context.ready()
     try:
