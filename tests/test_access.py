@@ -136,12 +136,16 @@ def test_the_handler_access_log_and_status_see_the_client_the_header_names(
     wait_for(logged, 10, "the access log to name the original clients")
 
 
-def test_a_header_may_come_in_pieces_but_whole_within_3s(start_cluster) -> None:
-    """Sync mode, one worker: a dripping proxy holds it for 3 s at most, then it serves on."""
+def test_a_silent_proxy_holds_no_worker_and_a_header_may_come_in_pieces_but_whole_in_3s(
+    start_cluster,
+) -> None:
+    """Sync mode, one worker: a connection that says nothing waits in the waiting room, not
+    in the worker; a dripping proxy holds it for 3 s at most, then it serves on."""
     cluster = start_cluster("whoami:Whoami", "-w", "1", "-b", "tcp://127.0.0.1:0?proxy=v2",
                             "--metrics", "tcp://127.0.0.1:0")  # fmt: skip
     address = inet(cluster.uris[0])
     header = build_v2(("192.0.2.3", 3333), ("192.0.2.10", 80))
+    silent = connect(address)
     with connect(address) as sock:  # in time: one byte per 20 ms
         every(0.02, len(header), lambda n: sock.sendall(header[n : n + 1]))
         sock.sendall(b"pieces\n")
@@ -167,6 +171,9 @@ def test_a_header_may_come_in_pieces_but_whole_within_3s(start_cluster) -> None:
         dripper.join()
     assert 2.9 < held < 5.0, held  # 3 s from the worker's first read (a loaded CI adds some)
     assert ask(address, header + b"next\n") == b"192.0.2.3 3333 next\n"
+    silent.sendall(header + b"late\n")  # it was parked, not cut: served once it speaks
+    assert read_all(silent) == b"192.0.2.3 3333 late\n"
+    silent.close()
     wait_rejected(metrics_of(cluster), {(cluster.uris[0], "timeout"): 1})
 
 
