@@ -19,6 +19,8 @@ if os.geteuid() == 0:
 class Gate(StreamRequestHandler):
     """Says ``started PID``, waits for the client's ``finish`` line, then says ``done PID``."""
 
+    speaks_first = True  # it writes before it reads: no waiting room
+
     def handle(self) -> None:
         self.wfile.write(b"started %d\n" % os.getpid())
         if self.rfile.readline().strip() == b"finish":

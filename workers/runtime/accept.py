@@ -233,12 +233,8 @@ class AcceptLoop:
         and the master kills us at the end of the graceful timeout anyway.
         """
         deadline = time.monotonic() + within
-        if self.room is not None:  # those that speak within the grace are served first
-            for taken in self.room.settle(min(within, IDLE_GRACE)):
-                if room is not None and not room(deadline):
-                    self.room.close()
-                    return
-                dispatch(*taken)
+        if not self.serve_waiting(deadline, dispatch, room):
+            return
         # What was queued when the stop came, and no more: connections that keep arriving
         # meanwhile would keep the queue from ever emptying. (TCP tells its queue length;
         # other listeners get a bound no queue of theirs can exceed by much.)
@@ -256,6 +252,24 @@ class AcceptLoop:
                 return
             budget[taken[0]] -= 1
             dispatch(*taken)
+
+    def serve_waiting(
+        self,
+        deadline: float,
+        dispatch: Callable[[BaseServer, object, object], None],
+        room: Callable[[float], bool] | None = None,
+    ) -> bool:
+        """A stop or a recycle: serve the parked connections that speak within IDLE_GRACE
+        (a client that just connected may have its request on the way) and close the silent
+        rest. False when no handler came free by ``deadline`` for one of them."""
+        if self.room is None:
+            return True
+        for taken in self.room.settle(min(max(0.0, deadline - time.monotonic()), IDLE_GRACE)):
+            if room is not None and not room(deadline):
+                self.room.close()
+                return False
+            dispatch(*taken)
+        return True
 
     def close(self) -> None:
         if self.room is not None:

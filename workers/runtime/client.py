@@ -196,7 +196,7 @@ def peer(sock: socket.socket) -> str:
         address = sock.getpeername()
     except OSError:
         return "(gone)"
-    return _client(address) if address else "(unix)"
+    return format_client(address) if address else "(unix)"
 
 
 class CountingClientSocket(ClientSocket):
@@ -357,7 +357,7 @@ def mark_requests(handler: type) -> type:
             seen_in, seen_out = getattr(self, "_cluster_bytes", (0, 0))
             code = self._cluster_status
             ACCESS.log.write(  # type: ignore[union-attr]
-                _client(self.client_address), getattr(self.server, "listener_uri", "-"),
+                format_client(self.client_address), getattr(self.server, "listener_uri", "-"),
                 ROLE.pid, (monotonic() - self._cluster_started) * 1000,
                 sock.bytes_in - seen_in, sock.bytes_out - seen_out,
                 getattr(self, "requestline", "-"), int(code) if str(code).isdigit() else code,
@@ -370,7 +370,7 @@ def mark_requests(handler: type) -> type:
     return Marked
 
 
-def _client(address: object) -> str:
+def format_client(address: object) -> str:
     if isinstance(address, tuple):
         return f"{address[0]}:{address[1]}"
     return str(address or "-")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from time import monotonic
 
 PERIOD = 10.0  # seconds over which a kind of event gets its budget of lines
-BURST = 5  # lines per period
+BURST = 20  # lines per period (two a second, on average)
 
 
 @dataclass

@@ -143,6 +143,11 @@ class WaitingRoom:
 
 
 def _close(sock: socket.socket) -> None:
+    """Close for every holder: a fork-mode request child may hold a copy of the fd."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
     try:
         sock.close()
     except OSError:

@@ -223,6 +223,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
             fork_one(*taken)
         if context.draining():
             loop.drain(spec.graceful_timeout, fork_one, room)
+        else:  # recycled: the queue is the others', but what we parked is ours
+            loop.serve_waiting(time.monotonic() + spec.graceful_timeout, fork_one, room)
     finally:
         loop.close()
         for server in servers:

@@ -97,6 +97,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
             pool.submit(*taken)
         if context.draining():
             loop.drain(spec.graceful_timeout, pool.submit, pool.room, pool.free.release)
+        else:  # recycled: the queue is the others', but what we parked is ours
+            loop.serve_waiting(time.monotonic() + spec.graceful_timeout, pool.submit, pool.room)
         cut = pool.join(spec.graceful_timeout)
         if cut:
             log.error("worker %d: %d requests still running after --graceful-timeout %gs; "
