@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 
 from workers.runtime.access import ACCESS, ROLE
 from workers.runtime.client import CONNECTIONS, IDLE_GRACE, ClientSocket, CountingClientSocket
-from workers.runtime.context import Context
+from workers.runtime.context import CURRENT, Context
 from workers.runtime.lifecycle import Lifecycle, master_alive
 from workers.runtime.room import WaitingRoom, has_data
 from workers.runtime.scoreboard import WorkerSlot
@@ -311,7 +311,10 @@ def in_lane(
 
 
 def log_access(server: BaseServer, request: object, client: object, duration: float) -> None:
-    """The request's access log line (an http.server handler wrote its own, per request)."""
+    """The request's access log line (an http.server handler wrote its own, per request).
+    Behind a PROXY header, the client is the original one the header named."""
+    if getattr(server, "gate", None) is not None:
+        client = CURRENT.client
     if type(request) is CountingClientSocket:
         if request.http_logged:
             return

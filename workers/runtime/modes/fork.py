@@ -208,6 +208,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
         context.counted()
         children.client = client
         lane = children.next_lane = children.free_lanes[-1]
+        CURRENT.lane = lane  # what verify_request counts in: no live child writes it now
         children.next_listener = server.listener_index
         context.slot.begin(lane, client, server.listener_index)  # the child writes into it
         forked = len(children)
