@@ -20,10 +20,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q
 
-# The property tests marked fuzz (bind URIs, config files, the control socket, PROXY headers)
-# with thousands of examples each instead of make test's few dozen.
+# The fuzz tests (pytest -m fuzz: bind URIs, config files, the control socket, PROXY headers)
+# with many more examples than make test's few dozen (the fuzz profile of tests/conftest.py).
+FUZZ_EXAMPLES ?= 5000
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m fuzz -n 2 -q -p no:randomly
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m fuzz -n 2 -q
 
 # A cluster under mixed load and faults for 5 minutes (scripts/soak.py --help for the knobs).
 soak: $(STAMP)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from cluster import users
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
+from cluster.sources import DEFAULT_PROXY_ALLOW, networks
 from cluster.text import shown
 from workers.runtime import modes
 from workers.runtime.access import DEFAULT_ACCESS_FORMAT, format_error
@@ -68,6 +69,10 @@ class Config:
     access_log: str | None = None  # a path, or - for stderr; none by default
     access_log_format: str = DEFAULT_ACCESS_FORMAT
     preload: bool = False
+    # Who may connect (cluster/sources.py): the allow list of listeners without ?allow=
+    # (empty: everyone), and the sources trusted to send PROXY headers (?proxy= listeners).
+    allow_from: list[str] = field(default_factory=list)
+    proxy_allow: list[str] = field(default_factory=lambda: list(DEFAULT_PROXY_ALLOW))
     user: str | int | None = None  # workers drop to this user (a name or a uid) after the bind
     group: str | int | None = None  # ... and group (default: the user's primary group)
     umask: str | int | None = None  # octal text ("027") or, from TOML, an int (0o027)
@@ -160,10 +165,20 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.metrics and parse_bind(config.metrics).kind not in ("tcp", "unix"):
         raise ConfigError(f"{spell('metrics')} must be tcp://HOST:PORT or unix:PATH, "
                           f"got {shown(config.metrics)}")  # fmt: skip
+    for name in ("allow_from", "proxy_allow"):
+        values = getattr(config, name)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"{spell(name)} must be a list of CIDRs, got {shown(values)}")
+        networks(values, spell(name))
     if config.metrics:
         parse_bind(config.metrics).owner_ids()
-    for spec in config.binds:  # parse every URI now, so that a bad one fails before binding any
+    binds = config.binds  # parse every URI now, so that a bad one fails before binding any
+    for spec in binds:
         spec.owner_ids()  # and resolve a socket file's owner= and group=
+    proxied = [b.text for b in binds if b.proxy is not None and b.kind in ("tcp", "udp")]
+    if proxied and not networks(config.proxy_allow, spell("proxy_allow")):
+        raise ConfigError(f"{spell('proxy_allow')} is empty: no source could send the PROXY "
+                          f"header {proxied[0]!r} requires")  # fmt: skip
     users.parse_umask(config.umask, spell("umask"))
     identity = users.identity(config.user, config.group, spell("user"), spell("group"))
     if identity is not None and (
@@ -194,7 +209,7 @@ def read_toml(path: str) -> dict[str, object]:
         name = key.replace("-", "_")
         if name not in known or name == "config":
             raise ConfigError(f"bad config file {path}: unknown key {shown(key)}")
-        if name == "bind" and isinstance(value, str):
+        if name in ("bind", "allow_from", "proxy_allow") and isinstance(value, str):
             value = [value]
         values[name] = value
     return values
@@ -209,6 +224,8 @@ def build(
     config = Config()
     for source in (file_values, flag_values):
         for name, value in source.items():
+            if FIELD_TYPES[name] == list[str] and isinstance(value, str | tuple):
+                value = [value] if isinstance(value, str) else list(value)  # one value; a tuple
             if not fits(value, FIELD_TYPES[name]):
                 raise ConfigError(f"bad value for {spell(name)}: {shown(value)} "
                                   f"(expected {describe_type(FIELD_TYPES[name])})")  # fmt: skip

@@ -38,8 +38,9 @@ hypothesis_settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
 hypothesis_settings.register_profile(
-    "fuzz", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+    "fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "5000")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 APPS = ROOT / "tests" / "apps"
 
