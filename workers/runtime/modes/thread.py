@@ -116,8 +116,8 @@ class Followers:
         """The main thread's part while serving: take signals, and notice a dead master even
         when every thread is busy (the leader's accept loop checks it otherwise)."""
         lifecycle, master_pid = self.context.lifecycle, self.context.spec.master_pid
-        while lifecycle.running and any(thread.is_alive() for thread in self.threads):
-            self.threads[0].join(PARENT_CHECK_INTERVAL)
+        while lifecycle.running and (alive := [t for t in self.threads if t.is_alive()]):
+            alive[0].join(PARENT_CHECK_INTERVAL)
             if not master_alive(master_pid):
                 lifecycle.running = False
                 os.write(lifecycle.wake_w, b"\0")  # wake the leader out of its wait
