@@ -44,6 +44,10 @@ class Config:
     pidfile: str | None = None
     control: str | None = None  # the control socket's path (none unless asked)
     metrics: str | None = None  # the Prometheus endpoint: tcp://HOST:PORT or unix:PATH
+    health: str | None = (
+        None  # HTTP 200/503 and HAProxy's agent-check: tcp://HOST:PORT or unix:PATH
+    )
+    drain_delay: float = 0.0  # on TERM, report draining this long while serving, then stop
     name: str = ""
     log_level: str = "info"
     log_format: str = "text"  # text | json
@@ -77,7 +81,7 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     for name in at_least_1:
         if getattr(config, name) < 1:
             raise ConfigError(f"{spell(name)} must be at least 1, got {getattr(config, name)}")
-    for name in ("graceful_timeout", "timeout", "keep_alive", "max_requests",
+    for name in ("graceful_timeout", "timeout", "keep_alive", "max_requests", "drain_delay",
                  "max_requests_jitter", "min_spare", "max_spare"):  # fmt: skip
         if getattr(config, name) < 0:
             raise ConfigError(f"{spell(name)} must not be negative, got {getattr(config, name)}")
@@ -106,8 +110,21 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.metrics and parse_bind(config.metrics).kind not in ("tcp", "unix"):
         raise ConfigError(f"{spell('metrics')} must be tcp://HOST:PORT or unix:PATH, "
                           f"got {config.metrics!r}")  # fmt: skip
+    if config.health is not None and not _plain_stream_uri(config.health):
+        raise ConfigError(f"{spell('health')} must be tcp://HOST:PORT or unix:PATH, "
+                          f"got {config.health!r}")  # fmt: skip
     config.binds  # noqa: B018  parse every URI now, so that a bad one fails before binding any
     return config
+
+
+def _plain_stream_uri(uri: str) -> bool:
+    """A stream address with nothing after it: no handler, no options (the master's own
+    endpoints serve their own protocol)."""
+    try:
+        spec = parse_bind(uri)
+    except ConfigError:
+        return False
+    return spec.kind in ("tcp", "unix") and spec.handler is None and not spec.options
 
 
 def read_toml(path: str) -> dict[str, object]:
