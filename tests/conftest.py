@@ -260,7 +260,7 @@ def read_line(sock: socket.socket) -> bytes:
     return data
 
 
-SLOW_FIRST = ("test_lifecycle.py", "test_faults.py", "test_chaos.py", "test_supervision.py",
+SLOW_FIRST = ("test_multihost.py", "test_lifecycle.py", "test_faults.py", "test_chaos.py", "test_supervision.py",
               "test_control.py")  # fmt: skip
 
 
