@@ -25,6 +25,7 @@ a drain delay or a stop under way?) through the pure ``state_of``.
 from __future__ import annotations
 
 import json
+import math
 import selectors
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from cluster.loopserver import Conn, LoopServer
 
 STARTING, READY, DRAINING, STOPPING = "starting", "ready", "draining", "stopping"
 AGENT_WAIT = 0.1  # seconds of silence after which a client is taken for HAProxy's agent
+SMOOTHING = 2.0  # seconds: the time constant of the idle share behind the agent's weight
 HTTP_METHODS = (b"GET ", b"HEAD ")
 LIVE_PATHS = (b"/live", b"/livez", b"/healthz/live")
 
@@ -49,14 +51,27 @@ def state_of(ready: bool, drained: bool, delaying: bool, stopping: bool) -> str:
     return READY if ready else STARTING
 
 
-def weight(free_lanes: int, lanes: int) -> int:
+def weight(idle_share: float) -> int:
     """The agent's weight: the share of idle capacity, in percent, at least 1 while in
     rotation. Zero would be a drain in HAProxy's eyes, and a host whose every worker is busy
     for an instant is still the one to queue at if all are (HAProxy with every weight at 0
     has no server left to send to)."""
-    if lanes <= 0:
-        return 1
-    return max(1, min(100, round(100 * free_lanes / lanes)))
+    return max(1, min(100, round(100 * idle_share)))
+
+
+def idle_share(free_lanes: int, lanes: int) -> float:
+    """Free lanes of the serving workers over the lanes of the pool's target (0 to 1)."""
+    return min(1.0, free_lanes / lanes) if lanes > 0 else 0.0
+
+
+def smoothed(previous: float | None, since: float, share: float) -> float:
+    """An exponential moving average of the idle share, over ``SMOOTHING`` seconds: one
+    look at the scoreboard sees each worker busy or idle, which for short requests is a
+    coin toss; the balancer's weight should follow the load, not the toss."""
+    if previous is None:
+        return share
+    keep = math.exp(-max(0.0, since) / SMOOTHING)
+    return keep * previous + (1 - keep) * share
 
 
 def agent_line(report: dict) -> bytes:
@@ -85,6 +100,8 @@ class Health:
     """The one owner of the operator's drain: out of rotation since when (None: in)."""
 
     drained_since: float | None = None
+    idle: float | None = None  # the smoothed idle share (``smoothed``), and when it was
+    idle_at: float = 0.0
 
     @classmethod
     def from_environ(cls, env: MutableMapping[str, str], now: float) -> Health:
@@ -111,6 +128,12 @@ class Health:
         """Back in rotation; False if it was not out."""
         was, self.drained_since = self.drained_since is not None, None
         return was
+
+    def weigh(self, share: float, now: float) -> int:
+        """The agent's weight now: this look at the idle share, folded into the average."""
+        self.idle = smoothed(self.idle, now - self.idle_at, share)
+        self.idle_at = now
+        return weight(self.idle)
 
     def delay_left(self, delay: float, now: float) -> float:
         """How much of ``--drain-delay`` a stop still owes the balancer: a host drained by

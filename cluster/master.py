@@ -53,8 +53,7 @@ from cluster.config import Config, flag
 from cluster.control import ControlServer, open_control
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError, ConfigError
 from cluster.generation import Generation, Generations, Worker
-from cluster.health import Health, HealthServer, state_of
-from cluster.health import weight as health_weight
+from cluster.health import Health, HealthServer, idle_share, state_of
 from cluster.listeners import Listener, adopt, bind, parse_bind
 from cluster.loopserver import LoopServer
 from cluster.metrics import Accounts, MetricsServer, restart_reason
@@ -803,7 +802,7 @@ class Master:
         """What the health endpoint answers: the state (``health.state_of``), and the
         capacity behind the agent's weight: the free lanes of the workers serving now (ready,
         not retiring, of any generation: during a reload the old ones serve while the new
-        ones boot), over the lanes of the pool's target. Once an upgrade's new master serves
+        ones boot), over the lanes of the pool's target, averaged over a few seconds. Once an upgrade's new master serves
         this host, the old one's last answers say ready, at full weight."""
         handed_over = self.successor is not None and self.successor.state == SERVING
         state = state_of(self.ready.is_set(), self.health.drained, self.delay is not None,
@@ -820,7 +819,8 @@ class Master:
         return {"state": state, "drained": self.health.drained, "pid": self.pid,
                 "generation": steered.number if steered else 0, "workers": workers,
                 "idle_workers": idle,
-                "weight": 100 if handed_over else health_weight(free, lanes)}  # fmt: skip
+                "weight": 100 if handed_over else self.health.weigh(idle_share(free, lanes),
+                                                                      time.monotonic())}  # fmt: skip
 
     def metrics_source(self) -> dict:
         """What a scrape reads: the live generations, the master's own counts, the listeners."""

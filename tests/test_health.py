@@ -33,11 +33,21 @@ def test_state_of_ranks_stop_over_drain_over_boot() -> None:
 
 
 def test_weight_is_the_idle_share_and_never_zero_in_rotation() -> None:
-    assert health.weight(2, 2) == 100
-    assert health.weight(1, 4) == 25
-    assert health.weight(0, 4) == 1  # all busy: still the place to queue, not a drain
-    assert health.weight(0, 0) == 1
-    assert health.weight(9, 4) == 100
+    assert health.weight(health.idle_share(2, 2)) == 100
+    assert health.weight(health.idle_share(1, 4)) == 25
+    assert health.weight(health.idle_share(0, 4)) == 1  # all busy: a place to queue, not a drain
+    assert health.weight(health.idle_share(0, 0)) == 1
+    assert health.weight(health.idle_share(9, 4)) == 100
+
+
+def test_the_weight_follows_the_load_not_one_look() -> None:
+    owner = Health()
+    assert owner.weigh(1.0, now=10.0) == 100  # the first look is all there is
+    assert 70 < owner.weigh(0.0, now=10.5) < 85  # one busy look half a second later
+    for n in range(40):  # busy for 4 seconds, looked at ten times a second
+        settled = owner.weigh(0.0, now=10.5 + (n + 1) / 10)
+    assert settled < 15
+    assert health.smoothed(0.5, 0.0, 1.0) == 0.5  # no time passed: no change
 
 
 def test_agent_lines_follow_haproxys_grammar() -> None:
