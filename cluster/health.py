@@ -176,8 +176,12 @@ class HealthServer(LoopServer):
 
     def respond(self, conn: Conn, message: bytes) -> bytes:
         conn.close_after_write = True
-        if message.startswith(HTTP_METHODS):
-            return http_reply(self.report(), message.split(b"\r\n", 1)[0].split(b"\n", 1)[0])
+        first = message.split(b"\n", 1)[0].rstrip(b"\r")
+        if first.startswith(HTTP_METHODS):
+            return http_reply(self.report(), first)
+        if first[-8:-1] == b"HTTP/1.":  # another method: health is read-only
+            return (b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\n"
+                    b"Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
         return agent_line(self.report())  # agent-send's line, whatever it says
 
     def refuse(self, conn: Conn, why: str) -> bytes:

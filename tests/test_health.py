@@ -237,6 +237,14 @@ def test_a_silent_or_slow_health_client_blocks_nobody(start_cluster) -> None:
             assert time.monotonic() - started < 2
             assert read_all(silent) == b"ready 100%\n"  # taken for an agent
         assert read_all(slow) == b""  # dropped at its deadline, answered nothing
+    for garbage in (b"\x00\xff junk\n", b"x" * 9000):  # an agent-send line; over the bound
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(garbage)
+            assert read_all(sock) in (b"ready 100%\n", b"HTTP/1.1 400 Bad Request\r\n"
+                                      b"Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 405 ")
     assert stream_roundtrip(tcp_connect(cluster.address()), b"fine") == b"fine"
 
 
