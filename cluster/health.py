@@ -148,7 +148,7 @@ class HealthServer(LoopServer):
 
     name = "health"
     max_message = 8192
-    idle_timeout = 2.0  # a health check that has not sent its request by then is dropped
+    idle_timeout = 1.0  # a health check that has not sent its request by then is dropped
     greeting_wait = AGENT_WAIT
 
     def __init__(self, listener: Listener, selector: selectors.BaseSelector,

@@ -280,12 +280,13 @@ class Host:
             argv += ["--proxy-allow", f"{self.lb.address}/32"]
         return self.node.command(argv)
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "apps"),
                                                            str(ROOT)])}  # fmt: skip
         proc = self.procs.start(self.argv(), self.log, env)
         self.masters.append(proc.pid)
-        self.wait_ready(proc.pid)
+        if wait:
+            self.wait_ready(proc.pid)
 
     def pid(self) -> int | None:
         return pidfile.read(str(self.pidfile))
@@ -573,7 +574,9 @@ class Scenario:
             hosts.append(Host(name, node, ports, lb, self.workdir, procs, proxy, delay))
         a, b = hosts
         for host in hosts:
-            host.start()
+            host.start(wait=False)  # both boot at once
+        for host in hosts:
+            host.wait_ready(host.masters[-1])
         front = ({"echo": 9000, "peer": 9001} if topology.use_netns else
                  {"echo": free_port(lb.address), "peer": free_port(lb.address)})  # fmt: skip
         stats = self.workdir / "haproxy.stats"
@@ -597,7 +600,7 @@ class Scenario:
         load = self.start_load(client, lb.address, front["echo"], topology.use_netns, procs)
         sampler = Sampler(hosts)
         sampler.start()
-        settle = 1.0 if self.short else 3.0
+        settle = 0.6 if self.short else 3.0
         wait_until(lambda: all(sampler.served_since(h.name, 0) > 0 for h in hosts), 15,
                    "both hosts to serve load")  # fmt: skip
         self.settle(settle)
