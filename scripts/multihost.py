@@ -556,6 +556,9 @@ class Scenario:
             return EXIT_CANNOT
         except Failed as err:
             self.check("scenario", False, str(err))
+            for log in sorted(self.workdir.glob("*.log")):  # what each process said last
+                tail = log.read_text(errors="replace").splitlines()[-8:]
+                print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
             return EXIT_FAIL
         finally:
             procs.end_all()
