@@ -549,7 +549,12 @@ class Scenario:
             if not proxy:
                 print("multihost: this checkout has no PROXY protocol listener (?proxy=v2): "
                       "HAProxy connects plainly and the client-address check is skipped")  # fmt: skip
-            topology.up()
+            try:
+                topology.up()
+            except Failed as err:  # a container without the rights, say: loopback then
+                topology.down()
+                topology = Topology(use_netns=False)
+                print(f"multihost: cannot make namespaces ({err}); {topology.describe()}")
             return self.scenario(topology, binary, proxy, procs)
         except CannotRun as err:
             print(f"multihost: cannot run here: {err}", file=sys.stderr)
