@@ -6,7 +6,8 @@ it imports (``pkg/version.py`` of ``pkg:Handler``). A HUP would then start worke
 part of the old code. So the master forks a child that imports the apps, fresh, and reports
 the first failure on a pipe; the workers import the app themselves after their fork. (With
 ``--preload`` the master does import it, once, and a HUP re-executes the master instead: see
-``Master.do_reload``.)
+``Master.do_reload``.) With ``--user`` the child drops to that user before it imports, as the
+workers do: an app's import code never runs as root (unless ``--preload``).
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ import time
 from cluster.app import load_handler
 from cluster.errors import AppError
 from cluster.spawn import WorkerProcess
+from workers.runtime.privileges import Identity, PrivilegeError, drop
 
 CHECK_FAILED = 3
 
 
-def check(apps: list[str], timeout: float) -> None:
-    """Import each of ``apps`` (``module:Class`` or a demo) in a forked child; raise AppError
-    with its one-line message when one fails, or when the child takes over ``timeout``
-    seconds or cannot be forked."""
+def check(apps: list[str], timeout: float, identity: Identity | None = None) -> None:
+    """Import each of ``apps`` (``module:Class`` or a demo) in a forked child, as
+    ``identity`` if given; raise AppError with its one-line message when one fails, or when
+    the child takes over ``timeout`` seconds or cannot be forked."""
     try:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
     except OSError as err:
         raise AppError(f"cannot check the app: no pipe ({err.strerror})") from None
-    child = WorkerProcess(_import_all, (apps, write_end))
+    child = WorkerProcess(_import_all, (apps, write_end, identity))
     try:
         try:
             child.start()
@@ -53,16 +55,21 @@ def check(apps: list[str], timeout: float) -> None:
         child.close()
 
 
-def _import_all(apps: list[str], report: int) -> None:
+def _import_all(apps: list[str], report: int, identity: Identity | None) -> None:
     """In the child: import every app; the first failure's message goes to ``report``."""
     signal.set_wakeup_fd(-1)  # the master's wakeup pipe is not ours to write signals into
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)
     try:
+        if identity is not None:
+            drop(identity)
         for app in apps:
             load_handler(app, fresh=True)
-    except AppError as err:
-        os.write(report, str(err).encode(errors="replace")[:4096])
+    except (AppError, PrivilegeError) as err:
+        message = str(err)
+        if identity is not None and isinstance(err, AppError):  # a file it may not read?
+            message += f" (imported as user {identity.user})"
+        os.write(report, message.encode(errors="replace")[:4096])
         os._exit(CHECK_FAILED)
 
 

@@ -7,6 +7,7 @@ Errors the user can fix print one line and exit with the contract's code (2 usag
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cluster import config as config_module
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-b", "--bind", action="append", metavar="URI",
         help="listener, repeatable (default tcp://127.0.0.1:8000): tcp://HOST:PORT, HOST:PORT, "
         "[IPV6]:PORT, udp://HOST:PORT, unix:PATH, unix-dgram:PATH, fd://N; "
-        "append =module:Class to serve that listener with its own handler",
+        "append =module:Class to serve that listener with its own handler; "
+        "unix:PATH?mode=0660&owner=U&group=G sets the socket file's mode and owner",
     )  # fmt: skip
     run.add_argument(
         "-w", "--workers", type=int, metavar="N", help="initial pool size (default: CPUs)"
@@ -83,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="close a connection that waits for its next request longer than S "
                      "seconds (http.server handlers and the demos mark those waits; default 5; "
                      "0: never)")  # fmt: skip
+    run.add_argument("--request-timeout", type=float, metavar="S",
+                     help="cut a client that has not sent a whole request S seconds after it "
+                     "began (from the connection's accept, or the request's first byte), "
+                     "however often it sends a byte (default 30; 0: never)")  # fmt: skip
+    run.add_argument("--waiting-room", action=argparse.BooleanOptionalAction,
+                     help="new connections whose client has sent nothing yet wait in the "
+                     "worker's epoll, not in a handler (default on; handlers that speak first "
+                     "say speaks_first = True and skip it)")  # fmt: skip
+    run.add_argument("--defer-accept", action=argparse.BooleanOptionalAction,
+                     help="TCP_DEFER_ACCEPT on TCP listeners: the kernel holds a new connection "
+                     "until its client sends something, for up to --request-timeout (default "
+                     "off; never with handlers that speak first)")  # fmt: skip
+    run.add_argument("--max-connections", type=int, metavar="N",
+                     help="connections a worker holds at once, in its handlers and its "
+                     "waiting room; the rest wait in the listen queue (default: handlers + 64)")  # fmt: skip
     run.add_argument("--max-requests", type=int, metavar="N",
                      help="recycle a worker after N requests (default 0: never)")  # fmt: skip
     run.add_argument("--max-requests-jitter", type=int, metavar="J",
@@ -115,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "bytes_in, bytes_out, request, status")  # fmt: skip
     run.add_argument("--preload", action="store_true",
                      help="import the app in the master only; workers use that copy")  # fmt: skip
+    run.add_argument("--user", metavar="USER",
+                     help="run the workers as USER (a name or a uid) once the master, as root, "
+                     "has bound the listeners; app code never runs as root (default: as the "
+                     "master)")  # fmt: skip
+    run.add_argument("--group", metavar="GROUP",
+                     help="with --user: the workers' group (default: USER's primary group); "
+                     "supplementary groups are cleared")  # fmt: skip
+    run.add_argument("--umask", metavar="MASK",
+                     help="octal umask (like 027) of the master and workers: the pidfile, log "
+                     "files and unix: sockets without mode= (default: inherited)")  # fmt: skip
     run.add_argument("--config", metavar="FILE", help="TOML file with the long flags as keys")
     ctl = sub.add_parser("ctl", help="talk to a running master over its control socket",
                          description="Talk to a running master over its control socket.")  # fmt: skip
@@ -159,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         return ctl.run(args)
     try:
         config = config_from_args(args)
-        logs.setup(config.log_level, config.log_format, config.log_file)
+        if config.umask_bits is not None:  # before the first file we create: the log file
+            os.umask(config.umask_bits)
+        identity = config.identity
+        logs.setup(config.log_level, config.log_format, config.log_file,
+                   owner=identity.uid if identity else None)  # fmt: skip
         from cluster.master import Master  # after validation: `--help` and bad flags stay fast
 
         return Master(config, reread_config=lambda: config_from_args(args), upgradable=True).run()

@@ -11,10 +11,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+from cluster import users
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
 from workers.runtime import modes
 from workers.runtime.access import DEFAULT_ACCESS_FORMAT, format_error
+from workers.runtime.privileges import Identity
 
 RELOAD_STRATEGIES = ("all", "rolling")
 DEFAULT_BIND = "tcp://127.0.0.1:8000"
@@ -36,6 +38,10 @@ class Config:
     graceful_timeout: float = 30.0
     timeout: float = 30.0  # kill a worker whose request makes no progress this long; 0: never
     keep_alive: float = 5.0  # close a connection idle between requests this long; 0: never
+    request_timeout: float = 30.0  # the deadline for reading one request; 0: none
+    waiting_room: bool = True  # silent new connections wait in a room, not in a handler
+    defer_accept: bool = False  # TCP_DEFER_ACCEPT: the kernel holds silent connections
+    max_connections: int = 0  # per worker, in handlers and the room; 0: handlers + 64
     max_requests: int = 0  # recycle a worker after this many requests; 0: never
     max_requests_jitter: int = 0
     reload_strategy: str = "all"  # all: a whole new generation, then retire the old; rolling
@@ -55,11 +61,23 @@ class Config:
     access_log: str | None = None  # a path, or - for stderr; none by default
     access_log_format: str = DEFAULT_ACCESS_FORMAT
     preload: bool = False
+    user: str | None = None  # workers drop to this user (a name or a uid) after the bind
+    group: str | None = None  # ... and group (default: the user's primary group)
+    umask: str | None = None  # octal text ("027") or, from TOML, an int (0o027)
     config: str | None = None
 
     @property
     def binds(self) -> list[BindSpec]:
         return [parse_bind(text) for text in self.bind]
+
+    @property
+    def identity(self) -> Identity | None:
+        """Whom the workers run as (``--user``/``--group`` resolved), None: as the master."""
+        return users.identity(self.user, self.group)
+
+    @property
+    def umask_bits(self) -> int | None:
+        return users.parse_umask(self.umask)
 
     @property
     def pool_bound(self) -> int:
@@ -81,8 +99,9 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     for name in at_least_1:
         if getattr(config, name) < 1:
             raise ConfigError(f"{spell(name)} must be at least 1, got {getattr(config, name)}")
-    for name in ("graceful_timeout", "timeout", "keep_alive", "max_requests", "drain_delay",
-                 "max_requests_jitter", "min_spare", "max_spare"):  # fmt: skip
+    for name in ("graceful_timeout", "timeout", "keep_alive", "request_timeout", "max_requests",
+                 "max_requests_jitter", "min_spare", "max_spare", "max_connections",
+                 "drain_delay"):  # fmt: skip
         if getattr(config, name) < 0:
             raise ConfigError(f"{spell(name)} must not be negative, got {getattr(config, name)}")
     if config.max_workers and config.max_workers < config.workers:
@@ -94,6 +113,11 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.reload_strategy not in RELOAD_STRATEGIES:
         raise ConfigError(f"{spell('reload_strategy')} must be all or rolling, "
                           f"got {config.reload_strategy!r}")  # fmt: skip
+    handlers = modes.get(config.worker_class).lanes(config)
+    if config.max_connections and config.max_connections < handlers:
+        raise ConfigError(f"{spell('max_connections')} {config.max_connections} is below the "
+                          f"{handlers} connections a {config.worker_class} worker serves at "
+                          "once")  # fmt: skip
     if config.max_spare and config.max_spare < config.min_spare:
         raise ConfigError(f"{spell('max_spare')} {config.max_spare} is below "
                           f"{spell('min_spare')} {config.min_spare}")  # fmt: skip
@@ -113,18 +137,30 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.health is not None and not _plain_stream_uri(config.health):
         raise ConfigError(f"{spell('health')} must be tcp://HOST:PORT or unix:PATH, "
                           f"got {config.health!r}")  # fmt: skip
-    config.binds  # noqa: B018  parse every URI now, so that a bad one fails before binding any
+    for endpoint in (config.metrics, config.health):
+        if endpoint:
+            parse_bind(endpoint).owner_ids()
+    for spec in config.binds:  # parse every URI now, so that a bad one fails before binding any
+        spec.owner_ids()  # and resolve a socket file's owner= and group=
+    users.parse_umask(config.umask, spell("umask"))
+    identity = users.identity(config.user, config.group, spell("user"), spell("group"))
+    if identity is not None and (
+        problem := users.switch_problem(identity, os.geteuid(), os.getegid(), spell("user"))
+    ):
+        raise ConfigError(problem)
     return config
 
 
 def _plain_stream_uri(uri: str) -> bool:
-    """A stream address with nothing after it: no handler, no options (the master's own
-    endpoints serve their own protocol)."""
+    """A stream address for one of the master's own endpoints: no handler and none of the
+    options of a served listener (it speaks its own protocol); a Unix socket's mode=,
+    owner= and group= are fine."""
     try:
         spec = parse_bind(uri)
     except ConfigError:
         return False
-    return spec.kind in ("tcp", "unix") and spec.handler is None and not spec.options
+    served = {"proxy", "allow", "name"} & {key for key, _ in spec.options}
+    return spec.kind in ("tcp", "unix") and spec.handler is None and not served
 
 
 def read_toml(path: str) -> dict[str, object]:

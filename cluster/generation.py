@@ -22,12 +22,15 @@ from cluster import pool
 from cluster.app import load_handler
 from cluster.backoff import Backoff
 from cluster.config import Config
-from cluster.listeners import Listener
+from cluster.listeners import Listener, defer_accept
 from cluster.spawn import WorkerProcess
 from workers.runtime import modes
 from workers.runtime.mode import Mode
+from workers.runtime.privileges import Identity
 from workers.runtime.scoreboard import Scoreboard, SlotView
 from workers.runtime.spec import Endpoint, WorkerSpec
+
+DEFAULT_DEFER = 30.0  # seconds the kernel holds silent connections without --request-timeout
 
 
 @dataclass(eq=False)
@@ -76,6 +79,10 @@ class Generation:
         self.lanes = self.mode.lanes(self.config)
         # Twice the bound: retiring workers overlap their replacements (recycling, scaling).
         self.scoreboard = Scoreboard(2 * self.config.pool_bound, self.lanes, len(self.listeners))
+        # The kernel's half of --defer-accept, on the shared sockets: the newest config's.
+        held = self.config.request_timeout or DEFAULT_DEFER if self.config.defer_accept else 0
+        for listener in self.listeners:
+            defer_accept(listener, held)
 
     def __iter__(self) -> Iterator[Worker]:
         return iter(list(self.workers.values()))
@@ -96,7 +103,7 @@ class Generation:
         return worker
 
     def spec(self, slot: int, notify_fd: int, private_fds: list[int], max_requests: int,
-             name: str, beat_every: float) -> WorkerSpec:  # fmt: skip
+             name: str, beat_every: float, identity: Identity | None = None) -> WorkerSpec:  # fmt: skip
         """What a worker of this generation in ``slot`` needs (the slot claimed already)."""
         config = self.config
         return WorkerSpec(
@@ -108,7 +115,9 @@ class Generation:
             inherited_fds=private_fds, threads=config.threads,
             max_children=config.max_children, graceful_timeout=config.graceful_timeout,
             timeout=config.timeout, keep_alive=config.keep_alive, max_requests=max_requests,
-            beat_every=beat_every,
+            beat_every=beat_every, identity=identity,
+            request_timeout=config.request_timeout,
+            waiting_room=config.waiting_room, max_connections=config.max_connections,
         )  # fmt: skip
 
     def loader(self) -> Callable[[str | None], type]:

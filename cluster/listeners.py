@@ -9,23 +9,35 @@ Grammar (DESIGN section 2)::
     ANY-OF-THE-ABOVE=module:Class     serve this listener with its own handler
     ANY-OF-THE-ABOVE=DEMO             ... or a built-in demo (echo, http-hello)
     ANY-OF-THE-ABOVE?name=N[=HANDLER] under systemd, adopt the socket named N (LISTEN_FDNAMES)
+    unix:PATH?mode=0660&owner=U&group=G   the socket file's permission bits and owner
 
 Every listening socket is put in non-blocking mode once, here. The flag lives on the shared open
 file description, so all workers see the same mode: they try ``accept()`` first and only wait in
 ``epoll`` (with ``EPOLLEXCLUSIVE``) when nothing is queued, which avoids both the thundering herd
 and a blocking ``accept()`` that a stop signal could not interrupt without losing a connection.
+
+A Unix socket file is only ever removed when it is a socket, not through a symbolic link, and,
+at exit, only when it is still the very file we bound (same device and inode): a stale socket
+before the bind, ours at the end. With ``mode=`` the file is born 0600 (a narrow umask around
+the bind) and gets its owner, then its mode, so it is never more open than asked, even for a
+moment. Without it the process umask (``--umask``) decides, as for any file.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import math
 import os
 import socket
 import stat
 from dataclasses import dataclass
 
+from cluster import users
 from cluster.app import BUILTIN_APPS
 from cluster.errors import BindError, ConfigError
+
+log = logging.getLogger("cluster.master")
 
 STREAM_KINDS = frozenset({"tcp", "unix"})
 DATAGRAM_KINDS = frozenset({"udp", "unix-dgram"})
@@ -49,8 +61,24 @@ class BindSpec:
         """``?name=N``: the systemd socket (``FileDescriptorName=N``) this bind may adopt."""
         return dict(self.options).get("name")
 
+    @property
+    def mode(self) -> int | None:
+        """``?mode=0660``: the Unix socket file's permission bits (None: the umask decides)."""
+        text = dict(self.options).get("mode")
+        return None if text is None else users.parse_mode(text, f"bad bind {self.text!r}")
 
-BIND_OPTIONS = ("name",)  # what may follow ``?`` in a bind URI
+    def owner_ids(self) -> tuple[int, int]:
+        """``?owner=U&group=G`` as (uid, gid), -1 for each one not given (chown's "keep");
+        names resolve now, so an unknown one is a ConfigError naming it."""
+        options = dict(self.options)
+        what = f"bad bind {self.text!r}"
+        uid = users.user_ids(options["owner"], f"{what}: owner")[0] if "owner" in options else -1
+        gid = users.group_id(options["group"], f"{what}: group") if "group" in options else -1
+        return uid, gid
+
+
+BIND_OPTIONS = ("name", "mode", "owner", "group")  # what may follow ``?`` in a bind URI
+UNIX_ONLY_OPTIONS = ("mode", "owner", "group")
 
 
 def parse_bind(text: str) -> BindSpec:
@@ -79,9 +107,14 @@ def parse_bind(text: str) -> BindSpec:
         return BindSpec(handler=handler_or_none, text=raw, options=options, **kw)  # type: ignore[arg-type]
 
     if address.startswith("unix-dgram:"):
-        return spec(kind="unix-dgram", path=_unix_path(address[len("unix-dgram:") :], text))
+        return _checked(
+            spec(kind="unix-dgram", path=_unix_path(address[len("unix-dgram:") :], text))
+        )
     if address.startswith("unix:"):
-        return spec(kind="unix", path=_unix_path(address[len("unix:") :], text))
+        return _checked(spec(kind="unix", path=_unix_path(address[len("unix:") :], text)))
+    if misplaced := [key for key, _ in options if key in UNIX_ONLY_OPTIONS]:
+        raise ConfigError(f"bad bind {text!r}: {misplaced[0]}= is for unix: and unix-dgram: "
+                          "socket files only")  # fmt: skip
     if address.startswith("fd://"):
         number = address[len("fd://") :]
         if not number.isdigit():
@@ -119,6 +152,11 @@ def _parse_options(query: str, text: str) -> tuple[tuple[tuple[str, str], ...], 
     return tuple(options), handler
 
 
+def _checked(spec: BindSpec) -> BindSpec:
+    spec.mode  # noqa: B018  a bad mode fails as the bind is parsed
+    return spec
+
+
 def _unix_path(path: str, text: str) -> str:
     if path.startswith("//"):  # unix:///run/x.sock
         path = path[2:]
@@ -152,6 +190,9 @@ def format_uri(kind: str, address: object) -> str:
     return f"{kind}://{shown}:{port}"
 
 
+FileId = tuple[int, int]  # (st_dev, st_ino): which file a path held when we looked
+
+
 @dataclass
 class Listener:
     """A socket the master bound (or inherited) and every worker accepts on."""
@@ -162,6 +203,7 @@ class Listener:
     owns_path: bool = False  # we created the Unix socket file, so we unlink it at exit
     owns_socket: bool = True  # False: the library API's caller closes it (server_close)
     server: object = None  # the library API's server object, handed to workers as is
+    path_id: FileId | None = None  # the socket file we unlink at exit, and no other
 
     @property
     def is_stream(self) -> bool:
@@ -178,10 +220,35 @@ class Listener:
         path = self.sock.getsockname() if self.kind in ("unix", "unix-dgram") else None
         self.sock.close()
         if unlink and self.owns_path and path:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            path = path.decode() if isinstance(path, bytes) else path
+            if not unlink_if_ours(path, self.path_id):
+                log.warning("left %s in place: it is no longer the socket we bound", path)
+
+
+def socket_file_id(path: str) -> FileId | None:
+    """The (device, inode) of the socket file at ``path``, None if it is anything else (a
+    symbolic link is not followed), gone, or no file at all (an abstract name, ``\\0...``)."""
+    try:
+        info = os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
+
+
+def unlink_if_ours(path: str, ours: FileId | None) -> bool:
+    """Remove ``path`` if it is still the socket file ``ours``; True if it is gone now. A
+    file someone put there since (another server's socket, a regular file, a symbolic link)
+    stays."""
+    found = socket_file_id(path)
+    if found is None and not os.path.lexists(path):
+        return True  # removed already (a cleanup by hand, or a tmpdir's)
+    if found is None or found != ours:
+        return False
+    try:
+        os.unlink(path)  # unlink never follows a symbolic link: it removes the name itself
+    except FileNotFoundError:
+        pass
+    return True
 
 
 def bind(spec: BindSpec, backlog: int = 2048, reuse_port: bool = False) -> Listener:
@@ -221,10 +288,48 @@ def _bind_inet(spec: BindSpec, backlog: int, reuse_port: bool) -> Listener:
 
 
 def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
+    """Bind a socket file: born 0600 when ``mode=`` is given (the umask narrowed around the
+    bind), then given its owner and group, then its mode."""
     sock_type = socket.SOCK_STREAM if spec.kind == "unix" else socket.SOCK_DGRAM
+    mode, (uid, gid) = spec.mode, spec.owner_ids()
     _clear_stale_unix_socket(spec, sock_type)
-    sock = _open(socket.AF_UNIX, sock_type, 0, spec.path, backlog, [])
-    return Listener(spec=spec, sock=sock, kind=spec.kind, owns_path=True)
+    old_umask = os.umask(0o177) if mode is not None else None
+    try:
+        sock = _open(socket.AF_UNIX, sock_type, 0, spec.path, backlog, [])
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    try:
+        path_id = _set_socket_file(spec, mode, uid, gid)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(spec=spec, sock=sock, kind=spec.kind, owns_path=True, path_id=path_id)
+
+
+def _set_socket_file(spec: BindSpec, mode: int | None, uid: int, gid: int) -> FileId:
+    """Owner and mode of the socket file we just bound, set through an ``O_PATH`` descriptor
+    of it (``/proc/self/fd/N`` reaches the file itself): were the path swapped for a symbolic
+    link meanwhile, the open would not follow it, the check would refuse it, and nothing else
+    would be changed. Returns the file's identity, for the unlink at exit."""
+    fd = os.open(spec.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISSOCK(info.st_mode):
+            raise BindError(f"cannot bind {spec.text}: {spec.path} was replaced as we bound it")
+        path_id = (info.st_dev, info.st_ino)
+        steps = [("owner", os.chown, (uid, gid))] if (uid, gid) != (-1, -1) else []
+        steps += [("mode", os.chmod, (mode,))] if mode is not None else []
+        for what, change, args in steps:
+            try:
+                change(f"/proc/self/fd/{fd}", *args)
+            except OSError as err:
+                unlink_if_ours(spec.path, path_id)
+                raise BindError(f"cannot bind {spec.text}: cannot set its {what}: "
+                                f"{err.strerror}") from None  # fmt: skip
+        return path_id
+    finally:
+        os.close(fd)
 
 
 def _open(
@@ -248,18 +353,27 @@ def _open(
 
 
 def _clear_stale_unix_socket(spec: BindSpec, sock_type: int) -> None:
-    """Remove a socket file nobody listens on; refuse a live one and never touch other files."""
+    """Remove a socket file nobody listens on; refuse a live one and never touch other files
+    (a symbolic link is neither followed nor removed)."""
     try:
         mode = os.lstat(spec.path).st_mode
     except FileNotFoundError:
         return
+    if stat.S_ISLNK(mode):
+        raise BindError(f"cannot bind {spec.text}: {spec.path} is a symbolic link; "
+                        "not following it, not removing it")  # fmt: skip
     if not stat.S_ISSOCK(mode):
         raise BindError(f"cannot bind {spec.text}: {spec.path} exists and is not a socket")
+    stale = socket_file_id(spec.path)
     probe = socket.socket(socket.AF_UNIX, sock_type)
     try:
         probe.connect(spec.path)
     except ConnectionRefusedError:
-        os.unlink(spec.path)  # stale: left by a process that died without cleaning up
+        # Stale: left by a process that died without cleaning up. Removed only if it is
+        # still the socket we probed, not whatever may have taken its place since.
+        if not unlink_if_ours(spec.path, stale):
+            raise BindError(f"cannot bind {spec.text}: {spec.path} changed while we "
+                            "looked at it") from None  # fmt: skip
         return
     except OSError as err:
         if err.errno in (errno.ECONNREFUSED, errno.ENOENT):
@@ -284,7 +398,8 @@ def _adopt_fd(spec: BindSpec) -> Listener:
 def adopt(spec: BindSpec, fd: int) -> Listener:
     """A listener from a socket someone bound for us (``fd://N``, an upgrade, systemd).
 
-    A Unix socket file adopted from an old master becomes ours to unlink at exit.
+    A Unix socket file adopted from an old master becomes ours to unlink at exit: the file
+    at its path now, if that is a socket.
     """
     try:
         sock = socket.socket(fileno=fd)
@@ -292,14 +407,28 @@ def adopt(spec: BindSpec, fd: int) -> Listener:
         raise BindError(f"cannot adopt fd {fd} for {spec.text}: {err.strerror or err}") from None
     sock.setblocking(False)
     kind = socket_kind(sock)
-    return Listener(
-        spec=spec,
-        sock=sock,
-        kind=kind,
-        owns_path=kind in ("unix", "unix-dgram") and spec.kind != "fd",
-    )
+    owns_path = kind in ("unix", "unix-dgram") and spec.kind != "fd"
+    path = sock.getsockname() if owns_path else None
+    path = path.decode() if isinstance(path, bytes) else path
+    return Listener(spec=spec, sock=sock, kind=kind, owns_path=owns_path,
+                    path_id=socket_file_id(path) if path else None)  # fmt: skip
 
 
 def diff_binds(current: list[str], wanted: list[str]) -> tuple[list[str], list[str]]:
     """For a reload: (bind texts to open, bind texts to close); the rest stay as they are."""
     return [t for t in wanted if t not in current], [t for t in current if t not in wanted]
+
+
+def defer_accept(listener: Listener, seconds: float) -> None:
+    """Have the kernel hold a TCP listener's new connections until their client sends
+    something (at most about ``seconds``; 0 turns it off), so that silent clients never
+    reach a worker. Linux counts in SYN-ACK retransmissions, so the real wait is rounded up
+    to the next of 1, 3, 7, 15, 31... seconds; connections still silent then are let through
+    (the workers' waiting room takes them)."""
+    if listener.kind != "tcp" or listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                                 math.ceil(seconds))  # fmt: skip
+    except (OSError, AttributeError):
+        pass  # not Linux: the waiting room alone does the job

@@ -5,7 +5,9 @@
   ``generation``, ``msg``, and any extra fields of the record (``exc`` for a traceback).
 - ``--log-file PATH`` writes there instead of stderr. USR1 (or ``ctl reopen-logs``) reopens
   it in the master and in every worker, for logrotate: a file moved away is left behind,
-  and writing goes on in a new file at PATH.
+  and writing goes on in a new file at PATH. With ``--user`` the master (root) makes each
+  log file it opens the worker user's, as nginx and gunicorn do, so that workers, which
+  reopen by path after the master did, may open it too.
 - ``--access-log PATH|-`` writes one line per request from the workers
   (``workers.runtime.access``), in ``--access-log-format`` or as JSON with
   ``--log-format json``.
@@ -22,6 +24,7 @@ import sys
 import time
 
 from workers.runtime.access import ROLE
+from workers.runtime.privileges import give_to
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 _RECORD_KEYS = frozenset(vars(logging.makeLogRecord({})))
@@ -43,29 +46,34 @@ class JsonFormatter(logging.Formatter):
 
 
 class ReopenableFile(logging.StreamHandler):
-    """A log file that ``reopen()`` opens afresh at its path (after logrotate moved it)."""
+    """A log file that ``reopen()`` opens afresh at its path (after logrotate moved it);
+    ``owner``: the worker user's uid, given the file each time the master opens it."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, owner: int | None = None) -> None:
         self.path = path
-        super().__init__(_open_append(path))
+        self.owner = owner
+        super().__init__(self._open())
 
     def reopen(self) -> None:
+        """Raises OSError when the path cannot be opened; writing goes on to the old file."""
         # No close of the old stream here: a thread (or this one, interrupted by the USR1
         # handler inside emit) may be writing to it; it closes once nothing refers to it.
-        self.stream = _open_append(self.path)
+        self.stream = self._open()
+
+    def _open(self):  # noqa: ANN202
+        stream = open(self.path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+        give_to(stream.fileno(), self.owner)
+        return stream
 
 
-def _open_append(path: str):  # noqa: ANN202
-    return open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
-
-
-def setup(level: str, fmt: str = "text", path: str | None = None) -> None:
-    """The root logger, for the master (and, inherited, its workers)."""
+def setup(level: str, fmt: str = "text", path: str | None = None, owner: int | None = None) -> None:
+    """The root logger, for the master (and, inherited, its workers); ``owner``: see
+    ``ReopenableFile``."""
     from cluster.errors import ConfigError
 
     try:
         handler: logging.Handler = (
-            ReopenableFile(path) if path else logging.StreamHandler(sys.stderr)
+            ReopenableFile(path, owner) if path else logging.StreamHandler(sys.stderr)
         )
     except OSError as err:
         raise ConfigError(f"cannot open log file {path}: {err.strerror}") from None

@@ -68,6 +68,7 @@ from workers.runtime.client import CUT_IDLE_SIGNAL
 from workers.runtime.entry import run as worker_main
 from workers.runtime.entry import set_title
 from workers.runtime.escalation import Escalation
+from workers.runtime.privileges import Identity
 from workers.runtime.spec import EXIT_CUT, HANDLED_SIGNALS
 
 log = logging.getLogger("cluster.master")
@@ -77,7 +78,7 @@ METRICS_TEXT = "metrics="  # how an upgrade names the metrics endpoint's socket 
 HEALTH_TEXT = "health="  # ... and the health endpoint's
 # Settings of the master itself, which a reload does not change (an upgrade does).
 MASTER_SETTINGS = ("control", "metrics", "health", "pidfile", "name", "log_format", "log_file",
-                   "access_log", "access_log_format")  # fmt: skip
+                   "access_log", "access_log_format", "user", "group", "umask")  # fmt: skip
 QUIET_COMMANDS = frozenset({"status", "config"})  # asked often (ctl top): logged at debug
 
 
@@ -113,6 +114,9 @@ class Master:
         self.upgradable = upgradable and self.install_signals
         self.pid = os.getpid()
         self.name = config.name or config.app
+        # --user/--group: whom every worker (and the app check) runs as, fixed for our life
+        # like the log files the master gave that user; an upgrade takes a new value.
+        self.identity = config.identity
         self.started_at = time.monotonic()
         # Loop plumbing.
         self.selector = selectors.DefaultSelector()
@@ -192,6 +196,8 @@ class Master:
     def start(self) -> None:
         """Load the app (a bad one fails here, before any fork), bind, and fork the pool."""
         config = self.first_config
+        if config.umask_bits is not None:  # the command line set it already; the library here
+            os.umask(config.umask_bits)
         predecessor = self.predecessor.pid if self.predecessor else None
         pidfile.claim(config.pidfile, self.pid, predecessor)  # before binding: a bad one is ours
         self.pidfile_claimed = True
@@ -205,7 +211,8 @@ class Master:
         if config.health:
             self.open_health(config, inherited.get(HEALTH_TEXT + config.health))
         if config.access_log:
-            ACCESS.log = open_access_log(config)  # before any fork: every worker appends to it
+            # Before any fork: every worker appends to it.
+            ACCESS.log = open_access_log(config, self.identity)
         if config.control:
             sock = open_control(config.control, taking_over=self.predecessor is not None)
             self.control = ControlServer(sock, self.selector, config.control, self.dispatch)
@@ -383,10 +390,16 @@ class Master:
 
     def do_reopen_logs(self, command: Command) -> dict:
         """USR1: reopen our log files (logrotate moved them) and have every worker do so."""
-        reopened = reopen_logs()
+        reopened, failed = reopen_logs()  # first: with --user, the files workers may open
         for worker in self.gens.workers():
             _send(worker.pid, signal.SIGUSR1)
-        log.info("reopened %s", ", ".join(reopened) if reopened else "nothing (logs go to stderr)")
+        if reopened or not failed:
+            log.info("reopened %s", ", ".join(reopened) or "nothing (logs go to stderr)")
+        for failure in failed:
+            log.error("cannot reopen %s; writing on to the old file", failure)
+        if failed:
+            why = "; ".join(failed)
+            return {"ok": False, "reopened": reopened, "error": f"cannot reopen {why}"}
         return {"reopened": reopened}
 
     # ----------------------------------------------------------------- reload
@@ -593,7 +606,7 @@ class Master:
         config = generation.config
         limit = pool.request_limit(config.max_requests, config.max_requests_jitter, _rand())
         spec = generation.spec(slot, self.notify_w, self.private_fds(generation), limit,
-                               self.name, beat_period(config.timeout))  # fmt: skip
+                               self.name, beat_period(config.timeout), self.identity)  # fmt: skip
         process = WorkerProcess(worker_main, (spec,))
         try:
             self.fork(process)
@@ -952,7 +965,8 @@ class Master:
         apps += [spec.handler for spec in config.binds if spec.handler]
         if not config.preload:
             if apps:
-                appcheck.check([app or config.app for app in apps], config.graceful_timeout)
+                appcheck.check([app or config.app for app in apps], config.graceful_timeout,
+                               self.identity)  # fmt: skip
             return {}
         return {app: load_handler(app or config.app, fresh=True) for app in apps}
 
@@ -996,10 +1010,11 @@ class Master:
         return opened
 
 
-def open_access_log(config: Config) -> AccessLog:
+def open_access_log(config: Config, identity: Identity | None) -> AccessLog:
     try:
         return AccessLog(config.access_log or "-", config.access_log_format,
-                         as_json=config.log_format == "json")  # fmt: skip
+                         as_json=config.log_format == "json",
+                         owner=identity.uid if identity else None)  # fmt: skip
     except OSError as err:
         raise ConfigError(f"cannot open access log {config.access_log}: {err.strerror}") from None
 

@@ -46,6 +46,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, n
         (["-w", "0"], "--workers"),
         (["-w", "many"], "many"),
         (["-k", "gevent"], "gevent"),
+        (["--request-timeout", "-1"], "--request-timeout"),
+        (["-k", "thread", "--threads", "8", "--max-connections", "4"], "--max-connections 4"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], needle: str) -> None:
@@ -115,7 +117,9 @@ def test_help_documents_every_flag() -> None:
                             env=cluster_env(), capture_output=True, text=True, timeout=20)  # fmt: skip
     assert result.returncode == 0
     for flag in ("--bind", "--workers", "--worker-class", "--backlog", "--graceful-timeout",
-                 "--pidfile", "--name", "--log-level", "--config", "--max-workers"):  # fmt: skip
+                 "--pidfile", "--name", "--log-level", "--config", "--max-workers",
+                 "--request-timeout", "--max-connections", "--no-waiting-room", "--defer-accept",
+                 "--user", "--group", "--umask"):  # fmt: skip
         assert flag in result.stdout
 
 

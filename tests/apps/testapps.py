@@ -15,6 +15,8 @@ class Gate(StreamRequestHandler):
     A slow request whose length the test controls exactly: no sleeps on either side.
     """
 
+    speaks_first = True  # it writes before it reads: no waiting room
+
     def handle(self) -> None:
         self.wfile.write(b"started %d\n" % os.getpid())
         line = self.rfile.readline()
@@ -34,6 +36,8 @@ class Boom(StreamRequestHandler):
 
 class Pid(BaseRequestHandler):
     """Replies with the pid of the process that served the request (stream or datagram)."""
+
+    speaks_first = True  # it writes before it reads: no waiting room
 
     def handle(self) -> None:
         reply = b"%d\n" % os.getpid()
@@ -143,6 +147,8 @@ class Slow(StreamRequestHandler):
 
 class ShutdownOnRequest(BaseRequestHandler):
     """Replies, then calls ``self.server.shutdown()``, as a stdlib handler that ends its server."""
+
+    speaks_first = True  # it writes before it reads: no waiting room
 
     def handle(self) -> None:
         self.request.sendall(b"stopping\n")

@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable
 
 from workers.runtime.access import ACCESS, ROLE
-from workers.runtime.client import CONNECTIONS, ClientSocket, CountingClientSocket
+from workers.runtime.client import CONNECTIONS, IDLE_GRACE, ClientSocket, CountingClientSocket
 from workers.runtime.context import Context
 from workers.runtime.lifecycle import Lifecycle, master_alive
+from workers.runtime.room import WaitingRoom, has_data
 from workers.runtime.scoreboard import WorkerSlot
 from workers.servers import BaseServer
 
@@ -35,6 +36,9 @@ OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 # One woken worker per connection, not all of them (the thundering herd).
 LISTENER_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 RESOURCE_PAUSE = 0.1  # seconds between accept attempts while out of resources
+# An episode of running out of fds ends when accepts have gone through this long without a
+# failure: near the limit, accepts fail and succeed by turns, and that is still one episode.
+EPISODE_QUIET = 2.0
 
 Taken = tuple[BaseServer, object, object]  # server, request, client address
 DRAIN_BOUND = 2048  # a stop serves at most this many queued requests of a non-TCP listener
@@ -67,6 +71,7 @@ class AcceptLoop:
         servers: list[BaseServer],
         context: Context,
         on_wake: Callable[[], None] | None = None,
+        handlers: int = 1,
     ) -> None:
         self.servers = servers
         self.lifecycle: Lifecycle = context.lifecycle
@@ -75,7 +80,10 @@ class AcceptLoop:
         self.beat_every = context.spec.beat_every  # the idle wait's bound: a heartbeat each
         self.on_wake = on_wake  # runs after every sleep: fork mode reaps its children there
         self.turn = 0  # the listener to try first
-        self.starving = False  # accept() failed for want of fds or memory
+        self.starving = False  # accept() failed for want of fds or memory (and we said so)
+        self.starved_at = float("-inf")  # when it last did
+        self.refused = 0  # accepts that failed so in this episode
+        self.paused = False  # the next wait is a pause: the listener would wake us at once
         # Stream listeners whose connections can hold a worker for long (see step_back).
         self.streams = {s for s in servers if getattr(s, "socket_type", None) == socket.SOCK_STREAM}
         self.accepted = [context.slot.accepted_index(n) for n in range(len(servers))]
@@ -83,6 +91,16 @@ class AcceptLoop:
         for server in servers:
             self.poller.register(server.fileno(), LISTENER_EVENTS)
         self.poller.register(self.lifecycle.wake_r, select.EPOLLIN)
+        spec = context.spec
+        # Silent connections wait in a room, not in a handler (``handlers`` of them: the
+        # mode's threads or children), unless the protocol has the server speak first.
+        self.waits = {s for s in self.streams
+                      if not getattr(s.RequestHandlerClass, "speaks_first", False)}  # fmt: skip
+        places = spec.connection_bound(handlers) - handlers
+        self.room = (
+            WaitingRoom(self.poller, places, spec.request_timeout)
+            if spec.waiting_room and self.waits and places > 0 else None
+        )  # fmt: skip
 
     def take(self, servers: list[BaseServer] | None = None) -> Taken | None:
         """One queued request from any listener (of ``servers``, by default all), or None
@@ -108,27 +126,47 @@ class AcceptLoop:
             self.turn = index + 1
             self.slot.doubles[self.accepted[index]] += 1.0
             if self.starving:
-                log.warning("worker %d accepting again", os.getpid())
-                self.starving = False
+                log.warning("worker %d accepting again (%d accepts failed meanwhile)",
+                            os.getpid(), self.refused)  # fmt: skip
+                self.starving, self.refused = False, 0
             return server, request, client_address
         return None
 
     def starved(self, server: BaseServer, err: OSError) -> None:
         """Out of fds or memory: the connection stays queued, and the listener stays readable,
-        so waiting in epoll would spin. Say so once, then pause between attempts."""
-        if not self.starving:
+        so waiting in epoll would spin. Say so once an episode, then pause between attempts.
+        (Near the limit accepts fail and succeed by turns: a failure within EPISODE_QUIET of
+        the last one belongs to the same episode, and is not said again.)"""
+        now = time.monotonic()
+        if not self.starving and now - self.starved_at > EPISODE_QUIET:
             log.error("worker %d cannot accept on %s: %s; retrying every %gs", os.getpid(),
                       server.server_address, err.strerror, RESOURCE_PAUSE)  # fmt: skip
-            self.starving = True
+            self.starving, self.refused = True, 0
+        self.starved_at = now
+        self.refused += 1
+        self.paused = True
 
     def next(self) -> Taken | None:
         """The next request, waiting for one; None once the worker is told to stop."""
         waited = False
+        room = self.room
         while self.lifecycle.running:
+            if room is not None:
+                if room.parked:
+                    room.check()
+                if (ready := room.take()) is not None:
+                    return ready
+                if room.full:  # take nothing more until a place frees up
+                    self.wait()
+                    continue
             taken = self.take()
             if taken is not None:
-                if waited and taken[0] in self.streams:
-                    self.step_back(taken[0])
+                if taken[0] in self.streams:
+                    if waited:
+                        self.step_back(taken[0])
+                    if room is not None and taken[0] in self.waits and not has_data(taken[1]):
+                        room.park(*taken)
+                        continue
                 return taken
             self.wait()
             waited = True
@@ -154,10 +192,22 @@ class AcceptLoop:
         (Going idle is when the access log's gathered lines go out.)"""
         if ACCESS.log is not None:
             ACCESS.log.flush()
-        if self.starving:  # only a signal cuts the pause short
+        room, timeout = self.room, self.beat_every
+        if room is not None and room.parked:
+            now = time.monotonic()
+            room.expire(now)
+            timeout = max(0.0, min(timeout, room.next_expiry() - now))
+        if self.paused:  # out of resources: only a signal cuts the pause short
+            self.paused = False
             select.select([self.lifecycle.wake_r], [], [], RESOURCE_PAUSE)
+        elif room is not None and room.full:
+            for fd, _ in room.wait_full(self.lifecycle.wake_r, timeout):
+                if fd in room:
+                    room.spoke(fd)
         else:
-            self.poller.poll(self.beat_every)
+            for fd, _ in self.poller.poll(timeout):
+                if room is not None and fd in room:
+                    room.spoke(fd)
         self.lifecycle.drain_wakeups()
         self.slot.beat()
         if self.on_wake is not None:
@@ -183,6 +233,8 @@ class AcceptLoop:
         and the master kills us at the end of the graceful timeout anyway.
         """
         deadline = time.monotonic() + within
+        if not self.serve_waiting(deadline, dispatch, room):
+            return
         # What was queued when the stop came, and no more: connections that keep arriving
         # meanwhile would keep the queue from ever emptying. (TCP tells its queue length;
         # other listeners get a bound no queue of theirs can exceed by much.)
@@ -201,7 +253,27 @@ class AcceptLoop:
             budget[taken[0]] -= 1
             dispatch(*taken)
 
+    def serve_waiting(
+        self,
+        deadline: float,
+        dispatch: Callable[[BaseServer, object, object], None],
+        room: Callable[[float], bool] | None = None,
+    ) -> bool:
+        """A stop or a recycle: serve the parked connections that speak within IDLE_GRACE
+        (a client that just connected may have its request on the way) and close the silent
+        rest. False when no handler came free by ``deadline`` for one of them."""
+        if self.room is None:
+            return True
+        for taken in self.room.settle(min(max(0.0, deadline - time.monotonic()), IDLE_GRACE)):
+            if room is not None and not room(deadline):
+                self.room.close()
+                return False
+            dispatch(*taken)
+        return True
+
     def close(self) -> None:
+        if self.room is not None:
+            self.room.close()
         self.poller.close()
 
 

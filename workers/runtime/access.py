@@ -2,7 +2,8 @@
 
 ``--access-log PATH|-``: the master opens it before forking (so a path that cannot be
 written fails at start, and every worker appends to the same open file) and each worker
-writes its lines. Fields, for ``--access-log-format`` (``str.format`` names): ``time``,
+writes its lines. With ``--user`` the master gives the file to the worker user each time it
+opens it, so that workers can reopen it too (``reopen_logs``). Fields, for ``--access-log-format`` (``str.format`` names): ``time``,
 ``client``, ``listener``, ``pid``, ``duration_ms`` (a float: ``{duration_ms:.3f}``),
 ``bytes_in``, ``bytes_out``, ``request``
 and ``status`` (an ``http.server`` handler's request line and status; ``-`` for others).
@@ -17,6 +18,8 @@ import json
 import os
 import threading
 import time
+
+from workers.runtime.privileges import give_to
 
 ACCESS_FIELDS = ("time", "client", "listener", "pid", "duration_ms", "bytes_in", "bytes_out",
                  "request", "status")  # fmt: skip
@@ -49,16 +52,14 @@ class AccessLog:
     BATCH = 64
     PIPE_BUF = 4096
 
-    def __init__(self, path: str, fmt: str = DEFAULT_ACCESS_FORMAT, as_json: bool = False) -> None:
+    def __init__(self, path: str, fmt: str = DEFAULT_ACCESS_FORMAT, as_json: bool = False,
+                 owner: int | None = None) -> None:  # fmt: skip
         self.path = path
         self.format = fmt
         self.line = compile_format(fmt)  # fields -> the line, without str.format's parsing
         self.as_json = as_json
-        self.fd = (
-            2
-            if path == "-"
-            else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        )
+        self.owner = owner  # the worker user's uid (--user): the file is given to it
+        self.fd = 2 if path == "-" else self._open()
         self.lines: list[str] = []
         self.lock = threading.Lock()
         self._second = -1
@@ -96,13 +97,20 @@ class AccessLog:
             data = data[written:]
 
     def reopen(self) -> bool:
+        """Open the path afresh (False: the log is stderr); raises OSError when it cannot, and
+        writing goes on to the old file."""
         if self.fd == 2:
             return False
         self.flush()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open()
         old, self.fd = self.fd, fd
         os.close(old)
         return True
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        give_to(fd, self.owner)
+        return fd
 
     def close(self) -> None:
         self.flush()
@@ -158,17 +166,23 @@ def format_error(fmt: str) -> str | None:
     return None
 
 
-def reopen_logs() -> list[str]:
+def reopen_logs() -> tuple[list[str], list[str]]:
     """Reopen every log file of this process: the root logger's handlers that can (the
-    master's ``cluster.logs.ReopenableFile``, inherited by workers), and the access log."""
+    master's ``cluster.logs.ReopenableFile``, inherited by workers), and the access log.
+    Returns (the paths reopened, "PATH: why" for each one that could not be, which goes on
+    writing to its old file): a signal handler calls this, so it never raises."""
     import logging
 
-    reopened = []
-    for handler in logging.getLogger().handlers:
-        reopen = getattr(handler, "reopen", None)
-        if reopen is not None:
-            reopen()
-            reopened.append(getattr(handler, "path", "?"))
-    if ACCESS.log is not None and ACCESS.log.reopen():
-        reopened.append(ACCESS.log.path)
-    return reopened
+    reopened, failed = [], []
+    files: list[tuple[str, object]] = [(getattr(handler, "path", "?"), handler.reopen)
+                                       for handler in logging.getLogger().handlers
+                                       if hasattr(handler, "reopen")]  # fmt: skip
+    if ACCESS.log is not None:
+        files.append((ACCESS.log.path, ACCESS.log.reopen))
+    for path, reopen in files:
+        try:
+            if reopen() is not False:
+                reopened.append(path)
+        except OSError as err:
+            failed.append(f"{path}: {err.strerror or err}")
+    return reopened, failed

@@ -28,27 +28,47 @@ interactive protocol) is never cut: it is the client's turn within a request.
 
 from __future__ import annotations
 
+import logging
+import select
 import signal
 import socket
 from time import monotonic
 
 from workers.runtime.access import ACCESS, ROLE
+from workers.runtime.ratelog import RateLimitedLog
 
 CUT_IDLE_SIGNAL = signal.SIGURG  # from the master: cut connections idle past --keep-alive
 IDLE_GRACE = 0.5  # seconds a stop leaves a just-answered connection for its next request
+NO_DEADLINE = -1.0  # ``_deadline``: no --request-timeout
+NEXT_BYTE = 0.0  # ``_deadline``: the clock starts with the next request's first byte
+CUT = 1e-9  # ``_deadline``: cut already, every later read is end-of-file
 
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
 _send, _sendall = socket.socket.send, socket.socket.sendall
 _SPARE = memoryview(bytearray(16)).cast("d")  # where an unattached connection writes
+CUTS = RateLimitedLog(logging.getLogger("cluster.worker"))
 
 
 class ClientSocket(socket.socket):
-    """An accepted stream connection whose reads are marked in a scoreboard lane."""
+    """An accepted stream connection whose reads are marked in a scoreboard lane, and bounded
+    by ``--request-timeout``.
 
-    __slots__ = ("_io", "_at", "between")
+    The request deadline. ``--request-timeout`` bounds the reading of one request as a whole,
+    however often its client sends a byte (a socket timeout restarts with every byte, so a
+    client that drips would hold a worker for ever). The clock of the connection's first
+    request starts at ``accept()``; a reply (any send) stops it, and the next request's
+    clock starts with its first byte: the wait before that is the keep-alive wait, which
+    ``--keep-alive`` bounds. At the deadline the handler's read returns end-of-file, as if the
+    client had closed, so the handler ends the way it ends for a client that went away, and
+    the cut is logged (rate-limited), naming the client.
+    """
+
+    __slots__ = ("_io", "_at", "between", "_deadline")
     closing = False  # class-wide: a graceful stop began; idle waits end (after IDLE_GRACE)
     closing_at = 0.0
+    request_timeout = 0.0  # class-wide, set at boot: --request-timeout (0: none)
+    after_reply = NO_DEADLINE  # what a reply sets ``_deadline`` to: NEXT_BYTE with a timeout
 
     def attach(self, doubles: memoryview, at: int) -> None:
         """Write this connection's waits into the lane whose ``io`` is ``doubles[at]``."""
@@ -62,9 +82,14 @@ class ClientSocket(socket.socket):
         if self.between:
             return self._next_request(_recv, b"", bufsize, flags)
         io, at = self._io, self._at
-        io[at] = monotonic()
+        io[at] = now = monotonic()
         try:
-            return _recv(self, bufsize, flags)
+            if self._deadline > 0.0:
+                return self._by_deadline(now, _recv, b"", bufsize, flags)
+            data = _recv(self, bufsize, flags)
+            if data and self._deadline == NEXT_BYTE:
+                self._deadline = monotonic() + self.request_timeout
+            return data
         finally:
             io[at] = -monotonic()
 
@@ -72,11 +97,63 @@ class ClientSocket(socket.socket):
         if self.between:
             return self._next_request(_recv_into, 0, buffer, nbytes, flags)
         io, at = self._io, self._at
-        io[at] = monotonic()
+        io[at] = now = monotonic()
         try:
-            return _recv_into(self, buffer, nbytes, flags)
+            if self._deadline > 0.0:
+                return self._by_deadline(now, _recv_into, 0, buffer, nbytes, flags)
+            count = _recv_into(self, buffer, nbytes, flags)
+            if count and self._deadline == NEXT_BYTE:
+                self._deadline = monotonic() + self.request_timeout
+            return count
         finally:
             io[at] = -monotonic()
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        if self._deadline != CUT:  # a reply: this request's clock stops
+            self._deadline = self.after_reply
+        return _send(self, data, flags)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        if self._deadline != CUT:
+            self._deadline = self.after_reply
+        _sendall(self, data, flags)
+
+    def _by_deadline(self, now, read, eof, *args):  # noqa: ANN001, ANN202
+        """A read within a request whose clock runs: it returns by the deadline, with the
+        bytes that came, or with end-of-file once the deadline has passed.
+
+        Data already there costs one system call, as before (``MSG_DONTWAIT``); only a read
+        that would wait polls first, for no longer than what is left. A handler's own socket
+        timeout keeps its meaning (``TimeoutError`` when it is the shorter), and a handler
+        that does non-blocking I/O itself is only cut at its next read past the deadline.
+        """
+        left = self._deadline - now
+        if left <= 0.0:
+            return self._cut(eof)
+        timeout = self.gettimeout()
+        if timeout == 0.0:
+            return read(self, *args)
+        if timeout is None:
+            try:
+                return read(self, *args[:-1], args[-1] | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        while True:
+            wait = left if timeout is None else min(left, timeout)
+            if readable(self, wait):
+                return read(self, *args)
+            left = self._deadline - monotonic()
+            if left <= 0.0:
+                return self._cut(eof)
+            if timeout is not None and timeout <= wait:
+                raise TimeoutError("timed out")
+
+    def _cut(self, eof):  # noqa: ANN001, ANN202
+        if self._deadline != CUT:
+            self._deadline = CUT
+            CUTS.warning("cut client %s: no whole request within --request-timeout %gs",
+                         peer(self), self.request_timeout)  # fmt: skip
+        return eof
 
     def _next_request(self, read, eof, *args):  # noqa: ANN001, ANN202
         """A read that waits for the client's next request: cut (end-of-file) on a stop,
@@ -91,15 +168,35 @@ class ClientSocket(socket.socket):
             io[at], io[at + 1] = -now, 0.0
             self.between = False
             return eof
+        got = eof
         try:
-            return read(self, *args)
+            got = read(self, *args)
+            return got
         finally:
             io[at], io[at + 1] = -monotonic(), 0.0
             self.between = False
+            if got and self._deadline == NEXT_BYTE:  # the next request began
+                self._deadline = monotonic() + self.request_timeout
 
     def idle_since(self) -> float:
         """When it began waiting for its next request; 0 while it is not."""
         return self._io[self._at + 1] if self.between else 0.0
+
+
+def readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has bytes (or end-of-file, or an error) to read within ``timeout``."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0.0, timeout) * 1000.0))
+
+
+def peer(sock: socket.socket) -> str:
+    """The client's address as the log names it (the socket may be reset already)."""
+    try:
+        address = sock.getpeername()
+    except OSError:
+        return "(gone)"
+    return format_client(address) if address else "(unix)"
 
 
 class CountingClientSocket(ClientSocket):
@@ -109,38 +206,22 @@ class CountingClientSocket(ClientSocket):
     __slots__ = ("bytes_in", "bytes_out", "http_logged")
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if self.between:
-            data = self._next_request(_recv, b"", bufsize, flags)
-        else:
-            io, at = self._io, self._at
-            io[at] = monotonic()
-            try:
-                data = _recv(self, bufsize, flags)
-            finally:
-                io[at] = -monotonic()
+        data = ClientSocket.recv(self, bufsize, flags)
         self.bytes_in += len(data)
         return data
 
     def recv_into(self, buffer: object, nbytes: int = 0, flags: int = 0) -> int:
-        if self.between:
-            count = self._next_request(_recv_into, 0, buffer, nbytes, flags)
-        else:
-            io, at = self._io, self._at
-            io[at] = monotonic()
-            try:
-                count = _recv_into(self, buffer, nbytes, flags)
-            finally:
-                io[at] = -monotonic()
+        count = ClientSocket.recv_into(self, buffer, nbytes, flags)
         self.bytes_in += count
         return count
 
     def send(self, data: bytes, flags: int = 0) -> int:
-        sent = _send(self, data, flags)
+        sent = ClientSocket.send(self, data, flags)
         self.bytes_out += sent
         return sent
 
     def sendall(self, data: bytes, flags: int = 0) -> None:
-        _sendall(self, data, flags)
+        ClientSocket.sendall(self, data, flags)
         self.bytes_out += len(data)
 
 
@@ -154,6 +235,8 @@ class ListeningSocket(socket.socket):
         fd, address = self._accept()
         sock = self.client_class(self.family, self.type, self.proto, fileno=fd)
         sock._io, sock._at, sock.between = _SPARE, 0, False
+        timeout = ClientSocket.request_timeout
+        sock._deadline = monotonic() + timeout if timeout else NO_DEADLINE
         if type(sock) is CountingClientSocket:
             sock.bytes_in = sock.bytes_out = 0
             sock.http_logged = False
@@ -274,7 +357,7 @@ def mark_requests(handler: type) -> type:
             seen_in, seen_out = getattr(self, "_cluster_bytes", (0, 0))
             code = self._cluster_status
             ACCESS.log.write(  # type: ignore[union-attr]
-                _client(self.client_address), getattr(self.server, "listener_uri", "-"),
+                format_client(self.client_address), getattr(self.server, "listener_uri", "-"),
                 ROLE.pid, (monotonic() - self._cluster_started) * 1000,
                 sock.bytes_in - seen_in, sock.bytes_out - seen_out,
                 getattr(self, "requestline", "-"), int(code) if str(code).isdigit() else code,
@@ -287,7 +370,7 @@ def mark_requests(handler: type) -> type:
     return Marked
 
 
-def _client(address: object) -> str:
+def format_client(address: object) -> str:
     if isinstance(address, tuple):
         return f"{address[0]}:{address[1]}"
     return str(address or "-")

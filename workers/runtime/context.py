@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import sys
 import threading
 
-from workers.runtime.client import ListeningSocket, close_idle
+from workers.runtime.client import ListeningSocket, close_idle, format_client
 from workers.runtime.lifecycle import Lifecycle
+from workers.runtime.ratelog import RateLimitedLog
 from workers.runtime.scoreboard import DRAINING, ERRORS, IDLE, WorkerSlot
 from workers.runtime.spec import Endpoint, WorkerSpec
 from workers.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
+
+LARGEST_DATAGRAM = 65535  # UDP carries 65,507 bytes at most; the stdlib's 8192 would cut them
+CLIENT_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+# A client that resets is not a server error: a line, within a budget, instead of a traceback.
+GONE = RateLimitedLog(logging.getLogger("cluster.worker"))
 
 SERVER_CLASSES: dict[str, type[BaseServer]] = {
     "tcp": TCPServer,
@@ -100,14 +109,32 @@ def make_server(
     server.listener_uri = endpoint.uri
     server.shutdown = context.ask_master_to_stop  # type: ignore[method-assign]
     report = server.handle_error
+    stock = getattr(report, "__func__", None) is BaseServer.handle_error
     slot = context.slot
 
     def handle_error(request: object, client_address: object) -> None:
+        if stock and client_went_away(request):
+            GONE.warning("client %s went away in the middle of its request: %s",
+                         format_client(client_address), sys.exc_info()[1])  # fmt: skip
+            return
         slot.doubles[slot.stats_index(CURRENT.lane, listener) + ERRORS] += 1.0
         report(request, client_address)
 
     server.handle_error = handle_error  # type: ignore[method-assign]
     return server
+
+
+def client_went_away(request: object) -> bool:
+    """Whether the exception being handled is the client's doing: a reset or broken pipe on
+    a connection that is gone. (The same errors from a connection the handler made to
+    somebody else are the server's problem, and keep their traceback.)"""
+    if not isinstance(sys.exc_info()[1], CLIENT_GONE) or not isinstance(request, socket.socket):
+        return False
+    try:
+        request.getpeername()
+    except OSError:
+        return True
+    return False
 
 
 def _server(endpoint: Endpoint, handler: type, mixin: type | None) -> BaseServer:
@@ -131,8 +158,8 @@ def _server(endpoint: Endpoint, handler: type, mixin: type | None) -> BaseServer
     server.socket.close()  # the placeholder the constructor made; we serve the shared one
     server.socket = endpoint.sock
     server.server_address = endpoint.sock.getsockname()
-    if hasattr(server, "max_packet_size"):  # datagrams: a handler may ask for larger ones
-        server.max_packet_size = max(server.max_packet_size,
+    if hasattr(server, "max_packet_size"):  # datagrams: whole ones, however large
+        server.max_packet_size = max(server.max_packet_size, LARGEST_DATAGRAM,
                                      getattr(handler, "max_packet_size", 0))  # fmt: skip
     if endpoint.kind == "tcp":
         server.server_name, server.server_port = server.server_address[:2]

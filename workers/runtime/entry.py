@@ -1,5 +1,9 @@
 """A worker's entry point: what runs between the master's fork and the accept loop.
 
+With ``--user`` the worker drops root first thing (``workers.runtime.privileges``): every
+fd it keeps was opened by the master, so nothing it needs is lost, and the app is imported
+as that user.
+
 A worker owns very little: its copies of the listening sockets, the write end of the master's
 notify pipe, and a wakeup pipe of its own. Everything else it inherited from the master (the
 master's wakeup pipe and selector, the pidfds of its siblings, listeners of other
@@ -18,10 +22,13 @@ import os
 import signal
 import sys
 
-from workers.runtime import modes
+from workers.runtime import modes, privileges
 from workers.runtime.access import ACCESS, ROLE, reopen_logs
 from workers.runtime.client import (
     CUT_IDLE_SIGNAL,
+    NEXT_BYTE,
+    NO_DEADLINE,
+    ClientSocket,
     CountingClientSocket,
     ListeningSocket,
     cut_after_grace,
@@ -57,12 +64,19 @@ def run(spec: WorkerSpec) -> None:
 
 
 def boot(spec: WorkerSpec) -> Lifecycle:
-    """Undo what the worker inherited from the master and set up its own signals."""
+    """Undo what the worker inherited from the master, drop root, and set up its own signals."""
     for fd in spec.inherited_fds:
         try:
             os.close(fd)
         except OSError:
             pass
+    if spec.identity is not None:  # first: before any code of the app, and before the
+        # parent-death signal, which a change of credentials clears
+        try:
+            privileges.drop(spec.identity)
+        except privileges.PrivilegeError as err:
+            log.error("worker %d: %s; not serving", os.getpid(), err)
+            sys.exit(EXIT_BOOT_ERROR)
     lifecycle = Lifecycle(spec.keep_alive)
     signal.set_wakeup_fd(lifecycle.wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, lifecycle.request_stop)
@@ -82,15 +96,20 @@ def boot(spec: WorkerSpec) -> Lifecycle:
     ROLE.name, ROLE.generation, ROLE.pid = "worker", spec.generation, os.getpid()
     if ACCESS.log is not None:  # the master opened it: count the bytes it logs
         ListeningSocket.client_class = CountingClientSocket
+    ClientSocket.request_timeout = spec.request_timeout
+    ClientSocket.after_reply = NEXT_BYTE if spec.request_timeout else NO_DEADLINE
     name = f" [{spec.name}]" if spec.name else ""
     set_title(f"cluster: worker{name} {spec.mode} slot={spec.slot} gen={spec.generation}")
     return lifecycle
 
 
 def _reopen_logs(signum: int, frame: object) -> None:
-    reopened = reopen_logs()
+    reopened, failed = reopen_logs()
     if reopened:
         log.info("worker %d reopened %s", os.getpid(), ", ".join(reopened))
+    for failure in failed:
+        log.warning("worker %d cannot reopen %s; writing on to the old file", os.getpid(),
+                    failure)  # fmt: skip
 
 
 def set_title(title: str) -> None:

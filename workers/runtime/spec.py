@@ -20,6 +20,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from workers.runtime.privileges import Identity
 from workers.runtime.scoreboard import Scoreboard
 from workers.servers import BaseServer
 
@@ -27,6 +28,7 @@ EXIT_BOOT_ERROR = 3  # the master treats this exit code as "the app cannot boot"
 EXIT_CUT = 65  # a graceful stop had to cut requests short: the master's stop then exits 1
 STACK_DUMP_SIGNAL = signal.SIGUSR2  # to a worker (never the master): dump every thread's stack
 PARENT_CHECK_INTERVAL = 1.0  # seconds between checks that the master still lives
+WAITING_ROOM = 64  # default places per worker for connections that have not spoken yet
 # Blocked by the master across a fork and unblocked by the worker once its own handlers are
 # in place, so that a TERM sent during boot is neither lost nor run by the master's handler.
 HANDLED_SIGNALS = (
@@ -67,3 +69,13 @@ class WorkerSpec:
     keep_alive: float = 5.0  # cut a connection idle between requests this long (0: never)
     beat_every: float = PARENT_CHECK_INTERVAL  # an idle worker's heartbeat period
     max_requests: int = 0  # recycle after this many requests (0: never); jitter already added
+    request_timeout: float = 30.0  # the deadline for reading one request (0: none)
+    waiting_room: bool = True  # silent new connections wait in a room, not in a handler
+    max_connections: int = 0  # connections held at once, handlers' and room's (0: see below)
+    identity: Identity | None = None  # --user/--group: whom to become before the app loads
+
+    def connection_bound(self, handlers: int) -> int:
+        """The most connections a worker with ``handlers`` handlers holds at once: those in
+        its handlers plus those in its waiting room (``--max-connections``; by default
+        WAITING_ROOM more than it has handlers)."""
+        return self.max_connections or handlers + WAITING_ROOM

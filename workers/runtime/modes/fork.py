@@ -215,13 +215,15 @@ def serve(bindings: list[Binding], context: Context) -> None:
         if len(children) == forked:  # refused by verify_request, or the fork failed
             context.slot.end(lane, server.listener_index)
 
-    loop = AcceptLoop(servers, context, on_wake=on_wake)
+    loop = AcceptLoop(servers, context, on_wake=on_wake, handlers=lanes)
     context.ready()
     try:
         while room() and (taken := loop.next()) is not None:
             fork_one(*taken)
         if context.draining():
             loop.drain(spec.graceful_timeout, fork_one, room)
+        else:  # recycled: the queue is the others', but what we parked is ours
+            loop.serve_waiting(time.monotonic() + spec.graceful_timeout, fork_one, room)
     finally:
         loop.close()
         for server in servers:

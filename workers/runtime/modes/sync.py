@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from workers.runtime.accept import AcceptLoop, close_all, in_lane
 from workers.runtime.context import Context, make_server
 from workers.runtime.mode import Binding, Mode
@@ -26,6 +28,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
             run(*taken)
         if context.draining():
             loop.drain(context.spec.graceful_timeout, run)
+        else:  # recycled: the queue is the others', but what we parked is ours
+            loop.serve_waiting(time.monotonic() + context.spec.graceful_timeout, run)
     finally:
         loop.close()
         close_all(servers)

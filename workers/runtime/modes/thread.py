@@ -80,7 +80,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
     servers = [
         make_server(endpoint, handler, context, n) for n, (endpoint, handler) in enumerate(bindings)
     ]
-    loop = AcceptLoop(servers, context)
+    loop = AcceptLoop(servers, context, handlers=MODE.lanes(spec))
     pool = ThreadPool(MODE.lanes(spec), context.slot)
     context.ready()
     try:
@@ -97,6 +97,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
             pool.submit(*taken)
         if context.draining():
             loop.drain(spec.graceful_timeout, pool.submit, pool.room, pool.free.release)
+        else:  # recycled: the queue is the others', but what we parked is ours
+            loop.serve_waiting(time.monotonic() + spec.graceful_timeout, pool.submit, pool.room)
         cut = pool.join(spec.graceful_timeout)
         if cut:
             log.error("worker %d: %d requests still running after --graceful-timeout %gs; "

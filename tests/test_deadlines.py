@@ -1,0 +1,109 @@
+"""The request deadline and the log budget, without processes: a socketpair stands for a
+client, and the clock is the real one (short deadlines)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from workers.runtime import client as client_module
+from workers.runtime.client import NEXT_BYTE, ClientSocket, readable
+from workers.runtime.ratelog import Budget
+from workers.runtime.room import has_data
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.fixture
+def pair(monkeypatch):
+    """(our client end, the server's ClientSocket) with a 0.4 s --request-timeout."""
+    monkeypatch.setattr(ClientSocket, "request_timeout", 0.4)
+    monkeypatch.setattr(ClientSocket, "after_reply", NEXT_BYTE)
+    ours, theirs = socket.socketpair()
+    server = ClientSocket(theirs.family, theirs.type, theirs.proto, fileno=theirs.detach())
+    server._io, server._at, server.between = memoryview(bytearray(16)).cast("d"), 0, False
+    server._deadline = time.monotonic() + 0.4  # as accept() sets it
+    yield ours, server
+    ours.close()
+    server.close()
+
+
+def drip(sock: socket.socket, every: float, stop: threading.Event) -> threading.Thread:
+    def run() -> None:
+        while not stop.wait(every):
+            try:
+                sock.send(b"x")
+            except OSError:
+                return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_dripping_client_is_cut_at_the_deadline_however_often_it_sends(pair) -> None:
+    ours, server = pair
+    stop = threading.Event()
+    dripper = drip(ours, 0.05, stop)
+    started, got = time.monotonic(), b""
+    try:
+        while chunk := server.recv(100):
+            got += chunk
+    finally:
+        stop.set()
+        dripper.join()
+    assert 0.35 <= time.monotonic() - started <= 0.8
+    assert got  # it did read what dripped in before the deadline
+    assert server.recv(100) == b""  # and stays cut
+
+
+def test_a_reply_stops_the_clock_and_the_next_request_starts_it_at_its_first_byte(pair) -> None:
+    ours, server = pair
+    ours.sendall(b"one")
+    assert server.recv(10) == b"one"
+    server.sendall(b"reply")  # the request is answered
+    assert server._deadline == NEXT_BYTE  # no clock runs while the client is idle
+    ours.sendall(b"two")
+    before = time.monotonic()
+    assert server.recv(10) == b"two"
+    assert before + 0.4 <= server._deadline <= time.monotonic() + 0.4  # from its first byte
+
+
+def test_the_handlers_own_shorter_socket_timeout_still_raises(pair) -> None:
+    ours, server = pair
+    server.settimeout(0.1)
+    with pytest.raises(TimeoutError):
+        server.recv(10)
+
+
+def test_a_cut_is_logged_once_naming_the_client(pair, caplog) -> None:
+    ours, server = pair
+    client_module.CUTS.budget = Budget()
+    while server.recv(10):
+        pass
+    assert server.recv(10) == b""
+    cuts = [r for r in caplog.records if "no whole request within" in r.getMessage()]
+    assert len(cuts) == 1
+
+
+def test_readiness_checks_do_not_consume_or_wait(pair) -> None:
+    ours, server = pair
+    assert not has_data(server) and not readable(server, 0)
+    ours.sendall(b"hi")
+    assert has_data(server) and readable(server, 1)
+    assert server.recv(10) == b"hi"  # the peek left the bytes where they were
+    ours.close()
+    assert has_data(server)  # end-of-file is something a handler can read at once
+
+
+def test_the_log_budget_holds_lines_past_the_burst_and_counts_them() -> None:
+    budget = Budget(period=10.0, burst=2)
+    assert budget.allow(0.0) == 0
+    assert budget.allow(1.0) == 0
+    assert budget.allow(2.0) is None
+    assert budget.allow(3.0) is None
+    assert budget.allow(10.5) == 2  # a new period: this line says 2 went unsaid
+    assert budget.allow(11.0) == 0

@@ -1,0 +1,154 @@
+"""The waiting room: accepted connections whose clients have not sent anything yet.
+
+A handler that reads from a silent client waits for it, and in sync mode a worker has only
+one handler: ten clients that connect and say nothing would hold ten workers. So a worker
+looks before it hands a new connection to a handler (one ``recv`` with ``MSG_PEEK``), and a
+connection with nothing to read waits here, in the worker's epoll, while the worker serves
+the ready ones. It costs a file descriptor, not a handler. When its first bytes come (or
+its client closes) it goes to a handler like any other; when ``--request-timeout`` passes
+first, it is closed, and the cut is logged (rate-limited), naming the client.
+
+A handler whose protocol has the server speak first (a greeting, a banner) would wait for
+ever with its client: it says so with the class attribute ``speaks_first = True``, and its
+listener's connections go straight to a handler. ``--no-waiting-room`` turns the room off for
+every listener. With ``--defer-accept`` the kernel keeps silent TCP connections to itself in
+the first place (``TCP_DEFER_ACCEPT``); the room still catches those it lets through when its
+own wait ends, and serves Unix stream listeners, which have no such option.
+
+The room is bounded (``capacity``): a worker whose room is full accepts nothing more until a
+place frees up, so the rest wait in the kernel's queue, for it or another worker.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections import OrderedDict
+from time import monotonic
+
+from workers.runtime.client import CUTS, peer
+
+_recv = socket.socket.recv
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+def has_data(sock: socket.socket) -> bool:
+    """Whether a handler reading ``sock`` now would not wait: bytes, end-of-file, or an error
+    are there to read."""
+    try:
+        _recv(sock, 1, PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # a reset, say: the handler sees it at its first read
+    return True
+
+
+class WaitingRoom:
+    """Silent connections, oldest first, each with the time it must have spoken by."""
+
+    def __init__(self, poller: select.epoll, capacity: int, timeout: float) -> None:
+        self.poller = poller  # the accept loop's: a parked connection wakes it when it speaks
+        self.capacity = capacity
+        self.timeout = timeout  # --request-timeout; 0: they may wait for ever (within capacity)
+        self.parked: OrderedDict[int, tuple[object, socket.socket, object, float]] = OrderedDict()
+        self.ready: list[tuple[object, socket.socket, object]] = []
+
+    def __len__(self) -> int:
+        return len(self.parked) + len(self.ready)
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self.parked
+
+    @property
+    def full(self) -> bool:
+        return len(self) >= self.capacity
+
+    def park(self, server: object, sock: socket.socket, client: object) -> None:
+        fd = sock.fileno()
+        expires = monotonic() + self.timeout if self.timeout else float("inf")
+        self.parked[fd] = (server, sock, client, expires)
+        self.poller.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+
+    def spoke(self, fd: int) -> None:
+        """The connection on ``fd`` is readable: on to the handlers, in turn."""
+        server, sock, client, _ = self.parked.pop(fd)
+        self.poller.unregister(fd)
+        self.ready.append((server, sock, client))
+
+    def take(self) -> tuple[object, socket.socket, object] | None:
+        return self.ready.pop(0) if self.ready else None
+
+    def check(self) -> None:
+        """Move the parked connections that spoke since the last look to ``ready``, without
+        waiting (one ``epoll_wait``, only while some are parked)."""
+        if self.parked:
+            for fd, _ in self.poller.poll(0):
+                if fd in self.parked:
+                    self.spoke(fd)
+
+    def next_expiry(self) -> float:
+        """When the oldest parked connection runs out of time (inf: none does)."""
+        for _, _, _, expires in self.parked.values():
+            return expires  # parked in order, all with the same timeout
+        return float("inf")
+
+    def expire(self, now: float) -> None:
+        """Close the connections that stayed silent for the whole ``--request-timeout``."""
+        while self.parked:
+            fd, (_, sock, _, expires) = next(iter(self.parked.items()))
+            if expires > now:
+                return
+            CUTS.warning("cut client %s: sent nothing within --request-timeout %gs (a handler "
+                         "whose protocol has the server speak first says speaks_first = True)",
+                         peer(sock), self.timeout)  # fmt: skip
+            self.drop(fd)
+
+    def wait_full(self, wake_fd: int, timeout: float) -> list[tuple[int, int]]:
+        """Wait, while the room is full, for a parked connection to speak or a signal, but
+        not for the listeners: a full worker must not be woken by connections it cannot take."""
+        poller = select.poll()
+        poller.register(wake_fd, select.POLLIN)
+        for fd in self.parked:
+            poller.register(fd, select.POLLIN)
+        return poller.poll(max(0.0, timeout) * 1000.0)
+
+    def drop(self, fd: int) -> None:
+        _, sock, _, _ = self.parked.pop(fd)
+        self.poller.unregister(fd)
+        _close(sock)
+
+    def settle(self, within: float) -> list[tuple[object, socket.socket, object]]:
+        """A stop: give the parked connections ``within`` seconds to speak (a client that
+        just connected may have its request on the way), close the rest, and return all
+        that are ready, to be served before the worker goes."""
+        deadline = monotonic() + within
+        while self.parked and (left := deadline - monotonic()) > 0:
+            poller = select.poll()
+            for fd in self.parked:
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(left * 1000.0):
+                self.spoke(fd)
+        for fd in list(self.parked):
+            self.drop(fd)
+        ready, self.ready = self.ready, []
+        return ready
+
+    def close(self) -> None:
+        for fd in list(self.parked):
+            self.drop(fd)
+        for _, sock, _ in self.ready:
+            _close(sock)
+        self.ready = []
+
+
+def _close(sock: socket.socket) -> None:
+    """Close for every holder: a fork-mode request child may hold a copy of the fd."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
