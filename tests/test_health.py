@@ -260,3 +260,15 @@ def test_bad_health_flags_exit_2_naming_the_value(args: list[str], named: str) -
                             timeout=20)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
+
+
+def test_the_library_drains_and_undrains_through_the_same_commands(served) -> None:
+    from cluster.apps.echo import EchoHandler
+    from cluster.library import PreforkTCPServer
+
+    server = served(PreforkTCPServer(("127.0.0.1", 0), EchoHandler, workers=1,
+                                     health="tcp://127.0.0.1:0"))  # fmt: skip
+    assert server.status()["health"]["state"] == "ready"
+    assert server.drain()["health"]["state"] == "draining"
+    assert server.status()["health"]["drained"] is True
+    assert server.undrain()["health"]["state"] == "ready"
