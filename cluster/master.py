@@ -354,19 +354,13 @@ class Master:
         """TERM: a graceful stop (after the --drain-delay, if any); during the delay, the
         graceful stop at once; during a graceful stop an operator already asked for, a quick
         one."""
-        stop = self.stop
-        reason = command.origin or "asked"
-        if stop is None and self.delay is not None:
-            log.info("drain delay cut short (%s): stopping gracefully now", reason)
-            self.end_delay()
-        elif stop is None and (delay := self.health.delay_left(self.config.drain_delay,
-                                                               time.monotonic())) > 0:  # fmt: skip
-            self.delay = DrainDelay(delay, time.monotonic(), reason)
-            log.info("draining for %gs before the graceful stop (%s): health says draining, "
-                     "requests are served as before", delay, reason)  # fmt: skip
-            self.notifier.send(STATUS=f"draining for {delay:g}s before stopping")
-        elif stop is None:
-            self.begin_stop(graceful=True, reason=reason)
+        stop, reason = self.stop, command.origin or "asked"
+        if stop is None:
+            if self.delay is not None:
+                log.info("drain delay cut short (%s): stopping gracefully now", reason)
+                self.end_delay()
+            elif not self.begin_delay(reason):
+                self.begin_stop(graceful=True, reason=reason)
         elif stop.graceful and stop.reason.startswith("handover"):
             stop.reason = command.origin or "asked"  # the operator's own first stop: still graceful
             log.info("already stopping gracefully after the handover; a second stop is quick")
@@ -885,6 +879,20 @@ class Master:
                  reason, plural(len(workers), "worker"), self.stop.deadline - time.monotonic())  # fmt: skip
         for worker in workers:
             _send(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def begin_delay(self, reason: str) -> bool:
+        """A TERM's --drain-delay, if it owes the balancer one (False: stop now): none before
+        the first generation serves (no balancer sends here yet), and none left of it when
+        ``ctl drain`` took the host out of rotation long enough ago."""
+        now = time.monotonic()
+        delay = self.health.delay_left(self.config.drain_delay, now) if self.ready.is_set() else 0
+        if delay <= 0:
+            return False
+        self.delay = DrainDelay(delay, now, reason)
+        log.info("draining for %gs before the graceful stop (%s): health says draining, "
+                 "requests are served as before", delay, reason)  # fmt: skip
+        self.notifier.send(STATUS=f"draining for {delay:g}s before stopping")
+        return True
 
     def end_delay(self) -> None:
         """The drain delay is over (or cut short): the graceful stop proper begins."""

@@ -139,18 +139,22 @@ def test_ready_drain_and_undrain(start_cluster, tmp_path: Path) -> None:
     assert agent(port) == b"ready 100%\n"
 
 
-def test_503_while_the_workers_boot(start_cluster, tmp_path: Path) -> None:
+def test_503_while_the_workers_boot_and_no_drain_delay_before_ready(start_cluster,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
     hold = tmp_path / "hold"
     hold.write_text("held")
     cluster = start_cluster("slowboot:Handler", "-w", "1", "-b", "127.0.0.1:0", "--health",
-                            "tcp://127.0.0.1:0", wait=False, env={"SLOWBOOT_HOLD": str(hold)})  # fmt: skip
+                            "tcp://127.0.0.1:0", "--drain-delay", "60", wait=False,
+                            env={"SLOWBOOT_HOLD": str(hold)})  # fmt: skip
     port = health_port(cluster)
     code, body = get(port)
     assert code == 503 and body["state"] == "starting" and body["workers"] == 0
     assert agent(port) == b"maint\n"
+    cluster.signal(signal.SIGTERM)  # no balancer sends here yet: nothing to drain
+    cluster.wait_log(r"graceful stop \(SIGTERM\)")
     hold.unlink()
-    cluster.wait_ready()
-    assert get(port)[0] == 200
+    assert cluster.wait_exit(timeout=15) == 0
+    assert "draining for" not in cluster.log
 
 
 def test_drain_delay_reports_draining_while_serving_then_stops(start_cluster) -> None:
