@@ -275,7 +275,7 @@ class Host:
                 "--health", f"tcp://{address}:{self.ports.health}",
                 "--metrics", f"unix:{self.metrics}", "--control", str(self.control),
                 "--pidfile", str(self.pidfile), "--name", f"host-{self.name}",
-                "--drain-delay", f"{self.drain_delay:g}", "--graceful-timeout", "10"]  # fmt: skip
+                "--drain-delay", f"{self.drain_delay:g}", "--graceful-timeout", "30"]  # fmt: skip
         if self.proxy:
             argv += ["--proxy-allow", f"{self.lb.address}/32"]
         return self.node.command(argv)
@@ -299,7 +299,7 @@ class Host:
             return {"ok": False, "error": done.stderr.strip()}
         return json.loads(done.stdout or "{}")
 
-    def wait_ready(self, pid: int, timeout: float = 20) -> None:
+    def wait_ready(self, pid: int, timeout: float = 40) -> None:
         def ready() -> bool:
             if not alive(pid):
                 raise Failed(f"host {self.name}: master {pid} exited; see {self.log}")
@@ -312,11 +312,11 @@ class Host:
         old = self.pid()
         assert old is not None
         os.kill(old, signal.SIGUSR2)
-        new = wait_until(lambda: (p := self.pid()) != old and p, 20,
+        new = wait_until(lambda: (p := self.pid()) != old and p, 40,
                          f"host {self.name}'s new master")  # fmt: skip
         self.procs.note(int(new))
         self.masters.append(int(new))
-        wait_until(lambda: not _still(old), 20, f"host {self.name}'s old master {old} to exit")
+        wait_until(lambda: not _still(old), 40, f"host {self.name}'s old master {old} to exit")
         self.wait_ready(int(new))
 
     def stop(self) -> None:
@@ -379,7 +379,7 @@ def haproxy_config(lb: Node, hosts: list[Host], ports: dict[str, int], stats: Pa
         "    timeout connect 1s",
         "    timeout client 30s",
         "    timeout server 30s",
-        "    timeout check 1s",
+        "    timeout check 2s",
         "    retries 3",
         "    option redispatch 1",
     ]
