@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-tools chaos multihost clean
+.PHONY: run test fuzz lint bench bench-tools chaos multihost clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q
+
+# The fuzz tests (pytest -m fuzz: every parser's) with many more examples than make test's.
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -m fuzz -n 2 -q
 
 # The peers and the HTTP client the benchmark compares against: wrk and nginx from Debian,
 # gunicorn from PyPI. Rows whose peer cannot be installed are left out, saying so.

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-b", "--bind", action="append", metavar="URI",
         help="listener, repeatable (default tcp://127.0.0.1:8000): tcp://HOST:PORT, HOST:PORT, "
         "[IPV6]:PORT, udp://HOST:PORT, unix:PATH, unix-dgram:PATH, fd://N; "
-        "append =module:Class to serve that listener with its own handler; "
+        "append =module:Class to serve that listener with its own handler; options after ?: "
+        "proxy=v1|v2|any (a PROXY header first), allow=CIDR[,CIDR], name=N (systemd); "
         "unix:PATH?mode=0660&owner=U&group=G sets the socket file's mode and owner",
     )  # fmt: skip
     run.add_argument(
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--access-log-format", metavar="FORMAT",
                      help="str.format fields: time, client, listener, pid, duration_ms, "
                      "bytes_in, bytes_out, request, status")  # fmt: skip
+    run.add_argument("--allow-from", action="append", metavar="CIDR",
+                     help="serve only clients from these networks (repeatable, or comma-"
+                     "separated); the default of listeners without ?allow= (default: everyone)")  # fmt: skip
+    run.add_argument("--proxy-allow", action="append", metavar="CIDR",
+                     help="sources trusted to send the PROXY header of ?proxy= listeners "
+                     "(repeatable, or comma-separated; default: 127.0.0.0/8 and ::1)")  # fmt: skip
     run.add_argument("--preload", action="store_true",
                      help="import the app in the master only; workers use that copy")  # fmt: skip
     run.add_argument("--user", metavar="USER",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from cluster import users
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
+from cluster.sources import DEFAULT_PROXY_ALLOW, networks
 from workers.runtime import modes
 from workers.runtime.access import DEFAULT_ACCESS_FORMAT, format_error
 from workers.runtime.privileges import Identity
@@ -61,6 +62,10 @@ class Config:
     access_log: str | None = None  # a path, or - for stderr; none by default
     access_log_format: str = DEFAULT_ACCESS_FORMAT
     preload: bool = False
+    # Who may connect (cluster/sources.py): the allow list of listeners without ?allow=
+    # (empty: everyone), and the sources trusted to send PROXY headers (?proxy= listeners).
+    allow_from: list[str] = field(default_factory=list)
+    proxy_allow: list[str] = field(default_factory=lambda: list(DEFAULT_PROXY_ALLOW))
     user: str | None = None  # workers drop to this user (a name or a uid) after the bind
     group: str | None = None  # ... and group (default: the user's primary group)
     umask: str | None = None  # octal text ("027") or, from TOML, an int (0o027)
@@ -137,11 +142,21 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.health is not None and not _plain_stream_uri(config.health):
         raise ConfigError(f"{spell('health')} must be tcp://HOST:PORT or unix:PATH, "
                           f"got {config.health!r}")  # fmt: skip
+    for name in ("allow_from", "proxy_allow"):
+        values = getattr(config, name)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"{spell(name)} must be a list of CIDRs, got {values!r}")
+        networks(values, spell(name))
     for endpoint in (config.metrics, config.health):
         if endpoint:
             parse_bind(endpoint).owner_ids()
-    for spec in config.binds:  # parse every URI now, so that a bad one fails before binding any
+    binds = config.binds  # parse every URI now, so that a bad one fails before binding any
+    for spec in binds:
         spec.owner_ids()  # and resolve a socket file's owner= and group=
+    proxied = [b.text for b in binds if b.proxy is not None and b.kind in ("tcp", "udp")]
+    if proxied and not networks(config.proxy_allow, spell("proxy_allow")):
+        raise ConfigError(f"{spell('proxy_allow')} is empty: no source could send the PROXY "
+                          f"header {proxied[0]!r} requires")  # fmt: skip
     users.parse_umask(config.umask, spell("umask"))
     identity = users.identity(config.user, config.group, spell("user"), spell("group"))
     if identity is not None and (
@@ -180,7 +195,7 @@ def read_toml(path: str) -> dict[str, object]:
         name = key.replace("-", "_")
         if name not in known or name == "config":
             raise ConfigError(f"bad config file {path}: unknown key {key!r}")
-        if name == "bind" and isinstance(value, str):
+        if name in ("bind", "allow_from", "proxy_allow") and isinstance(value, str):
             value = [value]
         values[name] = value
     return values
@@ -196,10 +211,13 @@ def build(
     for source in (file_values, flag_values):
         for name, value in source.items():
             expected = type(getattr(config, name))
+            if expected is list and isinstance(value, str | tuple):  # one value; a tuple
+                value = [value] if isinstance(value, str) else list(value)
             if (
                 expected in (int, float)
                 and not isinstance(value, int | float)
                 or (expected is bool and not isinstance(value, bool))
+                or (expected is list and not isinstance(value, list))
             ):
                 raise ConfigError(f"bad value for {spell(name)}: {value!r}")
             setattr(config, name, value)

@@ -23,6 +23,7 @@ from cluster.app import load_handler
 from cluster.backoff import Backoff
 from cluster.config import Config
 from cluster.listeners import Listener, defer_accept
+from cluster.sources import rules_for
 from cluster.spawn import WorkerProcess
 from workers.runtime import modes
 from workers.runtime.mode import Mode
@@ -75,6 +76,8 @@ class Generation:
     def __post_init__(self) -> None:
         self.target = self.target or self.config.workers
         self.uris = [listener.uri for listener in self.listeners]  # named once, while open
+        self.rules = [rules_for(lst.kind, lst.spec.proxy, lst.spec.allow, self.config.allow_from,
+                                self.config.proxy_allow) for lst in self.listeners]  # fmt: skip
         self.mode: Mode = modes.get(self.config.worker_class)
         self.lanes = self.mode.lanes(self.config)
         # Twice the bound: retiring workers overlap their replacements (recycling, scaling).
@@ -109,8 +112,10 @@ class Generation:
         return WorkerSpec(
             slot=slot, generation=self.number, mode=self.mode.name, name=name,
             master_pid=os.getpid(),
-            endpoints=[Endpoint(lst.sock, lst.kind, lst.spec.handler, lst.server, uri)
-                       for lst, uri in zip(self.listeners, self.uris, strict=True)],
+            endpoints=[Endpoint(lst.sock, lst.kind, lst.spec.handler, lst.server, uri,
+                                rule.proxy, rule.allow, rule.proxy_allow)
+                       for lst, uri, rule in zip(self.listeners, self.uris, self.rules,
+                                                 strict=True)],
             load_handler=self.loader(), notify_fd=notify_fd, scoreboard=self.scoreboard,
             inherited_fds=private_fds, threads=config.threads,
             max_children=config.max_children, graceful_timeout=config.graceful_timeout,

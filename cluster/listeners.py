@@ -10,6 +10,8 @@ Grammar (DESIGN section 2)::
     ANY-OF-THE-ABOVE=DEMO             ... or a built-in demo (echo, http-hello)
     ANY-OF-THE-ABOVE?name=N[=HANDLER] under systemd, adopt the socket named N (LISTEN_FDNAMES)
     unix:PATH?mode=0660&owner=U&group=G   the socket file's permission bits and owner
+    ANY-OF-THE-ABOVE?proxy=v1|v2|any  take a PROXY protocol header on every connection
+    ANY-OF-THE-ABOVE?allow=CIDR[,CIDR]  only these clients (repeatable; cluster/sources.py)
 
 Every listening socket is put in non-blocking mode once, here. The flag lives on the shared open
 file description, so all workers see the same mode: they try ``accept()`` first and only wait in
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from cluster import users
 from cluster.app import BUILTIN_APPS
 from cluster.errors import BindError, ConfigError
+from cluster.sources import check_options
 
 log = logging.getLogger("cluster.master")
 
@@ -62,6 +65,16 @@ class BindSpec:
         return dict(self.options).get("name")
 
     @property
+    def proxy(self) -> str | None:
+        """``?proxy=v1|v2|any``: connections start with a PROXY header; None: they do not."""
+        return dict(self.options).get("proxy")
+
+    @property
+    def allow(self) -> tuple[str, ...]:
+        """``?allow=CIDR``, repeated or comma-separated: this listener's own allow list."""
+        return tuple(value for key, value in self.options if key == "allow")
+
+    @property
     def mode(self) -> int | None:
         """``?mode=0660``: the Unix socket file's permission bits (None: the umask decides)."""
         text = dict(self.options).get("mode")
@@ -77,8 +90,9 @@ class BindSpec:
         return uid, gid
 
 
-BIND_OPTIONS = ("name", "mode", "owner", "group")  # what may follow ``?`` in a bind URI
+BIND_OPTIONS = ("name", "mode", "owner", "group", "proxy", "allow")  # what may follow ``?``
 UNIX_ONLY_OPTIONS = ("mode", "owner", "group")
+COLON_VALUES = ("allow",)  # options whose values may hold a ':' (IPv6 networks)
 
 
 def parse_bind(text: str) -> BindSpec:
@@ -104,7 +118,10 @@ def parse_bind(text: str) -> BindSpec:
     handler_or_none = handler if sep else None
 
     def spec(**kw: object) -> BindSpec:
-        return BindSpec(handler=handler_or_none, text=raw, options=options, **kw)  # type: ignore[arg-type]
+        made = BindSpec(handler=handler_or_none, text=raw, options=options, **kw)  # type: ignore[arg-type]
+        if made.kind != "fd":  # an inherited socket's kind is known once adopted
+            check_options(made.kind, made.proxy, made.allow, raw)
+        return made
 
     if address.startswith("unix-dgram:"):
         return _checked(
@@ -146,7 +163,7 @@ def _parse_options(query: str, text: str) -> tuple[tuple[tuple[str, str], ...], 
         if key not in BIND_OPTIONS:
             raise ConfigError(f"bad bind {text!r}: unknown option {key!r} "
                               f"(known: {', '.join(BIND_OPTIONS)})")  # fmt: skip
-        if not equals or not value or ":" in value:
+        if not equals or not value or (":" in value and key not in COLON_VALUES):
             raise ConfigError(f"bad bind {text!r}: option {key} needs a value without ':'")
         options.append((key, value))
     return tuple(options), handler
@@ -407,6 +424,11 @@ def adopt(spec: BindSpec, fd: int) -> Listener:
         raise BindError(f"cannot adopt fd {fd} for {spec.text}: {err.strerror or err}") from None
     sock.setblocking(False)
     kind = socket_kind(sock)
+    try:
+        check_options(kind, spec.proxy, spec.allow, spec.text)
+    except ConfigError:
+        sock.close()
+        raise
     owns_path = kind in ("unix", "unix-dgram") and spec.kind != "fd"
     path = sock.getsockname() if owns_path else None
     path = path.decode() if isinstance(path, bytes) else path

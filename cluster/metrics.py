@@ -26,7 +26,7 @@ from cluster.health import DRAINING, READY, STARTING, STOPPING
 from cluster.listeners import Listener
 from cluster.loopserver import Conn, LoopServer
 from workers.runtime.accept import listen_queue
-from workers.runtime.scoreboard import BUCKETS, ListenerStats
+from workers.runtime.scoreboard import BUCKETS, REJECT_REASONS, ListenerStats
 
 log = logging.getLogger("cluster.master")
 
@@ -99,6 +99,12 @@ class Collector:
                                         labels=labels)  # fmt: skip
         duration = HistogramMetricFamily("cluster_request_duration_seconds",
                                          "How long requests took.", labels=labels)  # fmt: skip
+        rejected = CounterMetricFamily(
+            "cluster_rejected", "Connections (or datagrams) turned away before their handler: "
+            "allow (source not allowed), untrusted (PROXY header from outside --proxy-allow), "
+            "proxy (bad or missing PROXY header), timeout (header not complete in time).",
+            labels=[*labels, "reason"],
+        )  # fmt: skip
 
         def add(uri: str, worker: str, stats: ListenerStats) -> None:
             requests.add_metric([uri, worker], stats.requests)
@@ -109,6 +115,8 @@ class Collector:
                 running += count
                 buckets.append((_bound(bound), running))
             duration.add_metric([uri, worker], buckets, stats.duration_sum)
+            for reason, count in zip(REJECT_REASONS, stats.rejected, strict=True):
+                rejected.add_metric([uri, worker, reason], count)
 
         states: Counter = Counter()
         for generation in now["generations"]:
@@ -122,7 +130,7 @@ class Collector:
                     in_progress.add_metric([uri, str(worker.pid)], busy.get(index, 0))
         for uri, stats in now["accounts"].retired.items():
             add(uri, "retired", stats)
-        yield from (requests, errors, accepted, in_progress, duration)
+        yield from (requests, errors, accepted, in_progress, duration, rejected)
         workers = GaugeMetricFamily("cluster_workers", "Workers by state.", labels=["state"])
         for state in ("booting", "idle", "busy", "draining"):
             workers.add_metric([state], states.get(state, 0))

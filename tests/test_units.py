@@ -48,7 +48,7 @@ def test_parse_bind_accepts_the_grammar(text: str, expected: BindSpec) -> None:
     "text",
     ["nonsense", "tcp://127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", "ftp://a:1", "::1:80",
      "[::1]80", "unix:", "fd://x", "127.0.0.1:0=nocolon", "127.0.0.1:0=:Cls",
-     "127.0.0.1:0?proxy=v2", "127.0.0.1:0?name=", "127.0.0.1:0?name"],
+     "127.0.0.1:0?proxy=v3", "127.0.0.1:0?name=", "127.0.0.1:0?name"],
 )  # fmt: skip
 def test_parse_bind_rejects_bad_uris_naming_them(text: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -11,6 +11,8 @@ uses. Its modules, in the order a worker's life goes, each importing only those 
   shared by the master (hung workers) and fork mode (hung request children);
 - ``lifecycle``: the signal flags and wakeup pipe, and the checks that the master still lives;
 - ``context``: what a mode needs at run time besides its servers (notify, ready, counting);
+- ``proxyproto`` and ``gate``: the PROXY protocol parser (pure), and the access rules a
+  listener's server applies (the allow lists, the PROXY header read) with their counting;
 - ``accept``: the accept discipline every mode shares (``AcceptLoop``);
 - ``mode`` and ``modes``: the record of a mode, and the one registry of modes, one module each;
 - ``entry``: the entry point ``run(spec)``: boot, load the app, serve in the spec's mode.

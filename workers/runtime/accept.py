@@ -20,11 +20,11 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from workers.runtime.access import ACCESS, ROLE
 from workers.runtime.client import CONNECTIONS, IDLE_GRACE, ClientSocket, CountingClientSocket
-from workers.runtime.context import Context
+from workers.runtime.context import CURRENT, Context
 from workers.runtime.lifecycle import Lifecycle, master_alive
 from workers.runtime.room import WaitingRoom, has_data
 from workers.runtime.scoreboard import WorkerSlot
@@ -146,12 +146,19 @@ class AcceptLoop:
         self.refused += 1
         self.paused = True
 
+    def needs_room(self, server: BaseServer, request: object) -> bool:
+        """Whether a connection just taken goes to the waiting room: its client has sent
+        nothing yet, and its handler does not speak first."""
+        return self.room is not None and server in self.waits and not has_data(request)  # type: ignore[arg-type]
+
     def next(self) -> Taken | None:
         """The next request, waiting for one; None once the worker is told to stop."""
         waited = False
         room = self.room
         while self.lifecycle.running:
             if room is not None:
+                if room.incoming:
+                    room.admit()
                 if room.parked:
                     room.check()
                 if (ready := room.take()) is not None:
@@ -164,8 +171,8 @@ class AcceptLoop:
                 if taken[0] in self.streams:
                     if waited:
                         self.step_back(taken[0])
-                    if room is not None and taken[0] in self.waits and not has_data(taken[1]):
-                        room.park(*taken)
+                    if self.needs_room(taken[0], taken[1]):
+                        room.park(*taken)  # type: ignore[union-attr]
                         continue
                 return taken
             self.wait()
@@ -222,18 +229,41 @@ class AcceptLoop:
         dispatch: Callable[[BaseServer, object, object], None],
         room: Callable[[float], bool] | None = None,
         unroom: Callable[[], None] | None = None,
+        queue: bool = True,
     ) -> None:
-        """Serve what the kernel already queued on our listeners, so that a stop resets nobody.
+        """Serve what a stop leaves us (``drained``), one request at a time.
 
-        ``room(deadline)`` waits (until ``deadline`` at most) for a free thread or child, and
-        says whether one is free: nothing is taken off the queue that cannot start at once,
-        so a worker killed meanwhile resets no connection it had not begun to serve (they
-        stay queued for the others). ``unroom`` gives the room back when the queue was empty.
+        ``room(deadline)`` waits (until ``deadline`` at most) for a free child, and says
+        whether one is free: nothing is taken off the queue that cannot start at once, so a
+        worker killed meanwhile resets no connection it had not begun to serve (they stay
+        queued for the others). ``unroom`` gives the room back when nothing was left.
+        """
+        deadline = time.monotonic() + within
+        left = self.drained(within, queue)
+        while True:
+            if room is not None and not room(deadline):
+                return
+            taken = next(left, None)
+            if taken is None:
+                if unroom is not None:
+                    unroom()
+                return
+            dispatch(*taken)
+
+    def drained(self, within: float, queue: bool = True) -> Iterator[Taken]:
+        """What a stop still serves, one request at a time, as handlers come free: first the
+        parked connections that speak within IDLE_GRACE (a client that just connected may
+        have its request on the way; the silent rest are closed), then, with ``queue``, what
+        the kernel had queued on our listeners when the stop came, so that a stop resets
+        nobody. (A recycling worker leaves the queue to the others.)
+
         Bounded in time: under a steady stream of new connections the queue never empties,
         and the master kills us at the end of the graceful timeout anyway.
         """
         deadline = time.monotonic() + within
-        if not self.serve_waiting(deadline, dispatch, room):
+        if self.room is not None:
+            yield from self.room.settle(min(within, IDLE_GRACE))
+        if not queue:
             return
         # What was queued when the stop came, and no more: connections that keep arriving
         # meanwhile would keep the queue from ever emptying. (TCP tells its queue length;
@@ -243,33 +273,11 @@ class AcceptLoop:
             open_ = [server for server in self.servers if budget[server] > 0]
             if not open_:
                 return
-            if room is not None and not room(deadline):
-                return
             taken = self.take(open_)
             if taken is None:
-                if unroom is not None:
-                    unroom()
                 return
             budget[taken[0]] -= 1
-            dispatch(*taken)
-
-    def serve_waiting(
-        self,
-        deadline: float,
-        dispatch: Callable[[BaseServer, object, object], None],
-        room: Callable[[float], bool] | None = None,
-    ) -> bool:
-        """A stop or a recycle: serve the parked connections that speak within IDLE_GRACE
-        (a client that just connected may have its request on the way) and close the silent
-        rest. False when no handler came free by ``deadline`` for one of them."""
-        if self.room is None:
-            return True
-        for taken in self.room.settle(min(max(0.0, deadline - time.monotonic()), IDLE_GRACE)):
-            if room is not None and not room(deadline):
-                self.room.close()
-                return False
-            dispatch(*taken)
-        return True
+            yield taken
 
     def close(self) -> None:
         if self.room is not None:
@@ -303,7 +311,10 @@ def in_lane(
 
 
 def log_access(server: BaseServer, request: object, client: object, duration: float) -> None:
-    """The request's access log line (an http.server handler wrote its own, per request)."""
+    """The request's access log line (an http.server handler wrote its own, per request).
+    Behind a PROXY header, the client is the original one the header named."""
+    if getattr(server, "gate", None) is not None:
+        client = CURRENT.client
     if type(request) is CountingClientSocket:
         if request.http_logged:
             return

@@ -83,10 +83,13 @@ def notify(fd: int, message: bytes, pid: int) -> None:
 
 
 class CurrentLane(threading.local):
-    """Which scoreboard lane this thread's request runs in: 0 in sync mode and in a fork-mode
-    child until it says otherwise, the thread's own in thread mode."""
+    """Which scoreboard lane this thread's request runs in: 0 in sync mode, the thread's own
+    in thread mode, the request's in fork mode (set by the worker before it forks). And, on
+    a listener with access rules, the client its handler sees (the original one a PROXY
+    header named), for the access log."""
 
     lane = 0
+    client: object = None
 
 
 CURRENT = CurrentLane()
@@ -105,6 +108,11 @@ def make_server(
     (the stdlib's, or the library user's override) also counts the error on the scoreboard.
     """
     server = _server(endpoint, handler, mixin)
+    if endpoint.proxy or endpoint.allow:
+        from workers.runtime.gate import Gate
+
+        server.gate = Gate(endpoint.uri, endpoint.proxy, endpoint.allow, endpoint.proxy_allow,
+                           context.slot, listener)  # fmt: skip
     server.listener_index = listener
     server.listener_uri = endpoint.uri
     server.shutdown = context.ask_master_to_stop  # type: ignore[method-assign]
@@ -138,6 +146,11 @@ def client_went_away(request: object) -> bool:
 
 
 def _server(endpoint: Endpoint, handler: type, mixin: type | None) -> BaseServer:
+    if endpoint.proxy or endpoint.allow:  # access rules: verify_request, the PROXY header
+        from workers.runtime.gate import GateMixIn
+
+        mixin = type(f"{mixin.__name__}Gate" if mixin else "Gate",
+                     (mixin, GateMixIn) if mixin else (GateMixIn,), {})  # fmt: skip
     if endpoint.kind in ("tcp", "unix"):
         # Our copy of the shared listener: accept() now gives connections that mark their
         # reads in the scoreboard (workers.runtime.client). The master's copy is untouched.

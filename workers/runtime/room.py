@@ -21,9 +21,10 @@ place frees up, so the rest wait in the kernel's queue, for it or another worker
 
 from __future__ import annotations
 
+import os
 import select
 import socket
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from time import monotonic
 
 from workers.runtime.client import CUTS, peer
@@ -53,9 +54,12 @@ class WaitingRoom:
         self.timeout = timeout  # --request-timeout; 0: they may wait for ever (within capacity)
         self.parked: OrderedDict[int, tuple[object, socket.socket, object, float]] = OrderedDict()
         self.ready: list[tuple[object, socket.socket, object]] = []
+        # Handed in by a thread-mode handler thread that took a connection on its own
+        # (without the accept loop's lock): the loop parks them at its next turn.
+        self.incoming: deque[tuple[object, socket.socket, object]] = deque()
 
     def __len__(self) -> int:
-        return len(self.parked) + len(self.ready)
+        return len(self.parked) + len(self.ready) + len(self.incoming)
 
     def __contains__(self, fd: int) -> bool:
         return fd in self.parked
@@ -69,6 +73,20 @@ class WaitingRoom:
         expires = monotonic() + self.timeout if self.timeout else float("inf")
         self.parked[fd] = (server, sock, client, expires)
         self.poller.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+
+    def hand_in(self, server: object, sock: socket.socket, client: object, wake_fd: int) -> None:
+        """From another thread than the loop's: park this at the loop's next turn (waking it
+        out of its wait: ``wake_fd`` is its wakeup pipe)."""
+        self.incoming.append((server, sock, client))
+        try:
+            os.write(wake_fd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is woken already
+
+    def admit(self) -> None:
+        """Park what other threads handed in (the loop's thread only)."""
+        while self.incoming:
+            self.park(*self.incoming.popleft())
 
     def spoke(self, fd: int) -> None:
         """The connection on ``fd`` is readable: on to the handlers, in turn."""
@@ -123,6 +141,7 @@ class WaitingRoom:
         just connected may have its request on the way), close the rest, and return all
         that are ready, to be served before the worker goes."""
         deadline = monotonic() + within
+        self.admit()
         while self.parked and (left := deadline - monotonic()) > 0:
             poller = select.poll()
             for fd in self.parked:
@@ -135,6 +154,7 @@ class WaitingRoom:
         return ready
 
     def close(self) -> None:
+        self.admit()
         for fd in list(self.parked):
             self.drop(fd)
         for _, sock, _ in self.ready:

@@ -46,6 +46,10 @@ class Endpoint:
     app: str | None = None  # per-listener ``module:Class``; None serves the default app
     server: BaseServer | None = None  # the library API's own server object, reused as is
     uri: str = "-"  # its real address, as the master's log and the access log name it
+    # Who may talk to it (workers.runtime.gate); the master resolved the defaults already.
+    proxy: str = ""  # ?proxy=: "" (none), v1, v2 or any
+    allow: tuple = ()  # ipaddress networks the client must be in; empty: everyone
+    proxy_allow: tuple = ()  # networks a PROXY header may come from
 
 
 @dataclass

@@ -208,6 +208,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
         context.counted()
         children.client = client
         lane = children.next_lane = children.free_lanes[-1]
+        CURRENT.lane = lane  # what verify_request counts in: no live child writes it now
         children.next_listener = server.listener_index
         context.slot.begin(lane, client, server.listener_index)  # the child writes into it
         forked = len(children)
@@ -220,10 +221,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
     try:
         while room() and (taken := loop.next()) is not None:
             fork_one(*taken)
-        if context.draining():
-            loop.drain(spec.graceful_timeout, fork_one, room)
-        else:  # recycled: the queue is the others', but what we parked is ours
-            loop.serve_waiting(time.monotonic() + spec.graceful_timeout, fork_one, room)
+        # Recycled, a worker leaves the queue to the others; what it parked is its own.
+        loop.drain(spec.graceful_timeout, fork_one, room, queue=context.draining())
     finally:
         loop.close()
         for server in servers:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from workers.runtime.accept import AcceptLoop, close_all, in_lane
 from workers.runtime.context import Context, make_server
 from workers.runtime.mode import Binding, Mode
@@ -26,10 +24,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
     try:
         while (taken := loop.next()) is not None:
             run(*taken)
-        if context.draining():
-            loop.drain(context.spec.graceful_timeout, run)
-        else:  # recycled: the queue is the others', but what we parked is ours
-            loop.serve_waiting(time.monotonic() + context.spec.graceful_timeout, run)
+        # Recycled, a worker leaves the queue to the others; what it parked is its own.
+        loop.drain(context.spec.graceful_timeout, run, queue=context.draining())
     finally:
         loop.close()
         close_all(servers)

@@ -1,7 +1,14 @@
-"""``thread``: exactly ``threads`` handler threads per worker.
+"""``thread``: exactly ``threads`` handler threads per worker, as leader and followers.
 
-The accept loop takes a free thread *before* it accepts, so a full worker leaves new
-connections in the kernel's queue for another worker instead of queueing them itself.
+The idle threads take turns at the listeners: one of them, the leader, waits in the accept
+loop; when it takes a connection it hands the leadership on and serves that connection
+itself. No queue, no hand-off from an accepting thread to a handler thread, no wake-up of a
+second thread per connection: the thread that accepted is the one that serves.
+
+A worker whose threads are all busy has no leader, so it accepts nothing: new connections
+stay in the kernel's queue for another worker instead of queueing in this one. The main
+thread only supervises: it takes the signals, checks that the master lives while every
+thread is busy, and on a stop waits (bounded) for the handlers to finish.
 """
 
 from __future__ import annotations
@@ -10,108 +17,138 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 from workers.runtime.accept import AcceptLoop, Taken, close_all, in_lane
+from workers.runtime.client import readable
 from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.lifecycle import master_alive
 from workers.runtime.mode import Binding, Mode
-from workers.runtime.scoreboard import WorkerSlot
 from workers.runtime.spec import EXIT_CUT, PARENT_CHECK_INTERVAL
-from workers.servers import BaseServer
 
 log = logging.getLogger("cluster.worker")
+# A connection taken the moment its client connected usually has its request a few
+# microseconds behind: a free thread waits this long for it before it sends the connection
+# to the waiting room (a round of hand-offs that costs far more).
+HOT_WAIT = 0.002
 
 
-class ThreadPool:
-    """Exactly ``size`` handler threads fed through a queue, with a count of free ones.
+class Followers:
+    """``size`` handler threads that share one accept loop under a leader lock.
 
-    The accept loop takes a free slot *before* it accepts, so the queue never holds more than
-    one request per idle thread: back-pressure stays in the kernel's listen queue. Thread
-    ``n`` runs its requests in scoreboard lane ``n``.
+    Whoever holds ``leader`` is the only thread in the accept loop (its state, the waiting
+    room, the request count are touched under it alone). Thread ``n`` runs its requests in
+    scoreboard lane ``n``.
     """
 
-    def __init__(self, size: int, slot: WorkerSlot) -> None:
-        from queue import SimpleQueue  # thread mode only: a fork-mode worker stays smaller
-
-        self.free = threading.Semaphore(size)
-        self.jobs: SimpleQueue[Taken | None] = SimpleQueue()
-        self.slot = slot
+    def __init__(self, size: int, loop: AcceptLoop, context: Context) -> None:
+        self.loop = loop
+        self.context = context
+        self.leader = threading.Lock()
+        self.counting = threading.Lock()  # the request count, bumped by hot takes too
+        self.left: Iterator[Taken] | None = None  # what a stop still serves, once it began
         # Daemon threads: a quick stop must not wait for them; a graceful one joins them.
         self.threads = [
             threading.Thread(target=self._work, args=(n,), name=f"handler-{n}", daemon=True)
             for n in range(size)
         ]
+
+    def start(self) -> None:
         for thread in self.threads:
             thread.start()
 
     def _work(self, lane: int) -> None:
         CURRENT.lane = lane
-        while (job := self.jobs.get()) is not None:
-            try:
-                in_lane(self.slot, lane, *job)
-            finally:
-                self.free.release()
+        slot, lifecycle = self.context.slot, self.context.lifecycle
+        taken: Taken | None = None
+        while True:
+            if taken is None:
+                with self.leader:
+                    taken = self._next()
+                if taken is None:
+                    return
+            in_lane(slot, lane, *taken)
+            taken = self._hot() if lifecycle.running else None
 
-    def acquire(self, timeout: float) -> bool:
-        return self.free.acquire(timeout=timeout)
+    def _hot(self) -> Taken | None:
+        """Right after a request, the next connection already queued, taken without the
+        leader lock: under load a thread goes from one request to the next the way a sync
+        worker does, with no other thread woken for it. None when nothing is queued (or
+        what came has nothing to read yet: it goes to the waiting room, under the lock)."""
+        loop = self.loop
+        if loop.room is not None and loop.room.full:
+            return None
+        taken = loop.take()
+        if taken is None:
+            return None
+        if loop.needs_room(taken[0], taken[1]) and not readable(taken[1], HOT_WAIT):  # type: ignore[arg-type]
+            # Silent still: the leader parks it, and we wait our turn.
+            loop.room.hand_in(*taken, self.context.lifecycle.wake_w)  # type: ignore[union-attr, arg-type]
+            return None
+        with self.counting:
+            self.context.counted()
+        return taken
 
-    def submit(self, server: BaseServer, request: object, client_address: object) -> None:
-        """Hand a request to a thread; call only while holding a slot from ``acquire``."""
-        self.jobs.put((server, request, client_address))
-
-    def room(self, deadline: float) -> bool:
-        """Wait until ``deadline`` at most for a free thread; hold it if there is one."""
-        return self.free.acquire(timeout=max(0.0, deadline - time.monotonic()))
+    def _next(self) -> Taken | None:
+        """The next request for the leader to serve; None when this thread is done."""
+        context = self.context
+        if context.lifecycle.running:
+            taken = self.loop.next()
+            if taken is not None:
+                with self.counting:
+                    context.counted()
+                return taken
+        if self.left is None:  # the first thread to see the stop sets up the drain
+            # Recycled, a worker leaves the queue to the others; what it parked is its own.
+            self.left = self.loop.drained(context.spec.graceful_timeout,
+                                          queue=context.draining())  # fmt: skip
+        return next(self.left, None)
 
     def join(self, within: float) -> int:
-        """Let every running handler finish (bounded), then end the threads; returns how
-        many were still running a request at the end (they die with the process)."""
-        for _ in self.threads:
-            self.jobs.put(None)
+        """Wait (bounded) for the threads to finish; returns how many were still running a
+        request at the end (they die with the process)."""
         deadline = time.monotonic() + within
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return sum(1 for thread in self.threads if thread.is_alive())
 
+    def supervise(self) -> None:
+        """The main thread's part while serving: take signals, and notice a dead master even
+        when every thread is busy (the leader's accept loop checks it otherwise)."""
+        lifecycle, master_pid = self.context.lifecycle, self.context.spec.master_pid
+        while lifecycle.running and any(thread.is_alive() for thread in self.threads):
+            self.threads[0].join(PARENT_CHECK_INTERVAL)
+            if not master_alive(master_pid):
+                lifecycle.running = False
+                os.write(lifecycle.wake_w, b"\0")  # wake the leader out of its wait
+
 
 def serve(bindings: list[Binding], context: Context) -> None:
     """Accept only while a handler thread is free; on TERM let the running handlers finish."""
-    spec, lifecycle = context.spec, context.lifecycle
+    spec = context.spec
     servers = [
         make_server(endpoint, handler, context, n) for n, (endpoint, handler) in enumerate(bindings)
     ]
-    loop = AcceptLoop(servers, context, handlers=MODE.lanes(spec))
-    pool = ThreadPool(MODE.lanes(spec), context.slot)
+    size = MODE.lanes(spec)
+    loop = AcceptLoop(servers, context, handlers=size)
+    followers = Followers(size, loop, context)
     context.ready()
     try:
-        while lifecycle.running:
-            if not pool.acquire(timeout=PARENT_CHECK_INTERVAL):
-                if not master_alive(spec.master_pid):
-                    lifecycle.running = False
-                continue  # all threads busy: leave connections queued for other workers
-            taken = loop.next()
-            if taken is None:
-                pool.free.release()
-                break
-            context.counted()
-            pool.submit(*taken)
-        if context.draining():
-            loop.drain(spec.graceful_timeout, pool.submit, pool.room, pool.free.release)
-        else:  # recycled: the queue is the others', but what we parked is ours
-            loop.serve_waiting(time.monotonic() + spec.graceful_timeout, pool.submit, pool.room)
-        cut = pool.join(spec.graceful_timeout)
+        followers.start()
+        followers.supervise()
+        cut = followers.join(spec.graceful_timeout + 1.0)  # the drain's own bound, and a beat
         if cut:
             log.error("worker %d: %d requests still running after --graceful-timeout %gs; "
                       "cutting them", os.getpid(), cut, spec.graceful_timeout)  # fmt: skip
             context.exit_code = EXIT_CUT
-    finally:
+    finally:  # threads still running now are cut: they die with the process
         loop.close()
         close_all(servers)
 
 
 MODE = Mode(
     name="thread",
-    summary="a bounded pool of --threads handler threads per worker",
+    summary="a bounded pool of --threads handler threads per worker, as leader and followers",
     serve=serve,
     lanes=lambda sizes: sizes.threads,
 )
