@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test fuzz lint bench bench-tools chaos multihost clean
+.PHONY: run test fuzz soak lint bench bench-tools chaos multihost clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto -q
 
-# The fuzz tests (pytest -m fuzz: every parser's) with many more examples than make test's.
+# The fuzz tests (pytest -m fuzz: bind URIs, config files, the control socket, PROXY headers)
+# with many more examples than make test's few dozen (the fuzz profile of tests/conftest.py).
 FUZZ_EXAMPLES ?= 5000
 fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -m fuzz -n 2 -q
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m fuzz -n 2 -q
+
+# A cluster under mixed load and faults for 5 minutes (scripts/soak.py --help for the knobs).
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py --duration 300
 
 # The peers and the HTTP client the benchmark compares against: wrk and nginx from Debian,
 # gunicorn from PyPI. Rows whose peer cannot be installed are left out, saying so.

@@ -7,7 +7,10 @@ a key of the ``--config`` TOML file; flags given on the command line win over th
 
 from __future__ import annotations
 
+import math
 import os
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -15,12 +18,20 @@ from cluster import users
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
 from cluster.sources import DEFAULT_PROXY_ALLOW, networks
+from cluster.text import shown
 from workers.runtime import modes
 from workers.runtime.access import DEFAULT_ACCESS_FORMAT, format_error
 from workers.runtime.privileges import Identity
 
 RELOAD_STRATEGIES = ("all", "rolling")
 DEFAULT_BIND = "tcp://127.0.0.1:8000"
+# Upper bounds, so that no accepted value overflows where it ends up: the kernel's timeouts
+# (a year of seconds fits any of them), listen()'s int, and the scoreboard, which is sized
+# pool x lanes per worker up front.
+MAX_SECONDS = 365 * 86400.0
+MAX_COUNT = 2**31 - 1
+COUNT_LIMITS = {"workers": 4096, "max_workers": 4096, "threads": 4096, "max_children": 4096,
+                "min_spare": 4096, "max_spare": 4096, "backlog": 65535}  # fmt: skip
 
 
 @dataclass
@@ -66,9 +77,9 @@ class Config:
     # (empty: everyone), and the sources trusted to send PROXY headers (?proxy= listeners).
     allow_from: list[str] = field(default_factory=list)
     proxy_allow: list[str] = field(default_factory=lambda: list(DEFAULT_PROXY_ALLOW))
-    user: str | None = None  # workers drop to this user (a name or a uid) after the bind
-    group: str | None = None  # ... and group (default: the user's primary group)
-    umask: str | None = None  # octal text ("027") or, from TOML, an int (0o027)
+    user: str | int | None = None  # workers drop to this user (a name or a uid) after the bind
+    group: str | int | None = None  # ... and group (default: the user's primary group)
+    umask: str | int | None = None  # octal text ("027") or, from TOML, an int (0o027)
     config: str | None = None
 
     @property
@@ -90,6 +101,14 @@ class Config:
         return self.max_workers or max(self.workers, 4 * (os.cpu_count() or 1))
 
 
+FIELD_TYPES: dict[str, object] = typing.get_type_hints(Config)  # name -> declared type
+
+
+def limit(name: str) -> float:
+    """The largest value a numeric field accepts (see MAX_SECONDS and COUNT_LIMITS)."""
+    return MAX_SECONDS if FIELD_TYPES.get(name) is float else COUNT_LIMITS.get(name, MAX_COUNT)
+
+
 def flag(name: str) -> str:
     """How the command line spells a field: ``graceful_timeout`` -> ``--graceful-timeout``."""
     return "--" + name.replace("_", "-")
@@ -100,6 +119,16 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
 
     ``spell`` names a field in the messages: the command line's flag by default, the
     keyword itself for the library (``workers must be at least 1``)."""
+    for name, value in vars(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{spell(name)} must be a finite number, got {value}")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > limit(name):
+            raise ConfigError(
+                f"{spell(name)} must be at most {int(limit(name))}, got {shown(value)}"
+            )
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "\0" in text for text in texts):
+            raise ConfigError(f"{spell(name)} must not contain a NUL character, got {shown(value)}")
     at_least_1 = ("workers", "threads", "max_children", "backlog")
     for name in at_least_1:
         if getattr(config, name) < 1:
@@ -114,10 +143,10 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
                           f"{spell('workers')} {config.workers}")  # fmt: skip
     if config.worker_class not in modes.MODES:
         raise ConfigError(f"{spell('worker_class')} must be one of {', '.join(modes.names())}, "
-                          f"got {config.worker_class!r}")  # fmt: skip
+                          f"got {shown(config.worker_class)}")  # fmt: skip
     if config.reload_strategy not in RELOAD_STRATEGIES:
         raise ConfigError(f"{spell('reload_strategy')} must be all or rolling, "
-                          f"got {config.reload_strategy!r}")  # fmt: skip
+                          f"got {shown(config.reload_strategy)}")  # fmt: skip
     handlers = modes.get(config.worker_class).lanes(config)
     if config.max_connections and config.max_connections < handlers:
         raise ConfigError(f"{spell('max_connections')} {config.max_connections} is below the "
@@ -128,24 +157,26 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
                           f"{spell('min_spare')} {config.min_spare}")  # fmt: skip
     if config.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError(f"{spell('log_level')} must be debug, info, warning, error or "
-                          f"critical, got {config.log_level!r}")  # fmt: skip
+                          f"critical, got {shown(config.log_level)}")  # fmt: skip
     if not config.bind:
         raise ConfigError(f"at least one {spell('bind')} is needed")
     if config.log_format not in ("text", "json"):
-        raise ConfigError(f"{spell('log_format')} must be text or json, got {config.log_format!r}")
+        raise ConfigError(
+            f"{spell('log_format')} must be text or json, got {shown(config.log_format)}"
+        )
     if problem := format_error(config.access_log_format):
-        raise ConfigError(f"bad {spell('access_log_format')} {config.access_log_format!r}: "
+        raise ConfigError(f"bad {spell('access_log_format')} {shown(config.access_log_format)}: "
                           f"{problem}")  # fmt: skip
     if config.metrics and parse_bind(config.metrics).kind not in ("tcp", "unix"):
         raise ConfigError(f"{spell('metrics')} must be tcp://HOST:PORT or unix:PATH, "
-                          f"got {config.metrics!r}")  # fmt: skip
+                          f"got {shown(config.metrics)}")  # fmt: skip
     if config.health is not None and not _plain_stream_uri(config.health):
         raise ConfigError(f"{spell('health')} must be tcp://HOST:PORT or unix:PATH, "
-                          f"got {config.health!r}")  # fmt: skip
+                          f"got {shown(config.health)}")  # fmt: skip
     for name in ("allow_from", "proxy_allow"):
         values = getattr(config, name)
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise ConfigError(f"{spell(name)} must be a list of CIDRs, got {values!r}")
+            raise ConfigError(f"{spell(name)} must be a list of CIDRs, got {shown(values)}")
         networks(values, spell(name))
     for endpoint in (config.metrics, config.health):
         if endpoint:
@@ -189,12 +220,16 @@ def read_toml(path: str) -> dict[str, object]:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"bad config file {path}: {err}") from None
+    except UnicodeDecodeError as err:  # tomllib decodes the whole file first
+        raise ConfigError(f"bad config file {path}: not UTF-8 (byte {err.start})") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"bad config file {path}: values nested too deeply") from None
     known = {f.name for f in fields(Config)}
     values: dict[str, object] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in known or name == "config":
-            raise ConfigError(f"bad config file {path}: unknown key {key!r}")
+            raise ConfigError(f"bad config file {path}: unknown key {shown(key)}")
         if name in ("bind", "allow_from", "proxy_allow") and isinstance(value, str):
             value = [value]
         values[name] = value
@@ -210,15 +245,40 @@ def build(
     config = Config()
     for source in (file_values, flag_values):
         for name, value in source.items():
-            expected = type(getattr(config, name))
-            if expected is list and isinstance(value, str | tuple):  # one value; a tuple
-                value = [value] if isinstance(value, str) else list(value)
-            if (
-                expected in (int, float)
-                and not isinstance(value, int | float)
-                or (expected is bool and not isinstance(value, bool))
-                or (expected is list and not isinstance(value, list))
-            ):
-                raise ConfigError(f"bad value for {spell(name)}: {value!r}")
+            if FIELD_TYPES[name] == list[str] and isinstance(value, str | tuple):
+                value = [value] if isinstance(value, str) else list(value)  # one value; a tuple
+            if not fits(value, FIELD_TYPES[name]):
+                raise ConfigError(f"bad value for {spell(name)}: {shown(value)} "
+                                  f"(expected {describe_type(FIELD_TYPES[name])})")  # fmt: skip
             setattr(config, name, value)
     return validate(config, spell)
+
+
+def fits(value: object, expected: object) -> bool:
+    """Whether ``value`` (from TOML or a caller) has a field's declared type: ``int``,
+    ``float``, ``bool``, ``str``, unions of them with None, and lists of them. A bool is not a
+    number here (``workers = true``), an int is a float (``timeout = 5``)."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (types.UnionType, typing.Union):
+        return any(fits(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(fits(item, args[0]) for item in value)
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected) if isinstance(expected, type) else True
+
+
+def describe_type(expected: object) -> str:
+    """``a whole number``, ``a list of strings``, ``a string or nothing``: for the message."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(describe_type(arg) for arg in args)
+    if origin is list:
+        return f"a list of {describe_type(args[0]).removeprefix('a ')}s"
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+             type(None): "nothing"}  # fmt: skip
+    return names.get(expected, getattr(expected, "__name__", str(expected)))  # type: ignore[call-overload]

@@ -86,6 +86,8 @@ class ControlServer(LoopServer):
         except ValueError as err:  # bad JSON (JSONDecodeError is one), or a bad command
             text = f"bad JSON: {err}" if isinstance(err, json.JSONDecodeError) else str(err)
             return reply({"ok": False, "error": text})
+        except RecursionError:  # json decodes nested arrays recursively: '[[[[...' (fuzz)
+            return reply({"ok": False, "error": "bad JSON: nested too deeply"})
         return reply(self.dispatch(command))
 
     def refuse(self, conn: Conn, why: str) -> bytes:

@@ -31,6 +31,7 @@ import errno
 import logging
 import math
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass
@@ -98,6 +99,9 @@ COLON_VALUES = ("allow",)  # options whose values may hold a ':' (IPv6 networks)
 def parse_bind(text: str) -> BindSpec:
     """Parse one bind URI; raise ConfigError naming ``text`` when it does not fit the grammar."""
     raw = text.strip()
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in raw):
+        raise ConfigError(f"bad bind {text!r}: control characters (NUL, newline...) are not "
+                          "allowed")  # fmt: skip
     address, question, query = raw.partition("?")
     if question:
         options, handler_text = _parse_options(query, text)
@@ -134,7 +138,7 @@ def parse_bind(text: str) -> BindSpec:
                           "socket files only")  # fmt: skip
     if address.startswith("fd://"):
         number = address[len("fd://") :]
-        if not number.isdigit():
+        if not _is_number(number) or int(number) > MAX_FD:
             raise ConfigError(f"bad bind {text!r}: fd:// needs a file descriptor number")
         return spec(kind="fd", fd=int(number))
     kind = "tcp"
@@ -182,19 +186,47 @@ def _unix_path(path: str, text: str) -> str:
     return path
 
 
+MAX_FD = 2**31 - 1  # a C int: what the kernel takes as a file descriptor
+HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?")
+SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an IPv6 zone: an interface name or number
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes ``'²'``, which ``int()`` refuses), and
+    few enough of them for ``int()`` (it refuses over 4300): no port or fd needs more than 10."""
+    return text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 10
+
+
 def _host_port(address: str, text: str) -> tuple[str, int]:
     if address.startswith("["):
         host, bracket, rest = address[1:].partition("]")
         if not bracket or not rest.startswith(":"):
             raise ConfigError(f"bad bind {text!r}: IPv6 needs the form [ADDR]:PORT")
+        if not _is_ipv6(host):
+            raise ConfigError(f"bad bind {text!r}: {host!r} is not an IPv6 address")
         port_text = rest[1:]
     else:
         host, colon, port_text = address.rpartition(":")
         if not colon or ":" in host:
             raise ConfigError(f"bad bind {text!r}: expected HOST:PORT")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if host and (len(host) > 253 or not HOSTNAME.fullmatch(host)):
+            raise ConfigError(f"bad bind {text!r}: {host!r} is not a host name or IPv4 address "
+                              "(ASCII letters, digits, '-', '.'; IPv6 goes in [brackets])")  # fmt: skip
+    if not _is_number(port_text) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"bad bind {text!r}: port must be a number from 0 to 65535")
     return host, int(port_text)
+
+
+def _is_ipv6(host: str) -> bool:
+    """``::1``, ``fe80::1%eth0``: checked here, so that the resolver never sees a bad one."""
+    address, percent, scope = host.partition("%")
+    if percent and not SCOPE.fullmatch(scope):
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET6, address)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def format_uri(kind: str, address: object) -> str:

@@ -131,10 +131,15 @@ class LoopServer:
 
     def _events_of(self, conn: Conn) -> Callable[[int], None]:
         def on_event(mask: int) -> None:
-            if mask & selectors.EVENT_READ:
-                self.on_readable(conn)
-            if mask & selectors.EVENT_WRITE and conn.sock.fileno() in self.conns:
-                self.flush(conn)
+            try:
+                if mask & selectors.EVENT_READ:
+                    self.on_readable(conn)
+                if mask & selectors.EVENT_WRITE and conn.sock.fileno() in self.conns:
+                    self.flush(conn)
+            except Exception:  # a bug in a protocol must cost its client, never the master
+                log.exception("%s: dropping %s after an error in its handling", self.name,
+                              conn.peer or "a client")  # fmt: skip
+                self.drop(conn)
 
         return on_event
 

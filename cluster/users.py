@@ -15,15 +15,30 @@ import pwd
 from cluster.errors import ConfigError
 from workers.runtime.privileges import Identity
 
+MAX_ID = 2**32 - 2  # uid_t and gid_t are 32 bits, and -1 (2**32 - 1) means "no change"
+
+
+def _number(name: str, what: str) -> int | None:
+    """An id given as a number (ASCII digits: ``str.isdigit`` also takes ``'²'``), checked to
+    fit a uid_t; None for a name."""
+    if not (name.isascii() and name.isdigit()):
+        return None
+    if len(name) > 10 or int(name) > MAX_ID:
+        raise ConfigError(f"{what}: id {name[:20]} is over {MAX_ID}")
+    return int(name)
+
 
 def user_ids(text: str | int, what: str) -> tuple[int, int | None]:
     """(uid, primary gid or None) of a user name or number; ``what`` names the setting."""
     name = str(text).strip()
+    number = _number(name, what)
     try:
-        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        entry = pwd.getpwuid(number) if number is not None else pwd.getpwnam(name)
     except KeyError:
-        if name.isdigit():
-            return int(name), None
+        if number is not None:
+            return number, None
+        raise ConfigError(f"{what}: no such user {name!r}") from None
+    except ValueError:  # a NUL in the name
         raise ConfigError(f"{what}: no such user {name!r}") from None
     return entry.pw_uid, entry.pw_gid
 
@@ -31,11 +46,12 @@ def user_ids(text: str | int, what: str) -> tuple[int, int | None]:
 def group_id(text: str | int, what: str) -> int:
     """The gid of a group name or number; ``what`` names the setting."""
     name = str(text).strip()
-    if name.isdigit():
-        return int(name)
+    number = _number(name, what)
+    if number is not None:
+        return number
     try:
         return grp.getgrnam(name).gr_gid
-    except KeyError:
+    except (KeyError, ValueError):  # unknown, or a NUL in the name
         raise ConfigError(f"{what}: no such group {name!r}") from None
 
 

@@ -417,14 +417,16 @@ def act_on_schedule(
 
 # ----------------------------------------------------------------------------- our cluster
 class OwnCluster:
-    """A cluster chaos started (``python -m cluster run``) and must end, with everything the
-    masters forked, whatever happens."""
+    """A cluster a tool started (``python -m cluster run``) and must end, with everything the
+    masters forked, whatever happens. ``command(tmp, pidfile)`` is its command line, given
+    the tool's own temp dir and the pidfile to pass (also what ``scripts/soak.py`` uses)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="chaos-")
+    def __init__(self, command: Callable[[str, str], list[str]], log_path: str | None = None,
+                 prefix: str = "chaos-") -> None:  # fmt: skip
+        self.tmp = tempfile.mkdtemp(prefix=prefix)
         self.pidfile = os.path.join(self.tmp, "master.pid")
-        self.log_path = args.cluster_log or os.path.join(self.tmp, "cluster.log")
-        self.command = cluster_command(args, self.pidfile)
+        self.log_path = log_path or os.path.join(self.tmp, "cluster.log")
+        self.command = command(self.tmp, self.pidfile)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -786,7 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chaos: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     signal.signal(signal.SIGTERM, interrupt)
-    own = None if args.attach else OwnCluster(args)
+    own = None
+    if not args.attach:
+        own = OwnCluster(lambda tmp, pidfile: cluster_command(args, pidfile), args.cluster_log)
     master = Master(args.pid, args.pidfile) if args.attach else None
     try:
         if own is not None:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from tests.procs import (
     alive,
@@ -27,6 +29,19 @@ from tests.procs import (
 
 ROOT = Path(__file__).resolve().parent.parent
 become_subreaper()
+
+# Hypothesis: a short, repeatable run by default (``make test``: a few dozen examples per fuzz
+# test, derandomized so that a CI run is the same every time), a long random one for ``make
+# fuzz`` (HYPOTHESIS_PROFILE=fuzz). Tests marked ``fuzz`` take their example count from here.
+hypothesis_settings.register_profile(
+    "ci", max_examples=30, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+hypothesis_settings.register_profile(
+    "fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "5000")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 APPS = ROOT / "tests" / "apps"
 
 
@@ -260,8 +275,8 @@ def read_line(sock: socket.socket) -> bytes:
     return data
 
 
-SLOW_FIRST = ("test_multihost.py", "test_hostile.py", "test_lifecycle.py", "test_faults.py",
-              "test_chaos.py", "test_supervision.py", "test_control.py")  # fmt: skip
+SLOW_FIRST = ("test_multihost.py", "test_soak.py", "test_hostile.py", "test_lifecycle.py",
+              "test_faults.py", "test_chaos.py", "test_supervision.py", "test_control.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list) -> None:

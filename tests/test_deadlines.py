@@ -3,6 +3,7 @@ client, and the clock is the real one (short deadlines)."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ import pytest
 from workers.runtime import client as client_module
 from workers.runtime.client import NEXT_BYTE, ClientSocket, readable
 from workers.runtime.ratelog import Budget
-from workers.runtime.room import has_data
+from workers.runtime.room import EVICT_AFTER, WaitingRoom, has_data
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -107,3 +108,25 @@ def test_the_log_budget_holds_lines_past_the_burst_and_counts_them() -> None:
     assert budget.allow(3.0) is None
     assert budget.allow(10.5) == 2  # a new period: this line says 2 went unsaid
     assert budget.allow(11.0) == 0
+
+
+def test_a_full_waiting_room_gives_up_its_oldest_place_only_to_a_flood() -> None:
+    """Two places, both taken: a new connection waits in the queue while they are fresh, but
+    once the oldest has been silent EVICT_AFTER seconds it is closed to make a place."""
+    poller = select.epoll()
+    pairs = [socket.socketpair() for _ in range(2)]
+    room = WaitingRoom(poller, capacity=2, timeout=30.0)
+    try:
+        for _, server in pairs:
+            room.park("listener", server, "client")
+        now = time.monotonic()
+        assert room.full and not room.make_place(now + 1.0)
+        assert room.make_place(now + EVICT_AFTER + 0.1)
+        pairs[0][0].settimeout(1)
+        assert pairs[0][0].recv(10) == b""  # the oldest was closed
+        assert len(room) == 1 and not room.full
+    finally:
+        room.close()
+        poller.close()
+        for client, _ in pairs:
+            client.close()

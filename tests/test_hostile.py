@@ -105,7 +105,7 @@ def test_sync_ten_silent_clients_against_two_workers_delay_no_reply_past_half_a_
     address = cluster.address()
     silent = silent_clients(address, 10)
     try:
-        good = GoodClient(address, time.monotonic() + 3.0)
+        good = GoodClient(address, time.monotonic() + 2.0)
         good.run()
         assert len(good.samples) >= 10
         assert good.worst() <= 0.5, good.samples
@@ -151,7 +151,7 @@ def test_sync_drippers_are_cut_at_the_request_timeout_and_service_recovers_in_ti
     attack = [Dripper(address, 0.2, until=start + 20) for _ in range(drippers)]
     for dripper in attack:
         dripper.start()
-    good = GoodClient(address, recovered_by + 1.5)
+    good = GoodClient(address, recovered_by + 1.0)
     good.run()
     for dripper in attack:
         dripper.join(10)
@@ -176,12 +176,12 @@ def test_thread_mode_serves_well_behaved_clients_through_drip_and_silent_attacks
                             "-b", "127.0.0.1:0")  # fmt: skip
     address = cluster.address()
     start = time.monotonic()
-    attack = [Dripper(address, 0.2, until=start + 4) for _ in range(10)]
+    attack = [Dripper(address, 0.2, until=start + 3) for _ in range(10)]
     for dripper in attack:
         dripper.start()
     silent = silent_clients(address, 10)
     try:
-        good = GoodClient(address, start + 3.0)
+        good = GoodClient(address, start + 2.0)
         good.run()
         assert len(good.samples) >= 10
         assert good.worst() <= 0.5, good.samples

@@ -555,6 +555,10 @@ def test_target_down_is_refused(kind: str, tmp_path: Path) -> None:
     assert result.requests == 40
     assert result.errors["refused"] == 40, (result.errors, result.error_examples)
     assert result.ok == 0 and result.exit_code() == 1
+    assert [kind for _, kind in result.error_times] == ["refused"] * 40  # each with its time
+    times = [when for when, _ in result.error_times]
+    assert times == sorted(times) and result.started_at <= times[0]
+    assert times[-1] <= result.started_at + result.duration + 0.1
 
 
 def test_max_errors_sets_the_exit_code(loadtest_cli: Callable[..., Ran], tmp_path: Path) -> None:
@@ -562,6 +566,7 @@ def test_max_errors_sets_the_exit_code(loadtest_cli: Callable[..., Ran], tmp_pat
     assert loadtest_cli(target, "-n", "10").code == 1
     allowed = loadtest_cli(target, "-n", "10", "--max-errors", "10")
     assert allowed.code == 0 and allowed.json["errors"]["refused"] == 10
+    assert [kind for _, kind in allowed.json["error_times"]] == ["refused"] * 10
     assert "PASS (10 errors, max 10)" in allowed.out
     assert loadtest_cli(target, "-n", "10", "--max-errors", "9").code == 1
 

@@ -76,6 +76,7 @@ from loadtest.config import (
 )
 from loadtest.errors import (
     ERROR_KINDS,
+    MAX_ERROR_TIMES,
     MAX_EXAMPLES,
     ClientCrash,
     UsageError,
@@ -168,6 +169,7 @@ __all__ = [
     "Lane",
     "LoadConfig",
     "MAX_DATAGRAM",
+    "MAX_ERROR_TIMES",
     "MAX_EXAMPLES",
     "MAX_HTTP_HEAD",
     "OneLineParser",

@@ -19,7 +19,7 @@ from collections import deque
 from typing import Any
 
 from loadtest.config import Plan
-from loadtest.errors import ERROR_KINDS, MAX_EXAMPLES
+from loadtest.errors import ERROR_KINDS, MAX_ERROR_TIMES, MAX_EXAMPLES
 from loadtest.histograms import HDR_HIGHEST_US, HDR_LOWEST_US, new_histogram
 from loadtest.http import http_request
 from loadtest.lanes import DUE, LANE_CLASSES, RETRY, Lane
@@ -61,6 +61,7 @@ class Client:
         self.errors = 0
         self.error_counts = dict.fromkeys(ERROR_KINDS, 0)
         self.examples: dict[str, list[str]] = {kind: [] for kind in ERROR_KINDS}
+        self.error_times: list[tuple[float, str]] = []  # (seconds since t0, kind), bounded
         self.second = 0
         self.hist = new_histogram()
         self.sec_requests = 0
@@ -146,6 +147,8 @@ class Client:
         examples = self.examples[kind]
         if len(examples) < MAX_EXAMPLES and message not in examples:
             examples.append(message)
+        if len(self.error_times) < MAX_ERROR_TIMES:
+            self.error_times.append((now - self.t0, kind))
         lane.state = Lane.IDLE
         self.after(lane, now)
 
@@ -273,6 +276,7 @@ class Client:
             "requests": self.requests,
             "errors": self.error_counts,
             "examples": self.examples,
+            "error_times": self.error_times,
             "seconds": self.seconds,
             "last_completion": self.last_completion - self.t0,
             "aborted": self.aborted,

@@ -8,6 +8,7 @@ import errno
 
 ERROR_KINDS = ("refused", "reset", "timeout", "wrong reply", "other")
 MAX_EXAMPLES = 3  # distinct error messages kept per kind, to tell the user what went wrong
+MAX_ERROR_TIMES = 10000  # errors whose time is kept, per client process (soak attributes them)
 
 
 class UsageError(Exception):

@@ -90,6 +90,7 @@ def result_to_json(result: Result) -> dict[str, Any]:
         },
         "errors": result.errors,
         "error_examples": result.error_examples,
+        "error_times": [[round(when, 6), kind] for when, kind in result.error_times],
         "latency_us": result.percentiles,
         "timeline": result.timeline,
         "events": [

@@ -38,6 +38,9 @@ class Result:
     percentiles: dict[str, int]  # p50 p90 p99 p99.9 max (us), plus mean
     timeline: list[dict[str, Any]]  # one entry per second
     events: list[Event] = field(default_factory=list)
+    # When each error happened (UNIX time, kind), the first MAX_ERROR_TIMES per process: what
+    # scripts/soak.py holds against the times of its faults.
+    error_times: list[tuple[float, str]] = field(default_factory=list)
     histogram: HdrHistogram | None = field(default=None, repr=False)
     interrupted: bool = False
     bad_event_lines: list[str] = field(default_factory=list)
@@ -127,6 +130,8 @@ def summarize(
             for message in messages:
                 if len(examples[kind]) < MAX_EXAMPLES and message not in examples[kind]:
                     examples[kind].append(message)
+    error_times = sorted((started_at + t, kind) for r in reports
+                         for t, kind in r.get("error_times", ()))  # fmt: skip
     last = max((r["last_completion"] for r in reports), default=0.0)
     aborted = any(r.get("aborted") for r in reports)
     if (
@@ -151,5 +156,6 @@ def summarize(
         percentiles=percentiles_of(total),
         timeline=timeline,
         events=sorted(events),
+        error_times=error_times,
         histogram=total,
     )

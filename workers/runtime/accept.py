@@ -163,8 +163,8 @@ class AcceptLoop:
                     room.check()
                 if (ready := room.take()) is not None:
                     return ready
-                if room.full:  # take nothing more until a place frees up
-                    self.wait()
+                if not room.make_place(time.monotonic()):  # full: nothing more until a
+                    self.wait()  # place frees up
                     continue
             taken = self.take()
             if taken is not None:

@@ -136,6 +136,7 @@ def compile_format(fmt: str):  # noqa: ANN201
     ``repr``-quoted, field names (the function's parameters) checked against
     ``ACCESS_FIELDS``, conversions and specs checked to hold no brace nor quote, so nothing of
     the format can become code."""
+    import re
     import string
 
     parts = []
@@ -150,6 +151,8 @@ def compile_format(fmt: str):  # noqa: ANN201
             or any(c in (spec or "") for c in "{}'\"\\\n")
         ):
             raise ValueError(f"bad field {{{name}}}")
+        if any(len(digits) > 4 for digits in re.findall(r"[0-9]+", spec or "")):
+            raise ValueError(f"field {{{name}}}: width and precision go up to 9999")
         field = "{" + name + (f"!{conversion}" if conversion else "")
         parts.append(field + (f":{spec}" if spec else "") + "}")
     return eval(compile(f"lambda {', '.join(ACCESS_FIELDS)}: f{''.join(parts)!r}",
@@ -158,10 +161,10 @@ def compile_format(fmt: str):  # noqa: ANN201
 
 def format_error(fmt: str) -> str | None:
     """What is wrong with an access log format (an unknown field, a bad brace), or None."""
-    try:
-        fmt.format_map(dict.fromkeys(ACCESS_FIELDS, 0.0))
+    try:  # names and specs checked first: '{pid:>9999999999}' must not be tried out
         compile_format(fmt)(*[0.0] * len(ACCESS_FIELDS))
-    except (KeyError, ValueError, IndexError, SyntaxError) as err:
+        fmt.format_map(dict.fromkeys(ACCESS_FIELDS, 0.0))
+    except (KeyError, ValueError, IndexError, SyntaxError, AttributeError, TypeError) as err:
         return f"{err} (fields: {', '.join(ACCESS_FIELDS)})"
     return None
 

@@ -16,7 +16,10 @@ the first place (``TCP_DEFER_ACCEPT``); the room still catches those it lets thr
 own wait ends, and serves Unix stream listeners, which have no such option.
 
 The room is bounded (``capacity``): a worker whose room is full accepts nothing more until a
-place frees up, so the rest wait in the kernel's queue, for it or another worker.
+place frees up, so the rest wait in the kernel's queue, for it or another worker. A room full
+of clients that have been silent for ``EVICT_AFTER`` seconds or more is a flood, though: then
+its oldest connection is closed to make a place, so that silent clients cannot keep a worker
+from ever accepting again (each new one would otherwise wait behind them in the queue).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from time import monotonic
 from workers.runtime.client import CUTS, peer
 
 _recv = socket.socket.recv
+EVICT_AFTER = 5.0  # seconds of silence after which a full room gives up its oldest place
 PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
@@ -57,6 +61,7 @@ class WaitingRoom:
         # Handed in by a thread-mode handler thread that took a connection on its own
         # (without the accept loop's lock): the loop parks them at its next turn.
         self.incoming: deque[tuple[object, socket.socket, object]] = deque()
+        self.since: dict[int, float] = {}  # when each was parked, where no timeout tells
 
     def __len__(self) -> int:
         return len(self.parked) + len(self.ready) + len(self.incoming)
@@ -68,10 +73,28 @@ class WaitingRoom:
     def full(self) -> bool:
         return len(self) >= self.capacity
 
+    def make_place(self, now: float) -> bool:
+        """Full: close the oldest connection if it has been silent EVICT_AFTER or more (a
+        flood of silent clients), and say whether a place is free now."""
+        if not self.full:
+            return True
+        if not self.parked:
+            return False
+        fd, (_, sock, _, expires) = next(iter(self.parked.items()))
+        parked_at = expires - self.timeout if self.timeout else self.since[fd]
+        if now - parked_at < EVICT_AFTER:
+            return False
+        CUTS.warning("cut client %s: silent for %.0fs while the waiting room was full",
+                     peer(sock), now - parked_at)  # fmt: skip
+        self.drop(fd)
+        return True
+
     def park(self, server: object, sock: socket.socket, client: object) -> None:
         fd = sock.fileno()
         expires = monotonic() + self.timeout if self.timeout else float("inf")
         self.parked[fd] = (server, sock, client, expires)
+        if not self.timeout:
+            self.since[fd] = monotonic()
         self.poller.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
 
     def hand_in(self, server: object, sock: socket.socket, client: object, wake_fd: int) -> None:
@@ -91,6 +114,7 @@ class WaitingRoom:
     def spoke(self, fd: int) -> None:
         """The connection on ``fd`` is readable: on to the handlers, in turn."""
         server, sock, client, _ = self.parked.pop(fd)
+        self.since.pop(fd, None)
         self.poller.unregister(fd)
         self.ready.append((server, sock, client))
 
@@ -133,6 +157,7 @@ class WaitingRoom:
 
     def drop(self, fd: int) -> None:
         _, sock, _, _ = self.parked.pop(fd)
+        self.since.pop(fd, None)
         self.poller.unregister(fd)
         _close(sock)
 
