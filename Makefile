@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test fuzz soak lint bench bench-tools chaos clean
+.PHONY: run test fuzz soak lint bench bench-tools chaos multihost clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench: bench-tools
 
 chaos: $(STAMP)
 	$(BIN)/python scripts/chaos.py --actions hup,usr2,ttin,ttou --duration 10 --plot docs/chaos.png --json docs/chaos.json
+
+# Two clusters behind HAProxy (installed from Debian if missing), in network namespaces when
+# run as root, else on 127.0.0.2-4: upgrade, drain, restart and kill -9 under load.
+multihost: $(STAMP)
+	$(BIN)/python scripts/multihost.py --plot docs/multihost.png --json docs/multihost.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check cluster workers tests scripts

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics", metavar="URI",
                      help="serve Prometheus metrics here: tcp://HOST:PORT or unix:PATH "
                      "(default: none)")  # fmt: skip
+    run.add_argument("--health", metavar="URI",
+                     help="serve health here (tcp://HOST:PORT or unix:PATH): HTTP 200 while "
+                     "ready, 503 while starting, draining or stopping (GET /live: 200 while the "
+                     "master runs), and HAProxy's agent-check (default: none)")  # fmt: skip
+    run.add_argument("--drain-delay", type=float, metavar="S",
+                     help="on TERM, report draining for S seconds while still serving, then "
+                     "stop gracefully (default 0)")  # fmt: skip
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info (default), warning, error")
     run.add_argument("--log-format", choices=("text", "json"),
                      help="text (default), or json: one object per line")  # fmt: skip

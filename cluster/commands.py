@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "stop": "graceful stop (as TERM)",
     "quit": "quick stop (as INT or QUIT)",
     "reopen-logs": "reopen log files (as USR1)",
+    "drain": "take this host out of the balancer's rotation: --health says draining",
+    "undrain": "put this host back in rotation: --health says ready again",
 }
 TAKES_COUNT = {"scale": None, "incr": 1, "decr": 1}  # the commands with an ``n``, and its default
 

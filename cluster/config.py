@@ -62,6 +62,10 @@ class Config:
     pidfile: str | None = None
     control: str | None = None  # the control socket's path (none unless asked)
     metrics: str | None = None  # the Prometheus endpoint: tcp://HOST:PORT or unix:PATH
+    health: str | None = (
+        None  # HTTP 200/503 and HAProxy's agent-check: tcp://HOST:PORT or unix:PATH
+    )
+    drain_delay: float = 0.0  # on TERM, report draining this long while serving, then stop
     name: str = ""
     log_level: str = "info"
     log_format: str = "text"  # text | json
@@ -130,7 +134,8 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
         if getattr(config, name) < 1:
             raise ConfigError(f"{spell(name)} must be at least 1, got {getattr(config, name)}")
     for name in ("graceful_timeout", "timeout", "keep_alive", "request_timeout", "max_requests",
-                 "max_requests_jitter", "min_spare", "max_spare", "max_connections"):  # fmt: skip
+                 "max_requests_jitter", "min_spare", "max_spare", "max_connections",
+                 "drain_delay"):  # fmt: skip
         if getattr(config, name) < 0:
             raise ConfigError(f"{spell(name)} must not be negative, got {getattr(config, name)}")
     if config.max_workers and config.max_workers < config.workers:
@@ -165,13 +170,17 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     if config.metrics and parse_bind(config.metrics).kind not in ("tcp", "unix"):
         raise ConfigError(f"{spell('metrics')} must be tcp://HOST:PORT or unix:PATH, "
                           f"got {shown(config.metrics)}")  # fmt: skip
+    if config.health is not None and not _plain_stream_uri(config.health):
+        raise ConfigError(f"{spell('health')} must be tcp://HOST:PORT or unix:PATH, "
+                          f"got {shown(config.health)}")  # fmt: skip
     for name in ("allow_from", "proxy_allow"):
         values = getattr(config, name)
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise ConfigError(f"{spell(name)} must be a list of CIDRs, got {shown(values)}")
         networks(values, spell(name))
-    if config.metrics:
-        parse_bind(config.metrics).owner_ids()
+    for endpoint in (config.metrics, config.health):
+        if endpoint:
+            parse_bind(endpoint).owner_ids()
     binds = config.binds  # parse every URI now, so that a bad one fails before binding any
     for spec in binds:
         spec.owner_ids()  # and resolve a socket file's owner= and group=
@@ -186,6 +195,18 @@ def validate(config: Config, spell: Callable[[str], str] = flag) -> Config:
     ):
         raise ConfigError(problem)
     return config
+
+
+def _plain_stream_uri(uri: str) -> bool:
+    """A stream address for one of the master's own endpoints: no handler and none of the
+    options of a served listener (it speaks its own protocol); a Unix socket's mode=,
+    owner= and group= are fine."""
+    try:
+        spec = parse_bind(uri)
+    except ConfigError:
+        return False
+    served = {"proxy", "allow", "name"} & {key for key, _ in spec.options}
+    return spec.kind in ("tcp", "unix") and spec.handler is None and not served
 
 
 def read_toml(path: str) -> dict[str, object]:

@@ -1,7 +1,7 @@
 """``cluster ctl``: talk to a running master over its control socket.
 
     cluster ctl [--control PATH] [--json] status | top [--once] | scale N | incr [N] | decr [N]
-                | reload | upgrade | stop | quit | reopen-logs | config
+                | reload | upgrade | stop | quit | reopen-logs | config | drain | undrain
 
 Exit codes: 0 the master did it; 1 the master answered with an error; 2 a usage error; 3 no
 master answered at PATH (the message names it).
@@ -130,6 +130,10 @@ def summarize(name: str, answer: dict) -> str:
         return f"upgrade: new master {answer['new_master']} starting"
     if name == "config":
         return json.dumps(answer["config"], indent=2, sort_keys=True)
+    if name in ("drain", "undrain"):
+        health = answer["health"]
+        where = "out of rotation" if health["drained"] else "in rotation"
+        return f"{name}: {where}; health says {health['state']}"
     if name == "reopen-logs":
         reopened = answer.get("reopened", [])
         return "reopened: " + (", ".join(reopened) if reopened else "nothing (logs go to stderr)")
@@ -175,6 +179,9 @@ def status_tables(status: dict, rates: dict[int, float] | None = None,
     for state, count in sorted(states.items()):
         totals.add_row(f"  {state}", str(count))
     totals.add_row("requests served", str(sum(w["requests"] for w in status["workers"])))
+    if health := status.get("health"):
+        drained = " (ctl drain)" if health["drained"] else ""
+        totals.add_row("health", f"{health['state']}{drained}, weight {health['weight']}%")
     if rates is not None:
         totals.add_row("requests per second", f"{sum(rates.values()):.0f}")
     listeners = Table(title="listeners", title_justify="left")

@@ -29,6 +29,7 @@ from cluster.errors import ConfigError
 ENV_FDS = "CLUSTER_FDS"
 ENV_PREDECESSOR = "CLUSTER_UPGRADE_FROM"  # pid of the master that started us (USR2)
 ENV_READY_FD = "CLUSTER_UPGRADE_FD"  # where we say "ready" to it: the write end of a pipe
+ENV_DRAINED = "CLUSTER_DRAINED"  # the operator's drain, carried across the upgrade: its start
 SYSTEMD_FIRST_FD = 3
 
 
@@ -97,9 +98,11 @@ def successor_command() -> list[str]:
     return [sys.executable, "-m", "cluster", *sys.argv[1:]]
 
 
-def exec_successor(pairs: Sequence[tuple[int, str]], predecessor: int, ready_fd: int) -> None:
+def exec_successor(pairs: Sequence[tuple[int, str]], predecessor: int, ready_fd: int,
+                   drained_for: float | None = None) -> None:  # fmt: skip
     """In the forked child: hand the listening fds and the ready pipe over, and become the
-    new master."""
+    new master. ``drained_for``: the host is out of rotation (``ctl drain``) since that many
+    seconds; the new master keeps it out, or an upgrade would put it back by surprise."""
     for fd in (*(fd for fd, _ in pairs), ready_fd):
         os.set_inheritable(fd, True)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -109,5 +112,8 @@ def exec_successor(pairs: Sequence[tuple[int, str]], predecessor: int, ready_fd:
     env[ENV_READY_FD] = str(ready_fd)
     env.pop("LISTEN_FDS", None)
     env.pop("LISTEN_PID", None)
+    env.pop(ENV_DRAINED, None)
+    if drained_for is not None:
+        env[ENV_DRAINED] = f"{drained_for:.3f}"
     command = successor_command()
     os.execve(command[0], command, env)

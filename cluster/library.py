@@ -142,6 +142,14 @@ class PreforkMixIn:
         refused connection. Returns once the new generation has started booting."""
         return self._ask("reload")
 
+    def drain(self) -> dict | None:
+        """Out of the balancer's rotation (``--health`` says draining); nothing else changes."""
+        return self._ask("drain")
+
+    def undrain(self) -> dict | None:
+        """Back in rotation."""
+        return self._ask("undrain")
+
     def status(self) -> dict | None:
         """The master's status (workers with their scoreboard state), or None when not serving."""
         reply = self._ask("status")

@@ -12,7 +12,10 @@ through whatever it was doing.
 A ``LoopServer`` is a part of the master like the others: it answers ``next_deadline()``
 (its earliest connection deadline) and ``expire(now)`` drops the late ones. Selector keys
 carry a callable, which the loop calls with the event mask. The protocol is the subclass's:
-``split`` cuts complete messages off the input, ``respond`` answers one.
+``split`` cuts complete messages off the input, ``respond`` answers one. A protocol in which
+the server speaks first to a client that says nothing (HAProxy's agent-check) sets
+``greeting_wait``: a connection silent that long since it opened gets ``greet``'s reply, then
+the end, instead of being dropped.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Conn:
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     close_after_write: bool = False
+    received: bool = False  # the client sent something (else, past greeting_wait: greet it)
     refused: bytes = b""  # not admitted: every message gets this reply, then the end
 
 
@@ -45,6 +49,7 @@ class LoopServer:
     max_message = 65536  # bytes a message may have before it is complete
     idle_timeout = 5.0  # seconds a connection may stay silent (or slow) before it is dropped
     max_clients = 128
+    greeting_wait: float | None = None  # seconds of first silence before ``greet`` answers
 
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, uri: str) -> None:
         self.sock = sock  # owned here, closed by close()
@@ -53,6 +58,7 @@ class LoopServer:
         self.conns: dict[int, Conn] = {}
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, self.on_accept)
+        self.listening = True
 
     # ------------------------------------------------------------------ the protocol
     def admit(self, sock: socket.socket) -> bytes | None:
@@ -71,6 +77,10 @@ class LoopServer:
         """The reply to a message that broke a bound (too long); the connection then ends."""
         return b""
 
+    def greet(self, conn: Conn) -> bytes:
+        """With ``greeting_wait``: the reply to a client silent since it connected."""
+        return b""
+
     # ------------------------------------------------------------------ the loop's side
     def fds(self) -> list[int]:
         """Ours: every worker forked meanwhile closes them."""
@@ -81,6 +91,12 @@ class LoopServer:
 
     def expire(self, now: float) -> None:
         for conn in [c for c in self.conns.values() if now >= c.deadline]:
+            if self.greeting_wait is not None and not (conn.received or conn.close_after_write):
+                conn.outbuf += self.greet(conn)
+                conn.close_after_write = True
+                conn.deadline = now + self.idle_timeout  # to take the reply, then dropped
+                self.flush(conn)
+                continue
             log.debug("%s: dropping %s, silent or slow for %gs", self.name, conn.peer or "a client",
                       self.idle_timeout)  # fmt: skip
             self.drop(conn)
@@ -95,7 +111,8 @@ class LoopServer:
                 log.warning("%s: cannot accept: %s", self.name, err.strerror)
                 return
             sock.setblocking(False)
-            conn = Conn(sock, monotonic() + self.idle_timeout, _peer(address))
+            first_wait = self.idle_timeout if self.greeting_wait is None else self.greeting_wait
+            conn = Conn(sock, monotonic() + first_wait, _peer(address))
             if len(self.conns) >= self.max_clients:
                 try:
                     sock.send(self.refuse(conn, f"too many clients (at most {self.max_clients})"))
@@ -137,6 +154,7 @@ class LoopServer:
             self.drop(conn)
             return
         conn.inbuf += data
+        conn.received = True
         if conn.refused:
             conn.inbuf.clear()
             conn.outbuf += conn.refused
@@ -176,11 +194,17 @@ class LoopServer:
         self.selector.unregister(conn.sock)
         conn.sock.close()
 
+    def stop_listening(self) -> None:
+        """Accept no more (another process now serves the socket); finish the open ones."""
+        if self.listening:
+            self.listening = False
+            self.selector.unregister(self.sock)
+
     def close_connections(self) -> None:
         """Drop every connection and stop listening (the socket itself stays open)."""
         for conn in list(self.conns.values()):
             self.drop(conn)
-        self.selector.unregister(self.sock)
+        self.stop_listening()
 
     def close(self) -> None:
         self.close_connections()

@@ -20,7 +20,9 @@ pipe's read end, the command inbox) and one object per part of its state, each a
   their own, and for the whole pool when the kernel refuses a fork;
 - ``hung`` (``workers.runtime.escalation``), the workers being put down, and ``watchdog``
   (``cluster.watchdog``), which finds them;
-- ``adaptive`` (``cluster.pool``), the --min-spare/--max-spare pacing.
+- ``adaptive`` (``cluster.pool``), the --min-spare/--max-spare pacing;
+- ``health`` (``cluster.health``), the operator's drain, and ``delay`` (``cluster.stop``), a
+  TERM's --drain-delay, during which the master serves on and its health says draining.
 
 Every request to act is a ``cluster.commands.Command``: a signal's byte on the wakeup pipe
 (``signal.set_wakeup_fd`` writes one byte per signal, so a burst of five TTINs is five
@@ -51,14 +53,15 @@ from cluster.config import Config, flag
 from cluster.control import ControlServer, open_control
 from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError, ConfigError
 from cluster.generation import Generation, Generations, Worker
+from cluster.health import Health, HealthServer, idle_share, state_of
 from cluster.listeners import Listener, adopt, bind, parse_bind
 from cluster.loopserver import LoopServer
 from cluster.metrics import Accounts, MetricsServer, restart_reason
 from cluster.notify import Notifier
 from cluster.spawn import WorkerProcess
-from cluster.stop import Stop
+from cluster.stop import DrainDelay, Stop
 from cluster.text import plural
-from cluster.upgrade import BOOTING, Predecessor, Successor
+from cluster.upgrade import BOOTING, SERVING, Predecessor, Successor
 from cluster.watchdog import Watchdog, beat_period
 from workers.runtime.access import ACCESS, ROLE, AccessLog, reopen_logs
 from workers.runtime.client import CUT_IDLE_SIGNAL
@@ -72,8 +75,9 @@ log = logging.getLogger("cluster.master")
 
 LOOP_TICK = 1.0  # the longest the loop sleeps with nothing to do
 METRICS_TEXT = "metrics="  # how an upgrade names the metrics endpoint's socket in CLUSTER_FDS
+HEALTH_TEXT = "health="  # ... and the health endpoint's
 # Settings of the master itself, which a reload does not change (an upgrade does).
-MASTER_SETTINGS = ("control", "metrics", "pidfile", "name", "log_format", "log_file",
+MASTER_SETTINGS = ("control", "metrics", "health", "pidfile", "name", "log_format", "log_file",
                    "access_log", "access_log_format", "user", "group", "umask")  # fmt: skip
 QUIET_COMMANDS = frozenset({"status", "config"})  # asked often (ctl top): logged at debug
 
@@ -129,6 +133,7 @@ class Master:
         # The parts.
         self.gens = Generations()  # current, incoming, draining: the one owner
         self.stop: Stop | None = None
+        self.delay: DrainDelay | None = None  # a TERM's --drain-delay, before the stop
         self.successor: Successor | None = None
         self.predecessor = Predecessor.from_environ(os.environ)
         self.hung = Escalation()
@@ -138,6 +143,9 @@ class Master:
         self.pidfile_claimed = False  # ours to remove at exit
         self.control: ControlServer | None = None  # --control: the control socket
         self.metrics: MetricsServer | None = None  # --metrics: the Prometheus endpoint
+        self.health = Health.from_environ(os.environ, time.monotonic())  # the operator's drain
+        self.health_server: HealthServer | None = None  # --health, once it may answer
+        self.health_listener: Listener | None = None  # --health's socket, bound or inherited
         self.accounts = Accounts()  # gone workers' numbers, restarts by reason
         self.notifier = Notifier.from_environ(os.environ)  # systemd's NOTIFY_SOCKET, if any
         # Outcome.
@@ -167,6 +175,8 @@ class Master:
                 for server in self.loop_servers():
                     server.expire(now)
                 self.notifier.ping(now)
+                if self.delay is not None and self.delay.over(now):
+                    self.end_delay()
                 if self.stop:
                     self.enforce_stop(now)
                     continue
@@ -198,6 +208,8 @@ class Master:
             log.info("listening on %s", listener.uri)
         if config.metrics:
             self.open_metrics(config, inherited.get(METRICS_TEXT + config.metrics))
+        if config.health:
+            self.open_health(config, inherited.get(HEALTH_TEXT + config.health))
         if config.access_log:
             # Before any fork: every worker appends to it.
             ACCESS.log = open_access_log(config, self.identity)
@@ -224,7 +236,7 @@ class Master:
         deadlines = [now + LOOP_TICK, self.hung.next_deadline()]
         if self.current is not None:
             deadlines.append(self.gens.steered().backoff.next_deadline(now))
-        for part in (self.stop, self.successor, self.adaptive, self.notifier,
+        for part in (self.stop, self.delay, self.successor, self.adaptive, self.notifier,
                      *self.loop_servers()):  # fmt: skip
             if part is not None:
                 deadlines.append(part.next_deadline())
@@ -339,10 +351,16 @@ class Master:
     do_incr = do_decr = do_scale
 
     def do_stop(self, command: Command) -> None:
-        """TERM: a graceful stop; during one an operator already asked for, a quick one."""
-        stop = self.stop
+        """TERM: a graceful stop (after the --drain-delay, if any); during the delay, the
+        graceful stop at once; during a graceful stop an operator already asked for, a quick
+        one."""
+        stop, reason = self.stop, command.origin or "asked"
         if stop is None:
-            self.begin_stop(graceful=True, reason=command.origin or "asked")
+            if self.delay is not None:
+                log.info("drain delay cut short (%s): stopping gracefully now", reason)
+                self.end_delay()
+            elif not self.begin_delay(reason):
+                self.begin_stop(graceful=True, reason=reason)
         elif stop.graceful and stop.reason.startswith("handover"):
             stop.reason = command.origin or "asked"  # the operator's own first stop: still graceful
             log.info("already stopping gracefully after the handover; a second stop is quick")
@@ -351,6 +369,18 @@ class Master:
 
     def do_quit(self, command: Command) -> None:
         self.begin_stop(graceful=False, reason=command.origin or "asked")
+
+    def do_drain(self, command: Command) -> dict:
+        """Out of the balancer's rotation: the health says draining; nothing else changes."""
+        if self.health.drain(time.monotonic()):
+            log.info("drained (%s): health says draining until undrain", command.origin or "asked")
+        return {"health": self.health_report()}
+
+    def do_undrain(self, command: Command) -> dict:
+        if self.health.undrain():
+            log.info("undrained (%s): health says %s", command.origin or "asked",
+                     self.health_report()["state"])  # fmt: skip
+        return {"health": self.health_report()}
 
     def do_reopen_logs(self, command: Command) -> dict:
         """USR1: reopen our log files (logrotate moved them) and have every worker do so."""
@@ -374,7 +404,7 @@ class Master:
         """
         current = self.current
         assert current is not None
-        if self.stop:
+        if self.stop or self.delay:
             raise Refused("stopping")
         if self.incoming is not None:
             if self.folded is None:
@@ -457,7 +487,7 @@ class Master:
     # ----------------------------------------------------------------- upgrade
     def do_upgrade(self, command: Command) -> dict:
         """Fork and exec a new master of our command line that inherits our listeners."""
-        if self.stop:
+        if self.stop or self.delay:
             raise Refused("stopping")
         if self.successor is not None:
             raise Refused(f"one is under way (new master {self.successor.pid})")
@@ -466,13 +496,17 @@ class Master:
         pairs = [(lst.sock.fileno(), lst.spec.text) for lst in self.gens.listeners()]
         if self.metrics is not None:
             pairs.append((self.metrics.sock.fileno(), self.metrics.listener.spec.text))
+        if self.health_listener is not None:
+            pairs.append((self.health_listener.sock.fileno(), self.health_listener.spec.text))
+        drained = self.health.drained_since
+        drained_for = None if drained is None else time.monotonic() - drained
         try:
             ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         except OSError as err:
             raise Refused(f"cannot open the handover pipe: {err.strerror}") from None
         os.set_blocking(ready_r, False)
         pidfile.move_aside(self.config.pidfile, to_old=True)
-        process = WorkerProcess(handover.exec_successor, (pairs, self.pid, ready_w))
+        process = WorkerProcess(handover.exec_successor, (pairs, self.pid, ready_w, drained_for))
         try:
             self.fork(process)
         except OSError as err:
@@ -605,6 +639,8 @@ class Master:
             fds.extend(self.predecessor.fds())
         for server in self.loop_servers():
             fds.extend(server.fds())
+        if self.health_listener is not None:
+            fds.append(self.health_listener.sock.fileno())  # also before it is served
         fds.extend(self.notifier.fds())
         ours = {lst.sock.fileno() for lst in generation.listeners}
         fds.extend({lst.sock.fileno() for lst in self.gens.listeners()} - ours)
@@ -651,6 +687,7 @@ class Master:
             return
         log.info("ready: %s (%s)", plural(current.target, "worker"), current.mode.name)
         self.ready.set()
+        self.serve_health()  # an upgrade's new master answers from now on, beside the old
         upgrade = {"MAINPID": self.pid} if self.predecessor is not None else {}
         self.notifier.send(READY=1, STATUS=self.status_line(), **upgrade)
         if self.predecessor is not None:
@@ -743,7 +780,8 @@ class Master:
                 f"{plural(generation.target, 'worker')} ready")  # fmt: skip
 
     def loop_servers(self) -> list[LoopServer]:
-        return [server for server in (self.control, self.metrics) if server is not None]
+        servers = (self.control, self.metrics, self.health_server)
+        return [server for server in servers if server is not None]
 
     def open_metrics(self, config: Config, inherited: int | None) -> None:
         """--metrics: the Prometheus endpoint (an upgrade passes its socket on, as listeners)."""
@@ -752,12 +790,52 @@ class Master:
         self.metrics = MetricsServer(listener, self.selector, self.metrics_source)
         log.info("metrics on %s", listener.uri)
 
+    def open_health(self, config: Config, inherited: int | None) -> None:
+        """--health: bound (or inherited) now; served at once, except by an upgrade's new
+        master, which answers only once it serves (``serve_health``): until then the old
+        master answers on the same socket, so the balancer never sees a 503 or a refusal."""
+        spec = replace(parse_bind(config.health), text=HEALTH_TEXT + config.health)
+        self.health_listener = adopt(spec, inherited) if inherited is not None else bind(spec, 64)
+        log.info("health on %s", self.health_listener.uri)
+        if self.predecessor is None:
+            self.serve_health()
+
+    def serve_health(self) -> None:
+        if self.health_listener is not None and self.health_server is None:
+            self.health_server = HealthServer(self.health_listener, self.selector,
+                                              self.health_report)  # fmt: skip
+
+    def health_report(self) -> dict:
+        """What the health endpoint answers: the state (``health.state_of``), and the
+        capacity behind the agent's weight: the free lanes of the workers serving now (ready,
+        not retiring, of any generation: during a reload the old ones serve while the new
+        ones boot), over the lanes of the pool's target, averaged over a few seconds. Once an upgrade's new master serves
+        this host, the old one's last answers say ready, at full weight."""
+        handed_over = self.successor is not None and self.successor.state == SERVING
+        state = state_of(self.ready.is_set(), self.health.drained, self.delay is not None,
+                         self.stop is not None and not handed_over)  # fmt: skip
+        steered = self.gens.steered() if self.current is not None else None
+        workers = idle = free = 0
+        for worker in self.gens.workers():
+            if worker.ready and not worker.retiring:
+                workers += 1
+                busy = sum(1 for lane in worker.slot_view().lanes if lane.started)
+                free += max(0, worker.generation.lanes - busy)
+                idle += busy == 0
+        lanes = steered.target * steered.lanes if steered else 0
+        return {"state": state, "drained": self.health.drained, "pid": self.pid,
+                "generation": steered.number if steered else 0, "workers": workers,
+                "idle_workers": idle,
+                "weight": 100 if handed_over else self.health.weigh(idle_share(free, lanes),
+                                                                      time.monotonic())}  # fmt: skip
+
     def metrics_source(self) -> dict:
         """What a scrape reads: the live generations, the master's own counts, the listeners."""
         return {"generations": list(self.gens), "accounts": self.accounts,
                 "generation": self.gens.steered().number,
                 "uptime": time.monotonic() - self.started_at,
-                "listeners": self.gens.listeners()}  # fmt: skip
+                "listeners": self.gens.listeners(),
+                "health": self.health_report()["state"] if self.health_listener else None}  # fmt: skip
 
     def status(self) -> dict:
         """What ``ctl status`` and the library's ``status()`` report: one place to read."""
@@ -774,7 +852,8 @@ class Master:
             ],
             "generations": [g.summary() for g in generations],
             "workers": [entry for g in generations for entry in g.status(now)],
-            "stopping": self.stop is not None,
+            "stopping": self.stop is not None or self.delay is not None,
+            "health": self.health_report(),
             "upgrade": {"new_master": self.successor.pid, "state": self.successor.state}
             if self.successor else None,
         }  # fmt: skip
@@ -784,6 +863,9 @@ class Master:
         """Signal every worker: TERM lets in-flight requests finish, QUIT ends them now."""
         if self.stop and not self.stop.graceful:
             return  # a quick stop is already under way
+        self.delay = None  # a quick stop cuts a drain delay short; a graceful one ends it
+        if reason.startswith("handover") and self.health_server is not None:
+            self.health_server.stop_listening()  # the new master answers; ours finish
         successor = self.successor
         if successor is not None and successor.state == BOOTING:
             successor.leave()
@@ -797,6 +879,27 @@ class Master:
                  reason, plural(len(workers), "worker"), self.stop.deadline - time.monotonic())  # fmt: skip
         for worker in workers:
             _send(worker.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def begin_delay(self, reason: str) -> bool:
+        """A TERM's --drain-delay, if it owes the balancer one (False: stop now): none before
+        the first generation serves (no balancer sends here yet), and none left of it when
+        ``ctl drain`` took the host out of rotation long enough ago."""
+        now = time.monotonic()
+        delay = self.health.delay_left(self.config.drain_delay, now) if self.ready.is_set() else 0
+        if delay <= 0:
+            return False
+        self.delay = DrainDelay(delay, now, reason)
+        log.info("draining for %gs before the graceful stop (%s): health says draining, "
+                 "requests are served as before", delay, reason)  # fmt: skip
+        self.notifier.send(STATUS=f"draining for {delay:g}s before stopping")
+        return True
+
+    def end_delay(self) -> None:
+        """The drain delay is over (or cut short): the graceful stop proper begins."""
+        assert self.delay is not None
+        reason = self.delay.reason
+        self.delay = None
+        self.begin_stop(graceful=True, reason=f"{reason}, after the drain delay")
 
     def enforce_stop(self, now: float) -> None:
         assert self.stop is not None
@@ -841,6 +944,10 @@ class Master:
             self.control.close()  # its file stays if an upgrade's new master took it over
         if self.metrics is not None:
             self.metrics.close(unlink=not handed_over)
+        if self.health_server is not None:
+            self.health_server.close(unlink=not handed_over)
+        elif self.health_listener is not None:
+            self.health_listener.close(unlink=not handed_over)
         self.notifier.close()
         if ACCESS.log is not None:
             ACCESS.log.close()
@@ -878,6 +985,8 @@ class Master:
         binds: list[tuple[str, str | None]] = [(spec.text, spec.name) for spec in config.binds]
         if config.metrics and handover.ENV_FDS in os.environ:  # an upgrade passes it on
             binds.append((METRICS_TEXT + config.metrics, None))
+        if config.health and handover.ENV_FDS in os.environ:
+            binds.append((HEALTH_TEXT + config.health, None))
         inherited = handover.inherited_fds(os.environ, binds, os.getpid())
         for fd in handover.unused_fds(inherited, binds):
             os.close(fd)

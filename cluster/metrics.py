@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cluster.generation import Generation
+from cluster.health import DRAINING, READY, STARTING, STOPPING
 from cluster.listeners import Listener
 from cluster.loopserver import Conn, LoopServer
 from workers.runtime.accept import listen_queue
@@ -31,6 +32,7 @@ log = logging.getLogger("cluster.master")
 
 RESTART_REASONS = ("crash", "killed", "timeout", "recycle", "reload", "scale")
 OPENMETRICS = "application/openmetrics-text"
+HEALTH_STATES = (STARTING, READY, DRAINING, STOPPING)
 
 
 def restart_reason(retiring: str, kind: str) -> str:
@@ -153,6 +155,12 @@ class Collector:
                 queue.add_metric([listener.uri], found[0])
                 backlog.add_metric([listener.uri], found[1])
         yield from (queue, backlog)
+        if now.get("health"):
+            health = GaugeMetricFamily("cluster_health", "What --health reports: 1 for the "
+                                       "state it is in.", labels=["state"])  # fmt: skip
+            for state in HEALTH_STATES:
+                health.add_metric([state], 1 if state == now["health"] else 0)
+            yield health
 
 
 def _bound(value: float) -> str:

@@ -1,4 +1,11 @@
-"""The master's stop: graceful (TERM) or quick (INT, QUIT), and its deadline.
+"""The master's stop: graceful (TERM) or quick (INT, QUIT), and its deadline; before a
+graceful one, the drain delay.
+
+``DrainDelay`` is the first phase of a TERM with ``--drain-delay S``: for S seconds the
+master serves on as before (workers keep accepting, crashed ones are replaced) while its
+health says ``draining``, so that the balancer moves traffic away before anything is refused.
+Then the ``Stop`` proper begins. A second TERM cuts the delay short (the graceful stop starts
+at once, a third is quick); INT or QUIT stop quickly at any time.
 
 A part of the master that exists only once a stop began. It answers ``next_deadline()``; at
 the deadline the master kills the workers that are left (``overdue``), after which the stop
@@ -43,3 +50,18 @@ class Stop:
             return False
         self.killed = True
         return True
+
+
+class DrainDelay:
+    """The drain delay under way: until when, and for which stop (``reason``, for the log)."""
+
+    def __init__(self, seconds: float, now: float, reason: str) -> None:
+        self.seconds = seconds
+        self.reason = reason
+        self.deadline = now + seconds
+
+    def next_deadline(self) -> float:
+        return self.deadline
+
+    def over(self, now: float) -> bool:
+        return now >= self.deadline
