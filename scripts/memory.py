@@ -57,13 +57,13 @@ def command(server: str, workers: int, app: str) -> tuple[list[str], str]:
     says they have all booted."""
     if server.startswith("cluster"):
         mode = server.split()[1]
-        return ([sys.executable, "-m", "cluster", "run", app, "-k", mode, "-w", str(workers),
-                 "-b", "127.0.0.1:0", "--log-level", "info"],  # fmt: skip
-                r"ready: \d+ workers?")
+        args = [sys.executable, "-m", "cluster", "run", app, "-k", mode, "-w", str(workers),
+                "-b", "127.0.0.1:0", "--log-level", "info"]  # fmt: skip
+        return args, r"ready: \d+ workers?"
     gunicorn = shutil.which("gunicorn") or str(Path(sys.executable).with_name("gunicorn"))
-    return ([gunicorn, "-w", str(workers), "-k", "sync", "-b", "127.0.0.1:0",
-             "--chdir", str(ROOT / "scripts"), "wsgi_hello:app"],  # fmt: skip
-            "(?s)" + r"Booting worker.*" * workers)
+    args = [gunicorn, "-w", str(workers), "-k", "sync", "-b", "127.0.0.1:0",
+            "--chdir", str(ROOT / "scripts"), "wsgi_hello:app"]  # fmt: skip
+    return args, "(?s)" + r"Booting worker.*" * workers
 
 
 def start(args: list[str], ready: str, workers: int, timeout: float) -> subprocess.Popen:
