@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,21 +53,22 @@ class Sample:
     breakdown: dict[str, int] | None = None  # kB private per kind of mapping, one worker
 
 
-def command(server: str, workers: int, app: str) -> tuple[list[str], str]:
-    """The command line of ``server`` with ``workers`` workers, and the regex of its log that
+def command(server: str, workers: int, app: str) -> tuple[list[str], Callable[[str], bool]]:
+    """The command line of ``server`` with ``workers`` workers, and the test of its log that
     says they have all booted."""
     if server.startswith("cluster"):
         mode = server.split()[1]
         args = [sys.executable, "-m", "cluster", "run", app, "-k", mode, "-w", str(workers),
                 "-b", "127.0.0.1:0", "--log-level", "info"]  # fmt: skip
-        return args, r"ready: \d+ workers?"
+        return args, lambda log: re.search(r"ready: \d+ workers?", log) is not None
     gunicorn = shutil.which("gunicorn") or str(Path(sys.executable).with_name("gunicorn"))
     args = [gunicorn, "-w", str(workers), "-k", "sync", "-b", "127.0.0.1:0",
             "--chdir", str(ROOT / "scripts"), "wsgi_hello:app"]  # fmt: skip
-    return args, "(?s)" + r"Booting worker.*" * workers
+    return args, lambda log: log.count("Booting worker") >= workers
 
 
-def start(args: list[str], ready: str, workers: int, timeout: float) -> subprocess.Popen:
+def start(args: list[str], ready: Callable[[str], bool], workers: int,
+          timeout: float) -> subprocess.Popen:  # fmt: skip
     """Start a server and wait until its log says ``ready`` and it has ``workers`` children."""
     proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -75,7 +77,7 @@ def start(args: list[str], ready: str, workers: int, timeout: float) -> subproce
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if re.search(ready, "".join(lines)) and len(children(proc.pid)) >= workers:
+        if ready("".join(lines)) and len(children(proc.pid)) >= workers:
             return proc
         if proc.poll() is not None:
             break
