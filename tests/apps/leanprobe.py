@@ -16,6 +16,9 @@ from workers import BaseRequestHandler
 
 class Report(BaseRequestHandler):
     def handle(self) -> None:
+        # Read the request first: closing with it unread would reset the connection.
+        while self.request.recv(4096):
+            pass
         at_fork = getattr(builtins, "LEAN_AT_FORK", {"modules": [], "frozen": -1})
         inherited = set(at_fork["modules"])
         report = {
