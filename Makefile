@@ -42,6 +42,7 @@ bench: bench-tools
 	$(BIN)/python scripts/bench.py --write docs/benchmarks.md
 	$(BIN)/python scripts/idlecpu.py
 	$(BIN)/python scripts/progresscost.py
+	$(BIN)/python scripts/memory.py --breakdown --write docs/benchmarks.md
 
 chaos: $(STAMP)
 	$(BIN)/python scripts/chaos.py --actions hup,usr2,ttin,ttou --duration 10 --plot docs/chaos.png --json docs/chaos.json

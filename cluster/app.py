@@ -26,6 +26,21 @@ def resolve(app: str) -> str:
     return BUILTIN_APPS.get(app, app)
 
 
+def import_builtins(apps: list[str]) -> None:
+    """Import the built-in demos among ``apps`` here, in the master, before any fork.
+
+    They are modules of this package, like the worker runtime: they change with an upgrade
+    of the package (USR2), never with a HUP (``load_handler`` never re-imports ``cluster.*``
+    fresh). Imported once in the master, their pages are shared by every worker; imported in
+    each worker after the fork, the import machinery and the module's new objects cost each
+    one about 0.9 MiB of private memory (``scripts/memory.py``). A user's app is still
+    imported in each worker, fresh from disk, unless ``--preload``.
+    """
+    for app in apps:
+        if app in BUILTIN_APPS:
+            load_handler(app)
+
+
 def load_handler(app: str, fresh: bool = False) -> type:
     """Import APP and return its handler class; ``fresh`` re-reads the module from disk.
 

@@ -27,9 +27,24 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for: ``importlib.metadata`` pulls in about 40
+    modules (email, zipfile, csv, tempfile and with it ``random``, whose at-fork hook reseeds
+    every forked child), which the master would otherwise carry into every worker."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:  # fmt: skip
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"cluster {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="cluster", description="A prefork socket-server cluster.")
-    parser.add_argument("--version", action="version", version=f"cluster {version()}")
+    parser.add_argument("--version", action=VersionAction,
+                        help="show the installed version and exit")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser,
                                 metavar="COMMAND")  # fmt: skip
     run = sub.add_parser(

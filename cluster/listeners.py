@@ -316,9 +316,12 @@ def bind(spec: BindSpec, backlog: int = 2048, reuse_port: bool = False) -> Liste
 
 def _bind_inet(spec: BindSpec, backlog: int, reuse_port: bool) -> Listener:
     sock_type = socket.SOCK_STREAM if spec.kind == "tcp" else socket.SOCK_DGRAM
+    # An ASCII host goes as bytes: a str is encoded with the "idna" codec, whose import
+    # (stringprep, unicodedata) would grow the master and so every worker.
+    host = spec.host.encode("ascii") if spec.host.isascii() else spec.host
     try:
         infos = socket.getaddrinfo(
-            spec.host or None, spec.port, socket.AF_UNSPEC, sock_type, 0, socket.AI_PASSIVE
+            host or None, spec.port, socket.AF_UNSPEC, sock_type, 0, socket.AI_PASSIVE
         )
     except socket.gaierror as err:
         raise BindError(

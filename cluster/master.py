@@ -46,8 +46,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
-from cluster import appcheck, commands, exits, handover, pidfile, pool
-from cluster.app import load_handler
+from cluster import appcheck, commands, exits, handover, heap, pidfile, pool
+from cluster.app import import_builtins, load_handler
 from cluster.commands import Command, Refused, Reply
 from cluster.config import Config, flag
 from cluster.control import ControlServer, open_control
@@ -456,6 +456,7 @@ class Master:
                 self.check_ready()  # a reload during the first boot
         for generation in self.gens.gone():
             self.drop(generation)
+            heap.thaw()
             if self.gens.settled():
                 log.info("reload complete: generation %d serving with %s",
                          self.gens.steered().number, plural(len(self.gens.steered().workers), "worker"))  # fmt: skip
@@ -620,6 +621,7 @@ class Master:
         """Start ``process`` with our signals blocked across the fork: the child unblocks them
         once its own handlers are installed, so a TERM sent during its boot is neither lost
         nor run by our handler in the child."""
+        heap.freeze()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             process.start()
@@ -972,6 +974,7 @@ class Master:
         apps: list[str | None] = [] if self.handler is not None else [None]
         apps += [spec.handler for spec in config.binds if spec.handler]
         if not config.preload:
+            import_builtins([app or config.app for app in apps])
             if apps:
                 appcheck.check([app or config.app for app in apps], config.graceful_timeout,
                                self.identity)  # fmt: skip
