@@ -34,7 +34,7 @@ from workers.runtime.client import CUTS, peer
 
 _recv = socket.socket.recv
 EVICT_AFTER = 5.0  # seconds of silence after which a full room gives up its oldest place
-PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # a plain int: IntFlag arithmetic is slow
 
 
 def has_data(sock: socket.socket) -> bool:
