@@ -92,9 +92,11 @@ def own_cpu(pid: int) -> float:
 
 
 def run_time(pid: int) -> float:
-    """CPU seconds ``pid`` has used, all its threads, at the scheduler's nanosecond resolution
+    """CPU seconds ``pid``'s live threads have used, at the scheduler's nanosecond resolution
     (/proc/PID/task/TID/schedstat): /proc/PID/stat counts in clock ticks (10 ms), too coarse
-    to tell 0.1% from 0.3% of an idle master over a few seconds. 0.0 if it is gone."""
+    to tell 0.1% from 0.3% of an idle master over a few seconds. A thread that has ended takes
+    its share along, so take differences over windows in which no thread ends (the master's
+    loop has none). 0.0 if it is gone."""
     total = 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")

@@ -1,6 +1,7 @@
 """Side-by-side benchmark: the cluster's modes against their peers, same handler, same run.
 
     python scripts/bench.py [--duration 2] [--repeats 3] [--client-threads N] [--write docs/benchmarks.md]
+                            [--only throughput,fairness,scale,profiles] [--no-scale] [--no-profiles]
 
 Rows run interleaved (every row once per round, rounds repeated) so that drift of the machine
 hits every row alike; each cell is the median of the rounds with min..max. The clients share
@@ -25,6 +26,18 @@ Every measurement also records the CPU time the server's whole process tree and 
 spent per request (from /proc and getrusage), and the server's page faults per request. From
 those, each speed target gets its budget: at the target's rate, how many microseconds of CPU
 per request the server may spend on this machine once the client has taken its share.
+
+Scale: how the costs grow with the pool and with the listeners. For 1, 8, 64 and 128 sync
+workers: start to ready, each worker's USS and the pool's total PSS (smaps_rollup), the idle
+master's CPU, and a HUP that replaces every worker while connection-per-request load runs (its
+errors must be zero). For 1, 8 and 32 listeners of one 2-worker cluster, all loaded at once:
+the rate on one of them and how evenly the workers' accepts fall on them.
+
+Profiles: py-spy on one worker of each mode under connection-per-request load, the top frames
+here and in ``docs/profiles/MODE.txt``.
+
+Each section sits between markers in the file ``--write`` makes; a run of some sections
+(``--only scale``) rewrites those and keeps the others as they were.
 """
 
 from __future__ import annotations
@@ -457,11 +470,14 @@ class Background(threading.Thread):
         return self.result
 
 
-def time_to_ready(running: Running) -> float:
-    """From just before the master was started to its ``ready:`` line."""
+def time_to_ready(running: Running) -> tuple[float, float]:
+    """From just before the master was started to its ``ready:`` line, and the part of it
+    from its ``starting N workers`` line on (forking and booting the pool; the rest is the
+    interpreter's start, the imports, the config and the binding)."""
     ready = running.line_time(r"ready: \d+ workers?")
-    assert ready is not None  # _start_logged waited for it
-    return ready - running.started_at
+    starting = running.line_time(r"starting \d+ workers?")
+    assert ready is not None and starting is not None  # _start_logged waited for ready
+    return ready - running.started_at, ready - starting
 
 
 def pool_memory(running: Running) -> tuple[int, int]:
@@ -512,6 +528,7 @@ class WorkersScale:
 
     workers: int
     ready_s: float
+    boot_s: float  # of ready_s: from "starting N workers" to "ready"
     uss: int  # median over the workers, bytes
     pss: int  # master and workers, bytes
     idle_cpu: float  # percent of one core
@@ -519,18 +536,20 @@ class WorkersScale:
     hup: Measured  # the load through the reload
 
 
-def scale_workers(workers: int, idle_seconds: float, load_seconds: float) -> WorkersScale:
+def scale_workers(workers: int, idle_seconds: float, load_seconds: float,
+                  warm_up: float = WARM_UP) -> WorkersScale:  # fmt: skip
     """Start to ready, memory after a short load, idle CPU, and a reload under load."""
     running = start_scaled(workers)
     try:
-        ready_s = time_to_ready(running)
-        http_load(url_of(status(running)["listeners"][0]), CLOSE_CONNECTIONS, WARM_UP)  # warm up
+        ready_s, boot_s = time_to_ready(running)
+        if warm_up:
+            http_load(url_of(status(running)["listeners"][0]), CLOSE_CONNECTIONS, warm_up)
         cpu = idle_cpu(running, idle_seconds)
         uss, pss = pool_memory(running)
         hup_s, hup = hup_under_load(running, load_seconds)
     finally:
         running.stop()
-    return WorkersScale(workers, ready_s, uss, pss, cpu, hup_s, hup)
+    return WorkersScale(workers, ready_s, boot_s, uss, pss, cpu, hup_s, hup)
 
 
 @dataclass
@@ -578,12 +597,13 @@ def mib(size: int) -> str:
 
 
 def workers_table(rows: list[WorkersScale]) -> str:
-    lines = ["| workers | start to ready | USS per worker (median) | PSS, master + workers "
-             "| idle master CPU | HUP: all replaced under load | errors during the HUP load |",
-             "|" + " --- |" * 7]  # fmt: skip
+    lines = ["| workers | start to ready | of it, the pool's boot | USS per worker (median) "
+             "| PSS, master + workers | idle master CPU | HUP: all replaced under load "
+             "| errors during the HUP load |", "|" + " --- |" * 8]  # fmt: skip
     for row in rows:
         hup = "not within the load" if row.hup_s is None else f"{row.hup_s:.2f} s"
-        lines.append(f"| {row.workers} | {row.ready_s:.2f} s | {mib(row.uss)} | {mib(row.pss)} "
+        lines.append(f"| {row.workers} | {row.ready_s:.2f} s | {row.boot_s:.2f} s "
+                     f"| {mib(row.uss)} | {mib(row.pss)} "
                      f"| {row.idle_cpu:.2f}% | {hup} | {row.hup.errors} of "
                      f"{row.hup.requests:,} requests |")  # fmt: skip
     return "\n".join(lines)
@@ -603,10 +623,11 @@ def scale_section(workers: list[int], listeners: list[int], duration: float) -> 
     """The scale tables: how start, memory, idle cost, reload and accepting grow with the
     pool and with the listeners."""
     idle_seconds, load_seconds = max(1.0, 1.5 * duration), max(2.0, 3 * duration)
+    start_scaled(1).stop()  # the first start of a run reads the modules from disk: not counted
     by_workers = []
     for n in workers:
         row = scale_workers(n, idle_seconds, load_seconds)
-        print(f"scale: {n:4} workers  ready {row.ready_s:.2f} s  uss {mib(row.uss)}  pss "
+        print(f"scale: {n:4} workers  ready {row.ready_s:.2f} s (boot {row.boot_s:.2f})  uss {mib(row.uss)}  pss "
               f"{mib(row.pss)}  idle {row.idle_cpu:.2f}%  hup {row.hup_s} s  errors "
               f"{row.hup.errors}/{row.hup.requests}", flush=True)  # fmt: skip
         by_workers.append(row)
@@ -618,7 +639,9 @@ def scale_section(workers: list[int], listeners: list[int], duration: float) -> 
         by_listeners.append(row)
     return (
         f"Workers: the sync cluster serving http-hello on one listener. Start to ready: from "
-        f"starting `cluster run` to its `ready:` line. Memory after {WARM_UP:g} s of load, from "
+        f"starting `cluster run` to its `ready:` line; the pool's boot, the part of it from the "
+        f"master's `starting N workers` line on (the rest is the interpreter's start, the "
+        f"imports, the config and the binding). Memory after {WARM_UP:g} s of load, from "
         "/proc/PID/smaps_rollup: USS, a worker's own pages (what it adds to the pool), median "
         "over the workers; PSS of master and workers summed (what the pool costs the machine, "
         f"shared pages counted once). Idle master CPU over {idle_seconds:g} s, from schedstat. "
