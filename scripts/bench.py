@@ -427,6 +427,11 @@ def start_scaled(workers: int, listeners: int = 1) -> Running:
         running = _start_logged([sys.executable, "-m", "cluster", "run", "http-hello", "-k", "sync",
                                  "-w", str(workers), *binds, "--control", control],
                                 r"ready: \d+ workers?", timeout=60)  # fmt: skip
+    except RuntimeError as err:  # say why in one line: the master's last words
+        shutil.rmtree(tmp, True)
+        said = str(err).split("did not start:", 1)[-1].strip().splitlines()
+        raise RuntimeError(f"{workers} workers on {listeners} listeners did not start: "
+                           f"{said[-1] if said else 'it said nothing'}") from None  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, True)
         raise
@@ -624,19 +629,31 @@ def scale_section(workers: list[int], listeners: list[int], duration: float) -> 
     pool and with the listeners."""
     idle_seconds, load_seconds = max(1.0, 1.5 * duration), max(2.0, 3 * duration)
     start_scaled(1).stop()  # the first start of a run reads the modules from disk: not counted
+    failed: list[str] = []  # a size that could not be measured is said, and the rest go on
     by_workers = []
     for n in workers:
-        row = scale_workers(n, idle_seconds, load_seconds)
-        print(f"scale: {n:4} workers  ready {row.ready_s:.2f} s (boot {row.boot_s:.2f})  uss {mib(row.uss)}  pss "
-              f"{mib(row.pss)}  idle {row.idle_cpu:.2f}%  hup {row.hup_s} s  errors "
-              f"{row.hup.errors}/{row.hup.requests}", flush=True)  # fmt: skip
+        try:
+            row = scale_workers(n, idle_seconds, load_seconds)
+        except Exception as err:
+            failed.append(f"- {n} workers: not measured: {one_line(err)}")
+            print(f"scale: {n:4} workers  {failed[-1]}", flush=True)
+            continue
+        print(f"scale: {n:4} workers  ready {row.ready_s:.2f} s (boot {row.boot_s:.2f})  uss "
+              f"{mib(row.uss)}  pss {mib(row.pss)}  idle {row.idle_cpu:.2f}%  hup {row.hup_s} s  "
+              f"errors {row.hup.errors}/{row.hup.requests}", flush=True)  # fmt: skip
         by_workers.append(row)
     by_listeners = []
     for n in listeners:
-        row = scale_listeners(n, duration)
-        print(f"scale: {n:4} listeners  {row.rps[0]:,.0f} req/s on one, {sum(row.rps):,.0f} in "
-              f"all  counts {row.counts}  errors {row.errors}", flush=True)  # fmt: skip
-        by_listeners.append(row)
+        try:
+            found = scale_listeners(n, duration)
+        except Exception as err:
+            failed.append(f"- {n} listeners: not measured: {one_line(err)}")
+            print(f"scale: {n:4} listeners  {failed[-1]}", flush=True)
+            continue
+        print(f"scale: {n:4} listeners  {found.rps[0]:,.0f} req/s on one, {sum(found.rps):,.0f} "
+              f"in all  counts {found.counts}  errors {found.errors}", flush=True)  # fmt: skip
+        by_listeners.append(found)
+    failures = "\n\n" + "\n".join(failed) if failed else ""
     return (
         f"Workers: the sync cluster serving http-hello on one listener. Start to ready: from "
         f"starting `cluster run` to its `ready:` line; the pool's boot, the part of it from the "
@@ -652,8 +669,14 @@ def scale_section(workers: list[int], listeners: list[int], duration: float) -> 
         f"loaded at once for {duration:g} s, HTTP connection-per-request, each listener by its own "
         f"client ({CLOSE_CONNECTIONS} connections shared out, at least one each). Accepted per "
         "listener: the scoreboard's counts (`cluster ctl status`).\n\n"
-        + listeners_table(by_listeners)
+        + listeners_table(by_listeners) + failures
     )  # fmt: skip
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line for a table: its type and its message's first line."""
+    text = str(err).strip().splitlines()
+    return type(err).__name__ + (f": {text[0]}" if text else "")
 
 
 # ------------------------------------------------------------------------------ profiles
