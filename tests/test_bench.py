@@ -299,11 +299,11 @@ def test_profile_summary_and_table_give_shares_of_the_samples_at_work() -> None:
 
 # ------------------------------------------------------------------ the scale runs, tiny
 def test_scale_workers_measures_a_reload_under_load_without_errors() -> None:
-    row = bench.scale_workers(2, idle_seconds=0.2, load_seconds=1.0, warm_up=0)
+    row = bench.scale_workers(2, idle_seconds=0.2, load_seconds=2.0, warm_up=0)
     assert 0 < row.boot_s < row.ready_s < 20
     assert 0 < row.uss and row.pss > 2 * row.uss  # master and two workers, shared pages too
     assert 0 <= row.idle_cpu < 50
-    assert row.hup_s is not None and 0 < row.hup_s < 1.0
+    assert row.hup_s is not None and 0 < row.hup_s < 2.0  # within the load
     assert row.hup.requests > 0 and row.hup.errors == 0
 
 
