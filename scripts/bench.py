@@ -517,14 +517,19 @@ def hup_under_load(running: Running, load_seconds: float) -> tuple[float | None,
     load's own count of errors and requests over the whole run."""
     uri = status(running)["listeners"][0]
     load = Background(lambda: http_load(url_of(uri), CLOSE_CONNECTIONS, load_seconds))
+    load_ends = time.monotonic() + load_seconds
     load.start()
     wait_until(lambda: accepted(running)[uri] > 0, timeout=load_seconds / 2)  # the load is on
     after = len(running.lines)
     signalled = time.monotonic()
     running.proc.send_signal(signal.SIGHUP)
-    wait_until(lambda: running.line_time("reload complete", after), timeout=load_seconds)
+    wait_until(lambda: running.line_time("reload complete", after),
+               timeout=load_ends - time.monotonic())  # fmt: skip
     done = running.line_time("reload complete", after)
-    return (None if done is None else done - signalled), load.measured()
+    measured = load.measured()
+    if done is None or done > load_ends:
+        return None, measured
+    return done - signalled, measured
 
 
 @dataclass
