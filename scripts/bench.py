@@ -1093,7 +1093,8 @@ def main() -> int:
                         help="wrk threads and loadtest processes")  # fmt: skip
     parser.add_argument("--only", metavar="SECTIONS", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, of {', '.join(SECTIONS)}; with "
-                        "--write the others stay as the file had them")  # fmt: skip
+                        "--write the others stay as the file had them (--only= with none "
+                        "brings in the notes file alone)")  # fmt: skip
     parser.add_argument("--no-fairness", action="store_true", help="skip the fairness runs")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale tables")
     parser.add_argument("--no-profiles", action="store_true", help="skip the py-spy profiles")
@@ -1109,7 +1110,7 @@ def main() -> int:
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(unknown)}")
-    wanted = set(args.only.split(","))
+    wanted = {name for name in args.only.split(",") if name}  # none: --write copies the notes
     if wanted - set(SECTIONS):
         parser.error(f"unknown section(s): {', '.join(sorted(wanted - set(SECTIONS)))}")
     for name in ("fairness", "scale", "profiles"):
