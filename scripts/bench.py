@@ -710,12 +710,16 @@ def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
 
 
 # Where a worker's threads wait, by the innermost Python frame of the wait. py-spy tells a
-# wait from work by guessing (and takes a futex wait in a queue for work), so the profiles
-# record every sample (--idle) and these known waits are counted apart.
+# wait from work by guessing (and takes a futex wait for a lock for work), so the profiles
+# record every sample (--idle) and these known waits are counted apart. A wait that moves in
+# a refactor shows up at the top of the profile's own time, as work: name it here.
 WAITS = {
     "AcceptLoop.wait": "a connection (epoll)",
-    "ThreadPool._work": "a request (a handler thread's queue)",
+    "readable": "a request's bytes (poll)",
+    "ThreadPool._work": "work (an idle handler thread)",
+    "Followers._work": "work (an idle handler thread)",
     "Condition.wait": "a lock (threading)",
+    "Thread._wait_for_tstate_lock": "a thread to end (threading)",
     "serve.<locals>.room": "a request child to exit (--max-children)",
 }
 

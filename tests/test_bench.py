@@ -288,7 +288,7 @@ def test_profile_summary_and_table_give_shares_of_the_samples_at_work() -> None:
     stacks = bench.parse_collapsed(RAW)
     summary = bench.profile_summary(stacks)
     assert "200 samples (of every thread), 40 at work" in summary
-    assert "waiting for a request (a handler thread's queue): 50.0% of the samples" in summary
+    assert "waiting for work (an idle handler thread): 50.0% of the samples" in summary
     assert "   75.0%  ClientSocket.sendall" in summary
     found = bench.Profile("sync", 1.0, stacks, bench.Measured(1234.0, 0, 1234), cpu=42.0)
     table = bench.profile_table(found)
