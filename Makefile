@@ -31,12 +31,14 @@ soak: $(STAMP)
 	$(BIN)/python scripts/soak.py --duration 300
 
 # The peers and the HTTP client the benchmark compares against: wrk and nginx from Debian,
-# gunicorn from PyPI. Rows whose peer cannot be installed are left out, saying so.
+# gunicorn from PyPI; py-spy for the per-mode profiles. Rows whose peer cannot be installed
+# are left out, saying so.
 bench-tools: $(STAMP)
 	command -v wrk >/dev/null && command -v nginx >/dev/null || \
 	  { apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null; } || \
 	  echo "bench: could not install wrk/nginx; their rows are skipped"
 	$(BIN)/python -m pip install -q gunicorn || echo "bench: gunicorn rows skipped"
+	$(BIN)/python -m pip install -q py-spy || echo "bench: py-spy missing; profiles skipped"
 
 bench: bench-tools
 	$(BIN)/python scripts/bench.py --write docs/benchmarks.md

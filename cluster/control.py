@@ -117,7 +117,10 @@ def open_control(path: str, taking_over: bool) -> socket.socket:
     if mode is not None and not taking_over and _live(path):
         raise BindError(f"cannot bind control socket {path}: a live master listens there")
     beside = f"{path}.{os.getpid()}.tmp"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as err:  # out of fds (EMFILE) or memory
+        raise BindError(f"cannot bind control socket {path}: {err.strerror}") from None
     old_umask = os.umask(0o177)  # the file is born 0600
     try:
         if os.path.lexists(beside):

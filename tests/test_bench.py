@@ -10,10 +10,13 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from cluster import procfs
 from cluster.procfs import Usage, parse_usage, stat_fields, tree_usage
 from tests.conftest import ROOT, cluster_env, stream_roundtrip, tcp_connect, udp_roundtrip
 from tests.procs import descendants, gone, kill_all, wait_for
@@ -177,3 +180,134 @@ def test_bare_prefork_loop_echoes_datagrams(started) -> None:
         payload = b"datagram %d" % n
         assert udp_roundtrip(("127.0.0.1", port), payload) == payload
     assert proc.poll() is None
+
+
+# ------------------------------------------------------------------ memory and CPU from /proc
+def test_parse_rollup_counts_private_pages_as_uss() -> None:
+    text = ("55d0-7ffd ---p 00000000 00:00 0    [rollup]\nRss:  1768 kB\nPss:  203 kB\n"
+            "Pss_Dirty:  116 kB\nShared_Clean:  1612 kB\nPrivate_Clean:  40 kB\n"
+            "Private_Dirty:  116 kB\n")  # fmt: skip
+    assert procfs.parse_rollup(text) == procfs.Memory(rss=1768 * 1024, pss=203 * 1024,
+                                                      uss=156 * 1024)  # fmt: skip
+
+
+def test_memory_of_this_process_and_of_a_gone_one(started) -> None:
+    mine = procfs.memory(os.getpid())
+    assert mine is not None and 0 < mine.uss <= mine.rss and 0 < mine.pss <= mine.rss
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert procfs.memory(proc.pid) is None
+
+
+def test_run_time_counts_every_live_thread_at_nanosecond_resolution() -> None:
+    burnt, leave = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        burnt.set()
+        leave.wait(10)  # alive while measured: a thread gone takes its schedstat along
+
+    before = procfs.run_time(os.getpid())
+    thread = threading.Thread(target=burn)
+    thread.start()
+    try:
+        assert burnt.wait(10)
+        used = procfs.run_time(os.getpid()) - before
+    finally:
+        leave.set()
+        thread.join()
+    assert 0.05 <= used < 5
+    assert procfs.run_time(2**22 + 12345) == 0.0  # no such pid
+
+
+# ------------------------------------------------------------------ the scale tables
+@pytest.mark.parametrize(
+    ("counts", "ratio"), [([100, 100, 100], 1.0), ([50, 100], 0.5), ([0, 10], 0.0), ([], 0.0)]
+)
+def test_fairness_ratio_is_least_over_most(counts: list[int], ratio: float) -> None:
+    assert bench.fairness_ratio(counts) == ratio
+
+
+def test_connections_are_shared_out_at_least_one_per_listener() -> None:
+    assert [bench.split_connections(16, n) for n in (1, 8, 32)] == [16, 2, 1]
+
+
+def test_scale_tables_render_each_measure() -> None:
+    hup = bench.Measured(5000.0, 0, 12345)
+    rows = [bench.WorkersScale(64, 0.54, 0.3, 4 * bench.MiB, 300 * bench.MiB, 0.05, 0.83, hup),
+            bench.WorkersScale(128, 0.92, 0.6, 4 * bench.MiB, 600 * bench.MiB, 0.2, None, hup)]  # fmt: skip
+    lines = bench.workers_table(rows).splitlines()
+    assert lines[2] == ("| 64 | 0.54 s | 0.30 s | 4.0 MiB | 300.0 MiB | 0.05% | 0.83 s "
+                        "| 0 of 12,345 requests |")  # fmt: skip
+    assert "not within the load" in lines[3]
+    listeners = bench.listeners_table([bench.ListenersScale(2, [900.0, 1100.0], [450, 550], 3)])
+    assert listeners.splitlines()[2] == "| 2 | 900 | 2,000 | 450..550 | 0.82 | 3 |"
+
+
+def test_document_keeps_the_sections_not_rerun_and_replaces_the_others() -> None:
+    previous = ("# old header\n\n" + bench.marked("throughput", "old table") + "\n\n"
+                + bench.marked("scale", "old scale") + "\nold notes\n")  # fmt: skip
+    text = bench.document("# Benchmarks", {"scale": "new scale", "profiles": "new profiles"},
+                          previous)  # fmt: skip
+    assert text.startswith("# Benchmarks\n\n<!-- bench:throughput -->\nold table\n")
+    assert "old scale" not in text and "old header" not in text and "old notes" not in text
+    sections = dict(bench.MARK.findall(text))
+    assert sections == {"throughput": "old table", "scale": "new scale",
+                        "profiles": "new profiles"}  # fmt: skip
+    assert list(sections) == ["throughput", "scale", "profiles"]  # the order of SECTIONS
+
+
+# ------------------------------------------------------------------ the profiles
+RAW = (
+    'process 7:"cluster: worker";_run (<frozen runpy>);run (workers/runtime/entry.py);'
+    "serve (sync.py);AcceptLoop.wait (workers/runtime/accept.py) 60\n"
+    "_run (<frozen runpy>);run (workers/runtime/entry.py);serve (sync.py);"
+    "handle (h.py);ClientSocket.sendall (workers/runtime/client.py) 30\n"
+    "_run (<frozen runpy>);run (workers/runtime/entry.py);serve (sync.py);"
+    "handle (h.py) 10\n"
+    "Thread._bootstrap (threading.py);Thread.run (threading.py);"
+    "ThreadPool._work (workers/runtime/modes/thread.py) 100\n"
+    "garbage line\n"
+)
+
+
+def test_collapsed_stacks_drop_process_frames_and_split_waits_from_work() -> None:
+    stacks = bench.parse_collapsed(RAW)
+    assert len(stacks) == 4 and stacks[0][0][0] == "_run (<frozen runpy>)"
+    working, waiting = bench.split_waits(stacks)
+    assert waiting == {"AcceptLoop.wait": 60, "ThreadPool._work": 100}
+    own, total = bench.self_and_total(bench.below_entries(working))
+    assert own == {"ClientSocket.sendall (workers/runtime/client.py)": 30, "handle (h.py)": 10}
+    # the entry frames and the serve loop every stack shares are gone; handle is in both
+    assert total == {"handle (h.py)": 40, "ClientSocket.sendall (workers/runtime/client.py)": 30}
+
+
+def test_profile_summary_and_table_give_shares_of_the_samples_at_work() -> None:
+    stacks = bench.parse_collapsed(RAW)
+    summary = bench.profile_summary(stacks)
+    assert "200 samples (of every thread), 40 at work" in summary
+    assert "waiting for work (an idle handler thread): 50.0% of the samples" in summary
+    assert "   75.0%  ClientSocket.sendall" in summary
+    found = bench.Profile("sync", 1.0, stacks, bench.Measured(1234.0, 0, 1234), cpu=42.0)
+    table = bench.profile_table(found)
+    assert table.startswith("**sync**: 1,234 req/s during the profile, the worker at 42% of a "
+                            "core; 200 samples of its threads, 20% at work; waiting for")  # fmt: skip
+    assert "| 75.0% | `ClientSocket.sendall (workers/runtime/client.py)` |" in table
+
+
+# ------------------------------------------------------------------ the scale runs, tiny
+def test_scale_workers_measures_a_reload_under_load_without_errors() -> None:
+    row = bench.scale_workers(2, idle_seconds=0.2, load_seconds=2.0, warm_up=0)
+    assert 0 < row.boot_s < row.ready_s < 20
+    assert 0 < row.uss and row.pss > 2 * row.uss  # master and two workers, shared pages too
+    assert 0 <= row.idle_cpu < 50
+    assert row.hup_s is not None and 0 < row.hup_s < 2.0  # within the load
+    assert row.hup.requests > 0 and row.hup.errors == 0
+
+
+def test_scale_listeners_counts_each_listeners_accepts() -> None:
+    row = bench.scale_listeners(2, duration=1.0)
+    assert len(row.rps) == 2 and all(rate > 0 for rate in row.rps)
+    assert len(row.counts) == 2 and min(row.counts) > 0 and row.errors == 0

@@ -287,3 +287,35 @@ def test_a_silent_scraper_does_not_block_the_master(start_cluster) -> None:
         silent.sendall(b"GET /metr")  # and nothing more
         assert "cluster_uptime_seconds" in scrape(f"http://127.0.0.1:{port}/metrics")
         assert stream_roundtrip(tcp_connect(cluster.address()), b"fine") == b"fine"
+
+
+def test_out_of_fds_the_control_socket_is_a_bind_error_and_the_title_is_skipped(tmp_path) -> None:
+    """With every fd taken, a master starting up must say so in one line (BindError, exit 4),
+    not die in a traceback: neither where it opens its control socket nor where it imports
+    setproctitle for its title (an import needs an fd to read the module)."""
+    import resource
+
+    from cluster.control import open_control
+    from cluster.errors import BindError
+    from workers.runtime.entry import set_title
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    title_module = sys.modules.pop("setproctitle", None)  # imported afresh, so it needs an fd
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    try:
+        while True:
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        with pytest.raises(BindError, match=r"cannot bind control socket .*: Too many open"):
+            open_control(str(tmp_path / "ctl"), taking_over=False)
+        set_title("cluster: test")  # returns: the title is cosmetic
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if title_module is not None:
+            sys.modules["setproctitle"] = title_module
+    assert held  # the fds were really exhausted

@@ -113,9 +113,10 @@ def _reopen_logs(signum: int, frame: object) -> None:
 
 
 def set_title(title: str) -> None:
-    """Set the process title; titles are cosmetic, so a missing setproctitle never fails us."""
+    """Set the process title; titles are cosmetic, so a missing setproctitle never fails us,
+    nor one that cannot be imported for want of a file descriptor (EMFILE: an OSError)."""
     try:
         from setproctitle import setproctitle
-    except ImportError:
+    except (ImportError, OSError):
         return
     setproctitle(title)
