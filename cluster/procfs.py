@@ -195,34 +195,3 @@ def reap_if_ours(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-
-
-@dataclass(frozen=True)
-class Memory:
-    """One process's memory in kB, from /proc/PID/smaps_rollup. ``uss``: the pages only it
-    maps (what ending it would give back); ``pss``: its share of every page, each divided by
-    the number of processes mapping it; ``rss``: every page it maps, shared or not."""
-
-    uss: int = 0
-    pss: int = 0
-    rss: int = 0
-
-
-def parse_memory(text: str) -> Memory:
-    """The ``Memory`` in the text of one smaps_rollup (or smaps) file."""
-    totals = {"Private_Clean:": 0, "Private_Dirty:": 0, "Pss:": 0, "Rss:": 0}
-    for line in text.splitlines():
-        name, _, rest = line.partition(" ")
-        if name in totals:
-            totals[name] += int(rest.split()[0])
-    uss = totals["Private_Clean:"] + totals["Private_Dirty:"]
-    return Memory(uss=uss, pss=totals["Pss:"], rss=totals["Rss:"])
-
-
-def memory(pid: int) -> Memory | None:
-    """What ``pid`` holds now; None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            return parse_memory(fh.read())
-    except OSError:
-        return None

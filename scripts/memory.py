@@ -41,7 +41,7 @@ from cluster.procfs import Memory, alive, children, descendants, memory
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Memory"
 SERVERS = ("cluster sync", "cluster thread", "gunicorn sync")
-MIB = 1024.0
+MIB = 1024.0 * 1024.0  # procfs.memory counts bytes
 
 
 @dataclass

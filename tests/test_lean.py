@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import socket
 import sys
 import textwrap
@@ -21,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from cluster import heap
-from cluster.procfs import Memory, memory, parse_memory
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -100,16 +98,6 @@ def test_thaw_collects_the_cycles_that_freeze_kept() -> None:
         assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
-
-
-def test_parse_memory_sums_private_pages_into_uss() -> None:
-    text = ("Rss:               20000 kB\nPss:                5000 kB\nPss_Anon:  4000 kB\n"
-            "Shared_Clean:      15000 kB\nPrivate_Clean:       100 kB\n"
-            "Private_Dirty:      2900 kB\n")  # fmt: skip
-    assert parse_memory(text) == Memory(uss=3000, pss=5000, rss=20000)
-    assert memory(2**22 + 12345) is None  # no such pid
-    mine = memory(os.getpid())
-    assert mine is not None and 0 < mine.uss <= mine.rss
 
 
 def test_memory_section_replaced_in_place_or_appended(tmp_path: Path) -> None:
