@@ -284,3 +284,11 @@ def pytest_collection_modifyitems(items: list) -> None:
     them while the other workers idle (the order of tests within a module stays)."""
     rank = {name: n for n, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: two test processes per CPU, not one. Most tests spend their time waiting
+    on real masters, timers and sockets, not computing: on 2 cores, 4 test processes finish
+    the suite in about 110 s where 2 took 170 s. (The CPU-bound checks, the benchmarks, are
+    not tests.)"""
+    return 2 * (os.cpu_count() or 1)
