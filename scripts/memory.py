@@ -50,7 +50,7 @@ class Sample:
     workers: int
     master: Memory
     each: list[Memory]  # one per worker
-    breakdown: dict[str, int] | None = None  # kB private per kind of mapping, one worker
+    breakdown: dict[str, int] | None = None  # bytes private per kind of mapping, one worker
 
 
 def command(server: str, workers: int, app: str) -> tuple[list[str], Callable[[str], bool]]:
@@ -120,7 +120,7 @@ def settle(pids: list[int], timeout: float) -> list[Memory]:
 
 
 def breakdown(pid: int) -> dict[str, int]:
-    """kB private to ``pid`` per kind of mapping, from /proc/PID/smaps."""
+    """Bytes private to ``pid`` per kind of mapping, from /proc/PID/smaps (in kB there)."""
     kinds: dict[str, int] = {}
     kind = "other"
     try:
@@ -135,7 +135,7 @@ def breakdown(pid: int) -> dict[str, int]:
                     "anonymous (Python's arenas)" if not path else
                     "libpython's data" if "libpython" in path else "other files")  # fmt: skip
         elif fields[0] in ("Private_Clean:", "Private_Dirty:"):
-            kinds[kind] = kinds.get(kind, 0) + int(fields[1])
+            kinds[kind] = kinds.get(kind, 0) + int(fields[1]) * 1024
     return kinds
 
 
@@ -151,8 +151,8 @@ def measure(server: str, workers: int, app: str, want_breakdown: bool) -> Sample
     return Sample(server, workers, readings[0], readings[1:], detail)
 
 
-def mib(kb: float) -> str:
-    return f"{kb / MIB:.2f}"
+def mib(size: float) -> str:
+    return f"{size / MIB:.2f}"
 
 
 def table(samples: list[Sample]) -> str:

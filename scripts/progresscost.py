@@ -44,6 +44,7 @@ def main() -> None:
     b, peer2 = socket.socketpair()
     marked = ClientSocket(b.family, b.type, b.proto, fileno=b.detach())
     marked.between = False
+    marked._deadline = time.monotonic() + 3600  # a request deadline runs, as with the default
     marked.attach(slot.doubles, slot.io_index(0))
     results = {"plain socket": [], "ClientSocket (a read within a request)": [],
                "ClientSocket (the wait for the next request)": []}  # fmt: skip
