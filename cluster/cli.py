@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "say speaks_first = True and skip it)")  # fmt: skip
     run.add_argument("--defer-accept", action=argparse.BooleanOptionalAction,
                      help="TCP_DEFER_ACCEPT on TCP listeners: the kernel holds a new connection "
-                     "until its client sends something, for up to --request-timeout (default "
-                     "off; never with handlers that speak first)")  # fmt: skip
+                     "until its client sends something, for a second (default on; off by "
+                     "itself for handlers that say speaks_first = True)")  # fmt: skip
     run.add_argument("--max-connections", type=int, metavar="N",
                      help="connections a worker holds at once, in its handlers and its "
                      "waiting room; the rest wait in the listen queue (default: handlers + 64)")  # fmt: skip

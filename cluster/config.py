@@ -52,7 +52,7 @@ class Config:
     keep_alive: float = 5.0  # close a connection idle between requests this long; 0: never
     request_timeout: float = 30.0  # the deadline for reading one request; 0: none
     waiting_room: bool = True  # silent new connections wait in a room, not in a handler
-    defer_accept: bool = False  # TCP_DEFER_ACCEPT: the kernel holds silent connections
+    defer_accept: bool = True  # TCP_DEFER_ACCEPT: the kernel holds silent connections a while
     max_connections: int = 0  # per worker, in handlers and the room; 0: handlers + 64
     max_requests: int = 0  # recycle a worker after this many requests; 0: never
     max_requests_jitter: int = 0

@@ -22,7 +22,7 @@ from cluster import pool
 from cluster.app import load_handler
 from cluster.backoff import Backoff
 from cluster.config import Config
-from cluster.listeners import Listener, defer_accept
+from cluster.listeners import Listener
 from cluster.sources import rules_for
 from cluster.spawn import WorkerProcess
 from workers.runtime import modes
@@ -30,8 +30,6 @@ from workers.runtime.mode import Mode
 from workers.runtime.privileges import Identity
 from workers.runtime.scoreboard import Scoreboard, SlotView
 from workers.runtime.spec import Endpoint, WorkerSpec
-
-DEFAULT_DEFER = 30.0  # seconds the kernel holds silent connections without --request-timeout
 
 
 @dataclass(eq=False)
@@ -82,10 +80,6 @@ class Generation:
         self.lanes = self.mode.lanes(self.config)
         # Twice the bound: retiring workers overlap their replacements (recycling, scaling).
         self.scoreboard = Scoreboard(2 * self.config.pool_bound, self.lanes, len(self.listeners))
-        # The kernel's half of --defer-accept, on the shared sockets: the newest config's.
-        held = self.config.request_timeout or DEFAULT_DEFER if self.config.defer_accept else 0
-        for listener in self.listeners:
-            defer_accept(listener, held)
 
     def __iter__(self) -> Iterator[Worker]:
         return iter(list(self.workers.values()))
@@ -123,6 +117,7 @@ class Generation:
             beat_every=beat_every, identity=identity,
             request_timeout=config.request_timeout,
             waiting_room=config.waiting_room, max_connections=config.max_connections,
+            defer_accept=config.defer_accept,
         )  # fmt: skip
 
     def loader(self) -> Callable[[str | None], type]:

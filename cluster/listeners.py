@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import re
 import socket
@@ -474,18 +473,3 @@ def adopt(spec: BindSpec, fd: int) -> Listener:
 def diff_binds(current: list[str], wanted: list[str]) -> tuple[list[str], list[str]]:
     """For a reload: (bind texts to open, bind texts to close); the rest stay as they are."""
     return [t for t in wanted if t not in current], [t for t in current if t not in wanted]
-
-
-def defer_accept(listener: Listener, seconds: float) -> None:
-    """Have the kernel hold a TCP listener's new connections until their client sends
-    something (at most about ``seconds``; 0 turns it off), so that silent clients never
-    reach a worker. Linux counts in SYN-ACK retransmissions, so the real wait is rounded up
-    to the next of 1, 3, 7, 15, 31... seconds; connections still silent then are let through
-    (the workers' waiting room takes them)."""
-    if listener.kind != "tcp" or listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    try:
-        listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
-                                 math.ceil(seconds))  # fmt: skip
-    except (OSError, AttributeError):
-        pass  # not Linux: the waiting room alone does the job

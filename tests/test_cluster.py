@@ -239,9 +239,9 @@ def test_no_zombies_after_many_worker_deaths(start_cluster) -> None:
 
 def test_a_saturated_listener_does_not_starve_another(start_cluster) -> None:
     """One sync worker, two listeners, a backlog queued on both: it takes from them in turn."""
-    # No waiting room: the silent blocker below must hold the one worker.
+    # No waiting room, no TCP_DEFER_ACCEPT: the silent blocker below must hold the one worker.
     cluster = start_cluster("testapps:Sequence", "-w", "1", "-b", "127.0.0.1:0",
-                            "-b", "127.0.0.1:0", "--no-waiting-room")  # fmt: skip
+                            "-b", "127.0.0.1:0", "--no-waiting-room", "--no-defer-accept")  # fmt: skip
     first, second = (("127.0.0.1", int(uri.rsplit(":", 1)[1])) for uri in cluster.uris)
     blocker = tcp_connect(first)  # sends nothing yet: the only worker waits on it
     wait_for(lambda: cluster.workers() and accept_queue_empty(first), 5, "the blocker accepted")

@@ -98,10 +98,13 @@ def silent_clients(address: object, count: int) -> list[socket.socket]:
     return socks
 
 
+@pytest.mark.parametrize("held_by", ["kernel", "room"])
 def test_sync_ten_silent_clients_against_two_workers_delay_no_reply_past_half_a_second(
-    start_cluster,
+    start_cluster, held_by
 ) -> None:
-    cluster = start_cluster("http-hello", "-w", "2", "-b", "127.0.0.1:0")
+    """By default the kernel holds them (TCP_DEFER_ACCEPT); without it, the waiting room."""
+    room_only = ["--no-defer-accept"] if held_by == "room" else []
+    cluster = start_cluster("http-hello", "-w", "2", "-b", "127.0.0.1:0", *room_only)
     address = cluster.address()
     silent = silent_clients(address, 10)
     try:
@@ -198,8 +201,20 @@ def test_thread_mode_max_connections_leaves_the_excess_in_the_listen_queue(
 ) -> None:
     """2 threads and ``--max-connections 3``: one place in the waiting room. Of 4 silent
     connections, the worker holds one; the other 3 stay in the kernel's queue."""
-    cluster = start_cluster("echo", "-w", "1", "-k", "thread", "--threads", "2",
-                            "--max-connections", "3", "-b", "127.0.0.1:0")  # fmt: skip
+    cluster = start_cluster(
+        "echo",
+        "-w",
+        "1",
+        "-k",
+        "thread",
+        "--threads",
+        "2",
+        "--max-connections",
+        "3",
+        "-b",
+        "127.0.0.1:0",
+        "--no-defer-accept",
+    )  # fmt: skip (silent clients reach the room)
     address = cluster.address()
     silent = silent_clients(address, 4)
     try:
@@ -283,10 +298,11 @@ def test_a_worker_near_its_fd_limit_logs_one_line_per_episode(start_cluster) -> 
 
 
 def test_defer_accept_keeps_silent_tcp_clients_in_the_kernel(start_cluster) -> None:
-    """No waiting room, one sync worker: only the kernel's TCP_DEFER_ACCEPT keeps the silent
-    client from holding the worker (without it, the good request would wait behind it)."""
+    """No waiting room, one sync worker: only the kernel's TCP_DEFER_ACCEPT (on by default)
+    keeps the silent clients from holding the worker (with --no-defer-accept, the good request
+    waits behind them)."""
     cluster = start_cluster("http-hello", "-w", "1", "-b", "127.0.0.1:0", "--no-waiting-room",
-                            "--defer-accept", "--request-timeout", "5")  # fmt: skip
+                            "--request-timeout", "5")  # fmt: skip
     address = cluster.address()
     silent = silent_clients(address, 3)
     try:

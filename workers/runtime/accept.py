@@ -26,7 +26,7 @@ from workers.runtime.access import ACCESS, ROLE
 from workers.runtime.client import CONNECTIONS, IDLE_GRACE, ClientSocket, CountingClientSocket
 from workers.runtime.context import CURRENT, Context
 from workers.runtime.lifecycle import Lifecycle, master_alive
-from workers.runtime.room import WaitingRoom, has_data
+from workers.runtime.room import WaitingRoom, defer_accept, has_data
 from workers.runtime.scoreboard import WorkerSlot
 from workers.servers import BaseServer
 
@@ -96,6 +96,8 @@ class AcceptLoop:
         # mode's threads or children), unless the protocol has the server speak first.
         self.waits = {s for s in self.streams
                       if not getattr(s.RequestHandlerClass, "speaks_first", False)}  # fmt: skip
+        for server in self.streams:  # the kernel's half of holding silent clients
+            defer_accept(server.socket, spec.defer_accept and server in self.waits)
         places = spec.connection_bound(handlers) - handlers
         self.room = (
             WaitingRoom(self.poller, places, spec.request_timeout)

@@ -11,9 +11,10 @@ first, it is closed, and the cut is logged (rate-limited), naming the client.
 A handler whose protocol has the server speak first (a greeting, a banner) would wait for
 ever with its client: it says so with the class attribute ``speaks_first = True``, and its
 listener's connections go straight to a handler. ``--no-waiting-room`` turns the room off for
-every listener. With ``--defer-accept`` the kernel keeps silent TCP connections to itself in
-the first place (``TCP_DEFER_ACCEPT``); the room still catches those it lets through when its
-own wait ends, and serves Unix stream listeners, which have no such option.
+every listener. On TCP listeners the kernel also holds a new connection until its client
+sends something, for a second (``TCP_DEFER_ACCEPT``, ``--no-defer-accept`` to turn it off):
+most connections then arrive with their request, and the room only catches those the kernel
+lets through when its wait ends, and serves Unix stream listeners, which have no such option.
 
 The room is bounded (``capacity``): a worker whose room is full accepts nothing more until a
 place frees up, so the rest wait in the kernel's queue, for it or another worker. A room full
@@ -33,8 +34,24 @@ from time import monotonic
 from workers.runtime.client import CUTS, peer
 
 _recv = socket.socket.recv
+DEFER_SECONDS = 1  # how long the kernel holds a silent TCP connection (TCP_DEFER_ACCEPT)
 EVICT_AFTER = 5.0  # seconds of silence after which a full room gives up its oldest place
 PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # a plain int: IntFlag arithmetic is slow
+
+
+def defer_accept(sock: socket.socket, on: bool) -> None:
+    """The kernel's half: on a TCP listener, have it hold each new connection until its client
+    sends something, for DEFER_SECONDS at most, so that the connections a worker accepts
+    have their request already (no parking, no hand-off) and silent ones never reach it at
+    all for a while. Set by every worker at boot (the master never imports the app, so only
+    a worker knows whether its handler speaks first); off for those that do. Linux lets a
+    connection through when its wait ends even with nothing sent: the room takes it then."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_SECONDS if on else 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the waiting room alone does the job
 
 
 def has_data(sock: socket.socket) -> bool:

@@ -76,6 +76,9 @@ class WorkerSpec:
     request_timeout: float = 30.0  # the deadline for reading one request (0: none)
     waiting_room: bool = True  # silent new connections wait in a room, not in a handler
     max_connections: int = 0  # connections held at once, handlers' and room's (0: see below)
+    defer_accept: bool = (
+        True  # TCP_DEFER_ACCEPT on TCP listeners whose handler does not speak first
+    )
     identity: Identity | None = None  # --user/--group: whom to become before the app loads
 
     def connection_bound(self, handlers: int) -> int:
