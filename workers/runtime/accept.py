@@ -158,11 +158,11 @@ class AcceptLoop:
         waited = False
         room = self.room
         while self.lifecycle.running:
-            if room is not None:
-                if room.incoming:
-                    room.admit()
+            if room is not None and len(room):  # one look per request while it is empty
+                room.admit()
                 if room.parked:
                     room.check()
+                    room.expire(time.monotonic())  # under load, wait() may never come
                 if (ready := room.take()) is not None:
                     return ready
                 if not room.make_place(time.monotonic()):  # full: nothing more until a

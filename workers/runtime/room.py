@@ -67,18 +67,17 @@ def has_data(sock: socket.socket) -> bool:
 
 
 class WaitingRoom:
-    """Silent connections, oldest first, each with the time it must have spoken by."""
+    """Silent connections, oldest first, each with the time it was parked."""
 
     def __init__(self, poller: select.epoll, capacity: int, timeout: float) -> None:
         self.poller = poller  # the accept loop's: a parked connection wakes it when it speaks
         self.capacity = capacity
         self.timeout = timeout  # --request-timeout; 0: they may wait for ever (within capacity)
         self.parked: OrderedDict[int, tuple[object, socket.socket, object, float]] = OrderedDict()
-        self.ready: list[tuple[object, socket.socket, object]] = []
+        self.ready: deque[tuple[object, socket.socket, object]] = deque()
         # Handed in by a thread-mode handler thread that took a connection on its own
         # (without the accept loop's lock): the loop parks them at its next turn.
         self.incoming: deque[tuple[object, socket.socket, object]] = deque()
-        self.since: dict[int, float] = {}  # when each was parked, where no timeout tells
 
     def __len__(self) -> int:
         return len(self.parked) + len(self.ready) + len(self.incoming)
@@ -97,8 +96,7 @@ class WaitingRoom:
             return True
         if not self.parked:
             return False
-        fd, (_, sock, _, expires) = next(iter(self.parked.items()))
-        parked_at = expires - self.timeout if self.timeout else self.since[fd]
+        fd, (_, sock, _, parked_at) = next(iter(self.parked.items()))
         if now - parked_at < EVICT_AFTER:
             return False
         CUTS.warning("cut client %s: silent for %.0fs while the waiting room was full",
@@ -108,10 +106,7 @@ class WaitingRoom:
 
     def park(self, server: object, sock: socket.socket, client: object) -> None:
         fd = sock.fileno()
-        expires = monotonic() + self.timeout if self.timeout else float("inf")
-        self.parked[fd] = (server, sock, client, expires)
-        if not self.timeout:
-            self.since[fd] = monotonic()
+        self.parked[fd] = (server, sock, client, monotonic())
         self.poller.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
 
     def hand_in(self, server: object, sock: socket.socket, client: object, wake_fd: int) -> None:
@@ -131,12 +126,11 @@ class WaitingRoom:
     def spoke(self, fd: int) -> None:
         """The connection on ``fd`` is readable: on to the handlers, in turn."""
         server, sock, client, _ = self.parked.pop(fd)
-        self.since.pop(fd, None)
         self.poller.unregister(fd)
         self.ready.append((server, sock, client))
 
     def take(self) -> tuple[object, socket.socket, object] | None:
-        return self.ready.pop(0) if self.ready else None
+        return self.ready.popleft() if self.ready else None
 
     def check(self) -> None:
         """Move the parked connections that spoke since the last look to ``ready``, without
@@ -148,16 +142,16 @@ class WaitingRoom:
 
     def next_expiry(self) -> float:
         """When the oldest parked connection runs out of time (inf: none does)."""
-        for _, _, _, expires in self.parked.values():
-            return expires  # parked in order, all with the same timeout
+        if not self.timeout:
+            return float("inf")
+        for _, _, _, parked_at in self.parked.values():
+            return parked_at + self.timeout  # parked in order, all with the same timeout
         return float("inf")
 
     def expire(self, now: float) -> None:
         """Close the connections that stayed silent for the whole ``--request-timeout``."""
-        while self.parked:
-            fd, (_, sock, _, expires) = next(iter(self.parked.items()))
-            if expires > now:
-                return
+        while self.parked and self.next_expiry() <= now:
+            fd, (_, sock, _, _) = next(iter(self.parked.items()))
             CUTS.warning("cut client %s: sent nothing within --request-timeout %gs (a handler "
                          "whose protocol has the server speak first says speaks_first = True)",
                          peer(sock), self.timeout)  # fmt: skip
@@ -166,15 +160,18 @@ class WaitingRoom:
     def wait_full(self, wake_fd: int, timeout: float) -> list[tuple[int, int]]:
         """Wait, while the room is full, for a parked connection to speak or a signal, but
         not for the listeners: a full worker must not be woken by connections it cannot take."""
+        return self._poll_parked(timeout, wake_fd)
+
+    def _poll_parked(self, timeout: float, *also: int) -> list[tuple[int, int]]:
+        """Wait for the parked connections (and ``also``) alone: the accept loop's epoll
+        would return at once for a listener with connections queued."""
         poller = select.poll()
-        poller.register(wake_fd, select.POLLIN)
-        for fd in self.parked:
+        for fd in (*also, *self.parked):
             poller.register(fd, select.POLLIN)
         return poller.poll(max(0.0, timeout) * 1000.0)
 
     def drop(self, fd: int) -> None:
         _, sock, _, _ = self.parked.pop(fd)
-        self.since.pop(fd, None)
         self.poller.unregister(fd)
         _close(sock)
 
@@ -185,14 +182,11 @@ class WaitingRoom:
         deadline = monotonic() + within
         self.admit()
         while self.parked and (left := deadline - monotonic()) > 0:
-            poller = select.poll()
-            for fd in self.parked:
-                poller.register(fd, select.POLLIN)
-            for fd, _ in poller.poll(left * 1000.0):
+            for fd, _ in self._poll_parked(left):
                 self.spoke(fd)
         for fd in list(self.parked):
             self.drop(fd)
-        ready, self.ready = self.ready, []
+        ready, self.ready = list(self.ready), deque()
         return ready
 
     def close(self) -> None:
@@ -201,7 +195,7 @@ class WaitingRoom:
             self.drop(fd)
         for _, sock, _ in self.ready:
             _close(sock)
-        self.ready = []
+        self.ready.clear()
 
 
 def _close(sock: socket.socket) -> None:
