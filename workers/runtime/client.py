@@ -130,13 +130,15 @@ class ClientSocket(socket.socket):
         _sendall(self, data, flags)
 
     def _by_deadline(self, now, read, eof, *args):  # noqa: ANN001, ANN202
-        """A read within a request whose clock runs: it returns by the deadline, with the
-        bytes that came, or with end-of-file once the deadline has passed.
+        """A read within a request whose clock runs that could not be served at once: it
+        returns by the deadline, with the bytes that came, or with end-of-file once the
+        deadline has passed.
 
-        Data already there costs one system call, as before (``MSG_DONTWAIT``); only a read
-        that would wait polls first, for no longer than what is left. A handler's own socket
-        timeout keeps its meaning (``TimeoutError`` when it is the shorter), and a handler
-        that does non-blocking I/O itself is only cut at its next read past the deadline.
+        ``recv``/``recv_into`` already tried the common case (data there, a blocking socket:
+        one ``MSG_DONTWAIT`` system call); here a read that would wait polls first, for no
+        longer than what is left. A handler's own socket timeout keeps its meaning
+        (``TimeoutError`` when it is the shorter), and a handler that does non-blocking I/O
+        itself is only cut at its next read past the deadline.
         """
         left = self._deadline - now
         if left <= 0.0:
@@ -144,11 +146,6 @@ class ClientSocket(socket.socket):
         timeout = self.gettimeout()
         if timeout == 0.0:
             return read(self, *args)
-        if timeout is None:
-            try:
-                return read(self, *args[:-1], args[-1] | _DONTWAIT)
-            except BlockingIOError:
-                pass
         while True:
             wait = left if timeout is None else min(left, timeout)
             if readable(self, wait):
