@@ -19,6 +19,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -84,6 +85,9 @@ class AcceptLoop:
         self.starved_at = float("-inf")  # when it last did
         self.refused = 0  # accepts that failed so in this episode
         self.paused = False  # the next wait is a pause: the listener would wake us at once
+        # Held around ``take``: thread mode's threads also take connections on their own,
+        # beside the one in ``next`` (the listener turn, the counts, the starving episode).
+        self.taking = threading.Lock()
         # Stream listeners whose connections can hold a worker for long (see step_back).
         self.streams = {s for s in servers if getattr(s, "socket_type", None) == socket.SOCK_STREAM}
         self.accepted = [context.slot.accepted_index(n) for n in range(len(servers))]
@@ -104,14 +108,21 @@ class AcceptLoop:
             if spec.waiting_room and self.waits and places > 0 else None
         )  # fmt: skip
 
-    def take(self, servers: list[BaseServer] | None = None) -> Taken | None:
+    def take(self, servers: list[BaseServer] | None = None, wait: bool = True) -> Taken | None:
         """One queued request from any listener (of ``servers``, by default all), or None
-        when all are empty right now.
+        when all are empty right now (or, without ``wait``, when another thread is taking).
 
         The listeners are tried in turn, starting after the one that gave the last request, so
         that a saturated listener cannot starve the others.
         """
-        servers = servers or self.servers
+        if not self.taking.acquire(wait):
+            return None
+        try:
+            return self._take(servers or self.servers)
+        finally:
+            self.taking.release()
+
+    def _take(self, servers: list[BaseServer]) -> Taken | None:
         count = len(servers)
         for step in range(count):
             index = (self.turn + step) % count

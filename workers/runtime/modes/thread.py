@@ -36,9 +36,11 @@ HOT_WAIT = 0.002
 class Followers:
     """``size`` handler threads that share one accept loop under a leader lock.
 
-    Whoever holds ``leader`` is the only thread in the accept loop (its state, the waiting
-    room, the request count are touched under it alone). Thread ``n`` runs its requests in
-    scoreboard lane ``n``.
+    Whoever holds ``leader`` is the only thread that waits in the accept loop and parks in
+    its waiting room. A thread just done with a request may also take the next connection
+    on its own (``_hot``): the loop's ``take`` has a lock of its own for that (tried, never
+    waited for, on that path), and what it cannot serve at once it hands in to the room; the request count has ``counting``.
+    Thread ``n`` runs its requests in scoreboard lane ``n``.
     """
 
     def __init__(self, size: int, loop: AcceptLoop, context: Context) -> None:
@@ -78,7 +80,7 @@ class Followers:
         loop = self.loop
         if loop.room is not None and loop.room.full:
             return None
-        taken = loop.take()
+        taken = loop.take(wait=False)  # another thread taking: we go and queue as a follower
         if taken is None:
             return None
         if loop.needs_room(taken[0], taken[1]) and not readable(taken[1], HOT_WAIT):  # type: ignore[arg-type]
