@@ -8,6 +8,7 @@ file descriptors cost the log a bounded number of lines.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import select
@@ -273,7 +274,7 @@ def test_a_worker_near_its_fd_limit_logs_one_line_per_episode(start_cluster) -> 
                             "127.0.0.1:0")  # fmt: skip
     (worker,) = cluster.workers()
     address = cluster.address()
-    used = len(__import__("os").listdir(f"/proc/{worker}/fd"))
+    used = len(os.listdir(f"/proc/{worker}/fd"))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.prlimit(worker, resource.RLIMIT_NOFILE, (used + 4, hard))
     socks: list[socket.socket] = []

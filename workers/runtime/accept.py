@@ -158,6 +158,8 @@ class AcceptLoop:
         self.starved_at = now
         self.refused += 1
         self.paused = True
+        if self.room is not None:  # silent clients' fds are better spent on one that speaks
+            self.room.give_up_oldest(now, "the worker was out of file descriptors")
 
     def needs_room(self, server: BaseServer, request: object) -> bool:
         """Whether a connection just taken goes to the waiting room: its client has sent

@@ -92,15 +92,18 @@ class WaitingRoom:
     def make_place(self, now: float) -> bool:
         """Full: close the oldest connection if it has been silent EVICT_AFTER or more (a
         flood of silent clients), and say whether a place is free now."""
-        if not self.full:
-            return True
+        return not self.full or self.give_up_oldest(now, "the waiting room was full")
+
+    def give_up_oldest(self, now: float, why: str) -> bool:
+        """Close the oldest parked connection if it has been silent EVICT_AFTER or more:
+        places, or file descriptors, are wanted for clients that speak."""
         if not self.parked:
             return False
         fd, (_, sock, _, parked_at) = next(iter(self.parked.items()))
         if now - parked_at < EVICT_AFTER:
             return False
-        CUTS.warning("cut client %s: silent for %.0fs while the waiting room was full",
-                     peer(sock), now - parked_at)  # fmt: skip
+        CUTS.warning("cut client %s: silent for %.0fs while %s", peer(sock), now - parked_at,
+                     why)  # fmt: skip
         self.drop(fd)
         return True
 
