@@ -17,6 +17,21 @@ pytestmark = pytest.mark.timeout(60)
 GET = b"GET /%d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
 
+def write_after_reopen(cluster, port: int, main: Path) -> None:  # noqa: ANN001
+    """After a reopen: the master and both workers said so in the new ``main`` log, each
+    worker's next error lands there too (whichever worker takes the requests), and the
+    cluster then stops cleanly."""
+    wait_for(lambda: sum("reopened" in line for line in lines(main)) == 3, 10,
+             "the master's reopen and both workers'")  # fmt: skip
+    for workers in range(2):
+        stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"boom\n")
+        stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"after %d\n" % workers)
+    wait_for(lambda: sum("RuntimeError: boom" in line for line in lines(main)) == 2, 10,
+             "the workers' errors in the new file")  # fmt: skip
+    cluster.signal(signal.SIGTERM)
+    assert cluster.wait_exit() == 0
+
+
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -70,15 +85,7 @@ def test_usr1_reopens_the_logs_in_the_master_and_the_workers(start_cluster, tmp_
     main.rename(tmp_path / "main.log.1")
     access.rename(tmp_path / "access.log.1")
     cluster.signal(signal.SIGUSR1)
-    wait_for(lambda: sum("reopened" in line for line in lines(main)) == 3, 10,
-             "the master's reopen and both workers'")  # fmt: skip
-    for workers in range(2):  # whichever worker takes them, both reopened
-        stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"boom\n")
-        stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"after %d\n" % workers)
-    wait_for(lambda: sum("RuntimeError: boom" in line for line in lines(main)) == 2, 10,
-             "the workers' errors in the new file")  # fmt: skip
-    cluster.signal(signal.SIGTERM)
-    assert cluster.wait_exit() == 0
+    write_after_reopen(cluster, port, main)
     assert len(lines(access)) == 4 and len(lines(tmp_path / "access.log.1")) == 1
     assert not any("boom requested" in line for line in lines(tmp_path / "main.log.1"))
 
