@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cluster import procfs
 from cluster.generation import Worker
 from workers.runtime.escalation import overdue, stalled_for
 from workers.runtime.scoreboard import LaneView, SlotView
@@ -79,12 +80,22 @@ class Watchdog:
     def __init__(self) -> None:
         self.due = 0.0
         self.counts: dict[int, tuple[int, float]] = {}  # pid -> (requests seen, since when)
+        self.stopped: dict[int, float] = {}  # pid -> since when we saw it stopped (SIGSTOP)
 
     def next_deadline(self) -> float:
         return self.due
 
     def forget(self, pid: int) -> None:
         self.counts.pop(pid, None)
+        self.stopped.pop(pid, None)
+
+    def stopped_for(self, pid: int, now: float) -> float:
+        """How long ``pid`` has been seen stopped (state T: SIGSTOP, not a debugger's
+        trace stop), 0 while it runs."""
+        if procfs.state(pid) != "T":
+            self.stopped.pop(pid, None)
+            return 0.0
+        return now - self.stopped.setdefault(pid, now)
 
     def scan(self, workers: Iterable[Worker], now: float) -> list[Hung]:
         """The workers to put down; ``idle`` is left holding those with a connection idle
@@ -111,6 +122,12 @@ class Watchdog:
                                               f"progress for {stalled:.1f}s, past --timeout "
                                               f"{timeout:g}s"))  # fmt: skip
                     continue
+            # A worker stopped inside a request whose read waits for its client looks like
+            # it waits, not hangs, and a stopped one never beats: ask the kernel.
+            if view.state == "busy" and (stopped := self.stopped_for(worker.pid, now)) > interval:
+                found.append(Hung(worker, f"stopped (SIGSTOP) for {stopped:.1f}s in the middle "
+                                          f"of a request (watchdog interval {interval:g}s)"))  # fmt: skip
+                continue
             keep_alive = generation.config.keep_alive
             if keep_alive:
                 period = min(period, keep_alive / SCANS_PER_INTERVAL)

@@ -186,6 +186,30 @@ def test_a_stopped_idle_worker_is_found_dumped_and_replaced(start_cluster) -> No
     assert stream_roundtrip(tcp_connect(cluster.address()), b"back") == b"back"
 
 
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+def test_a_worker_stopped_while_its_request_waits_for_the_client_is_replaced(
+    start_cluster, mode
+) -> None:
+    """SIGSTOP a worker whose request is waiting for its client's next bytes: that wait is
+    progress to the scoreboard, and a stopped worker beats no heartbeat, so only the kernel
+    tells (state T). Within the watchdog interval (--timeout 2) and a scan, it is named,
+    killed and replaced, and a new client is served."""
+    cluster = start_cluster("echo", "-w", "1", "-k", mode, "--timeout", "2",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    (stopped,) = cluster.workers()
+    held = tcp_connect(cluster.address())
+    held.sendall(b"first")
+    assert held.recv(5) == b"first"  # echoed, and the connection open: its handler reads again
+    os.kill(stopped, signal.SIGSTOP)
+    started = time.monotonic()
+    cluster.wait_log(rf"worker {stopped} \(slot 0\): stopped \(SIGSTOP\) for [\d.]+s in the "
+                     r"middle of a request", timeout=10)  # fmt: skip
+    wait_for(lambda: (w := cluster.workers()) and stopped not in w, 10, "a new worker")
+    assert time.monotonic() - started < 2 + 1 + 1 + 2  # interval, scan, grace, slack
+    held.close()
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"back") == b"back"
+
+
 def test_a_busy_worker_under_load_is_not_taken_for_silent(start_cluster) -> None:
     """Under steady load a sync worker goes from request to request without the idle wait
     that beats its heartbeat; its moving request count keeps the watchdog quiet."""
