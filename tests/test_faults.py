@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.procfs import stat_state
 from loadtest import Events, LoadConfig, run
 from tests.conftest import Cluster, read_line, stream_roundtrip, tcp_connect
 from tests.procs import alive, children, every, holds_for, sample_until, state, wait_for
@@ -186,6 +187,13 @@ def test_a_stopped_idle_worker_is_found_dumped_and_replaced(start_cluster) -> No
     assert stream_roundtrip(tcp_connect(cluster.address()), b"back") == b"back"
 
 
+def all_asleep(pid: int) -> bool:
+    """Every thread of ``pid`` blocked in a system call (state S): an echo worker whose
+    client sent nothing more sits in its handler's read."""
+    tasks = os.listdir(f"/proc/{pid}/task")
+    return all(stat_state(f"/proc/{pid}/task/{tid}/stat") == "S" for tid in tasks)
+
+
 @pytest.mark.parametrize("mode", ["sync", "thread"])
 def test_a_worker_stopped_while_its_request_waits_for_the_client_is_replaced(
     start_cluster, mode
@@ -200,6 +208,7 @@ def test_a_worker_stopped_while_its_request_waits_for_the_client_is_replaced(
     held = tcp_connect(cluster.address())
     held.sendall(b"first")
     assert held.recv(5) == b"first"  # echoed, and the connection open: its handler reads again
+    wait_for(lambda: all_asleep(stopped), 5, "the handler back in its read")
     os.kill(stopped, signal.SIGSTOP)
     started = time.monotonic()
     cluster.wait_log(rf"worker {stopped} \(slot 0\): stopped \(SIGSTOP\) for [\d.]+s in the "
