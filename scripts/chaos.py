@@ -23,7 +23,8 @@ How a run goes:
   connection per request on stream targets, which is what a reload's accept hand-over is
   about). Loadtest refuses anything but loopback and Unix targets.
 - **The actions**: a thread, started with the load, runs one action every ``--every`` seconds,
-  taking ``--actions`` in turn, until ``--duration`` is over. An action is one small function
+  taking ``--actions`` in turn, until ``--duration`` is over (or, with ``--rounds N``, after
+  each action has been taken N times; the load still runs to ``--duration``). An action is one small function
   registered in ``ACTIONS`` with ``@action(name)``; it acts on ``chaos.master`` and records
   what it did with ``chaos.mark(label)``, an event with a timestamp that shows on the plot and
   in the summary. A failing action (the master is gone, an upgrade that never completes) is a
@@ -398,13 +399,22 @@ def perform(chaos: Chaos, name: str) -> None:
 
 
 def act_on_schedule(
-    chaos: Chaos, names: Sequence[str], duration: float, done: threading.Event
+    chaos: Chaos,
+    names: Sequence[str],
+    duration: float,
+    done: threading.Event,
+    rounds: int | None = None,
 ) -> None:
-    """Every ``every`` seconds the next action in turn, until ``duration``. A tick missed
-    while an action was busy (an upgrade waits for the old master) is skipped, not bunched."""
+    """Every ``every`` seconds the next action in turn, until ``duration`` or, with
+    ``rounds``, until every action has been taken that many times. A tick missed while an
+    action was busy (an upgrade waits for the old master) is skipped, not bunched: the turn
+    waits for the next tick, so that with ``rounds`` each action is taken, in its order."""
     start = time.monotonic()
     turn = itertools.cycle(names)
+    left = None if rounds is None else rounds * len(names)
     for tick in itertools.count(1):
+        if left == 0:
+            return
         at = start + tick * chaos.every
         if at >= start + duration:
             return
@@ -413,6 +423,7 @@ def act_on_schedule(
         if done.wait(at - time.monotonic()):
             return
         perform(chaos, next(turn))
+        left = None if left is None else left - 1
 
 
 # ----------------------------------------------------------------------------- our cluster
@@ -552,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--actions", default="hup,ttin,ttou", metavar="A,B",
         help=f"taken in turn, one per interval: {', '.join(ACTIONS)} (default hup,ttin,ttou)")  # fmt: skip
     add("--every", type=float, default=1.0, metavar="S", help="seconds between actions (1.0)")
+    add("--rounds", type=int, metavar="N",
+        help="take each action N times, then only load (default: until --duration)")  # fmt: skip
     add("--max-errors", type=int, metavar="N",
         help="pass with at most N load errors (default 0; with kill-idle: no limit)")  # fmt: skip
     add("--burst", type=int, default=8, metavar="N",
@@ -598,6 +611,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--duration must be within (0, {MAX_DURATION:g}] s, got {args.duration}")
     if not MIN_EVERY <= args.every <= args.duration:
         raise UsageError(f"--every must be within {MIN_EVERY:g}..--duration s, got {args.every}")
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
     if not 1 <= args.burst <= MAX_BURST:
         raise UsageError(f"--burst must be within 1..{MAX_BURST}, got {args.burst}")
     if args.max_errors is not None and args.max_errors < 0:
@@ -698,7 +713,9 @@ def run_chaos(args: argparse.Namespace, master: Master, uri: str) -> Outcome:
     chaos = Chaos(master, parse_target(uri), events, args.every, args.burst, rng)
     done = threading.Event()
     thread = threading.Thread(
-        target=act_on_schedule, args=(chaos, args.actions, args.duration, done), daemon=True
+        target=act_on_schedule,
+        args=(chaos, args.actions, args.duration, done, args.rounds),
+        daemon=True,
     )
     thread.start()
     result: Result | None = None
