@@ -23,6 +23,9 @@ from cluster.spawn import WorkerProcess
 from workers.runtime.privileges import Identity, PrivilegeError, drop
 
 CHECK_FAILED = 3
+# The check may take --graceful-timeout, and never less than this: a short graceful timeout
+# is about stopping, and must not fail a start whose import is slow on a busy machine.
+LEAST_TIME = 30.0
 
 
 def check(apps: list[str], timeout: float, identity: Identity | None = None) -> None:

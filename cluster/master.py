@@ -976,8 +976,8 @@ class Master:
         if not config.preload:
             import_builtins([app or config.app for app in apps])
             if apps:
-                appcheck.check([app or config.app for app in apps], config.graceful_timeout,
-                               self.identity)  # fmt: skip
+                within = max(config.graceful_timeout, appcheck.LEAST_TIME)
+                appcheck.check([app or config.app for app in apps], within, self.identity)
             return {}
         return {app: load_handler(app or config.app, fresh=True) for app in apps}
 

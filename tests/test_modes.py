@@ -17,6 +17,7 @@ from tests.procs import (
     children,
     descendants,
     gone,
+    request_children,
     sample_until,
     state,
     wait_for,
@@ -115,7 +116,7 @@ def test_fork_mode_bounds_children_per_worker(start_cluster) -> None:
 
     def sample() -> None:
         for pid in workers:
-            most[pid] = max(most[pid], len(children(pid)))
+            most[pid] = max(most[pid], len(request_children(pid)))
 
     sampler = sample_until(done, sample)
     try:
@@ -146,7 +147,7 @@ def test_fork_mode_leaves_no_zombie_after_1000_requests(start_cluster) -> None:
     for n in range(1000):
         payload = b"%d" % n
         assert stream_roundtrip(tcp_connect(address), payload) == payload
-    wait_for(lambda: all(not children(pid) for pid in workers), 10, "every child reaped")
+    wait_for(lambda: all(not request_children(pid) for pid in workers), 10, "every child reaped")
     assert all(state(pid) != "Z" for pid in descendants(cluster.pid))
     assert sorted(children(cluster.pid)) == sorted(workers)
 
@@ -172,7 +173,7 @@ def test_killed_fork_worker_takes_its_children_with_it(start_cluster) -> None:
     with tcp_connect(cluster.address()) as sock:
         child = started_pid(sock)
         (worker,) = cluster.workers()[:1]
-        assert child in children(worker)
+        assert child in request_children(worker)
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: gone(child), 5, "the orphaned request child to die")
 

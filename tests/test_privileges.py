@@ -34,7 +34,7 @@ from tests.conftest import (
     tcp_connect,
     unix_connect,
 )
-from tests.procs import children, wait_for
+from tests.procs import children, request_children, wait_for
 from tests.test_bad_input import assert_one_line_error, run_cluster
 from tests.test_logs import write_after_reopen
 from workers.runtime.access import ACCESS, AccessLog, reopen_logs
@@ -256,7 +256,7 @@ def test_as_nobody_workers_and_request_children_drop_root_port_81_serves_control
     with tcp_connect(("127.0.0.1", 81)) as sock:
         child = int(read_line(sock).split()[1])  # the request's own process (fork mode)
         assert child not in workers
-        assert any(child in children(worker) for worker in workers) and is_nobody(child)
+        assert any(child in request_children(worker) for worker in workers) and is_nobody(child)
         sock.sendall(b"finish\n")
         assert read_line(sock) == b"done %d\n" % child
     info = os.stat(ctl)

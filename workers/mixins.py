@@ -111,6 +111,11 @@ if hasattr(os, "fork"):
             """``serve_forever()`` collects zombies after every wake-up."""
             self.collect_children()
 
+        def fork_child(self) -> int:
+            """The fork for one request, ``os.fork()``: the cluster's workers use a cheaper
+            one (``workers.runtime.quickfork``)."""
+            return os.fork()
+
         def process_request(self, request: Any, client_address: Any) -> None:
             """Fork; the child handles the request and exits, the parent drops its copy.
 
@@ -122,14 +127,18 @@ if hasattr(os, "fork"):
                 self.active_children = set()
             elif len(self.active_children) >= self.max_children:
                 self.collect_children()
-            pid = os.fork()
+            pid = self.fork_child()
             if pid:
                 self.active_children.add(pid)
                 # The child has its own descriptor; ours would keep the connection open.
                 self.close_request(request)
                 return
-            # Child: whatever happens, leave through os._exit() so that we never return into
-            # the parent's loop nor run its atexit handlers or flush its inherited buffers.
+            self.serve_in_child(request, client_address)
+
+        def serve_in_child(self, request: Any, client_address: Any) -> None:
+            """The child's part: handle the request, then leave, whatever happens, through
+            os._exit(), so that we never return into the parent's loop nor run its atexit
+            handlers or flush its inherited buffers."""
             status = 1
             try:
                 self.finish_request(request, client_address)

@@ -242,13 +242,19 @@ class ListeningSocket(socket.socket):
     def accept(self) -> tuple[ClientSocket, object]:
         fd, address = self._accept()
         sock = self.client_class(self.family, self.type, self.proto, fileno=fd)
-        sock._io, sock._at, sock.between = _SPARE, 0, False
         timeout = ClientSocket.request_timeout
-        sock._deadline = monotonic() + timeout if timeout else NO_DEADLINE
+        self.prepare(sock, monotonic() + timeout if timeout else NO_DEADLINE)
+        return sock, address
+
+    @staticmethod
+    def prepare(sock: ClientSocket, deadline: float) -> None:
+        """A new connection's state: no lane yet, its request's deadline (also for a
+        connection handed to fork mode's fork server, which rebuilds it around its fd)."""
+        sock._io, sock._at, sock.between = _SPARE, 0, False
+        sock._deadline = deadline
         if type(sock) is CountingClientSocket:
             sock.bytes_in = sock.bytes_out = 0
             sock.http_logged = False
-        return sock, address
 
 
 class Connections:

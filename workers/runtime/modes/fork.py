@@ -7,7 +7,6 @@ costs its child, and the worker with its other children lives on.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -20,8 +19,11 @@ from workers.runtime.access import ACCESS
 from workers.runtime.client import CONNECTIONS, ClientSocket
 from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.escalation import Escalation, overdue, stalled_for
+from workers.runtime.forkserver import ForkedChildren, ForkServer, serves_all
 from workers.runtime.lifecycle import set_parent_death_signal
 from workers.runtime.mode import Binding, Mode
+from workers.runtime.quickfork import REFUSALS
+from workers.runtime.quickfork import fork as quick_fork
 from workers.runtime.scoreboard import WorkerSlot
 from workers.runtime.spec import PARENT_CHECK_INTERVAL
 from workers.servers import BaseServer
@@ -29,32 +31,35 @@ from workers.servers import BaseServer
 log = logging.getLogger("cluster.worker")
 
 
-class Forks:
-    refused = False  # the kernel refused our last fork for a request (logged once)
-
-
-FORKS = Forks()
-
-
 class WorkerForkingMixIn(ForkingMixIn):
     """``ForkingMixIn`` whose children die with the worker that forked them, and whose
     refused forks cost the request, one log line per episode, and no traceback."""
 
+    forker: ForkServer | None = None  # the worker's fork server; None: fork here
+
     def process_request(self, request: object, client_address: object) -> None:
+        forker = self.forker
+        if forker is not None:  # the worker: the fork server forks, we keep the books
+            children = self.active_children
+            pid = forker.hand_off(self, request, client_address, children.next_lane)
+            if pid:
+                children.add(pid)
+                self.close_request(request)
+            else:  # refused (it said so in the log) or gone: the client hears the end
+                self.shutdown_request(request)
+            return
         try:
             super().process_request(request, client_address)
         except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.ENOMEM):
-                raise
-            if not FORKS.refused:
-                log.error("worker %d cannot fork for a request: %s; closing such requests "
-                          "until it can", os.getpid(), err.strerror)  # fmt: skip
-            FORKS.refused = True
+            REFUSALS.refused_with(err)
             self.shutdown_request(request)
             return
-        if FORKS.refused:
-            log.warning("worker %d forks for requests again", os.getpid())
-            FORKS.refused = False
+        REFUSALS.forked()
+
+    single_threaded = False  # the fork server says so: it knows, and need not look
+
+    def fork_child(self) -> int:
+        return quick_fork(self.single_threaded)
 
     def finish_request(self, request: object, client_address: object) -> None:
         # In the child. Everything a child touches first costs it a copy-on-write page fault,
@@ -65,7 +70,7 @@ class WorkerForkingMixIn(ForkingMixIn):
         # USR2 dumps the child's stack (faulthandler survives the fork).
         set_parent_death_signal(signal.SIGKILL, os.getppid())
         children = self.active_children
-        if isinstance(children, Children):
+        if isinstance(children, (Children, ForkedChildren)):
             CURRENT.lane = children.next_lane  # this child's errors count in its lane
             if isinstance(request, ClientSocket):
                 request.attach(children.slot.doubles, children.slot.io_index(children.next_lane))
@@ -80,8 +85,9 @@ class WorkerForkingMixIn(ForkingMixIn):
         if ACCESS.log is None:
             return
         children = self.active_children
-        lane = children.next_lane if isinstance(children, Children) else 0
-        started = children.slot.lanes[lane].started if isinstance(children, Children) else 0.0
+        ours = isinstance(children, (Children, ForkedChildren))
+        lane = children.next_lane if ours else 0
+        started = children.slot.lanes[lane].started if ours else 0.0
         log_access(self, request, client_address, time.monotonic() - started)
         ACCESS.log.flush()
 
@@ -178,9 +184,27 @@ def serve(bindings: list[Binding], context: Context) -> None:
         server.active_children = children
     lifecycle.on_signal = children.tell_all
 
+    forker = (
+        ForkServer(servers, lifecycle, context.slot, spec.timeout) if serves_all(servers) else None
+    )
+    if forker is not None:
+        forker.start()
+        for server in servers:
+            server.forker = forker
+
     def reap() -> None:
-        """Collect exited children by pid, only when a SIGCHLD said one exited."""
-        if lifecycle.children_exited:
+        """Free the lanes of exited children: those the fork server reaped, or ours, by pid,
+        when a SIGCHLD said one exited. A fork server that died took its children with it
+        (their parent-death signal): the worker stops at once, and the master replaces it."""
+        if forker is not None:
+            for pid in forker.exited():
+                children.discard(pid)
+            if lifecycle.children_exited:
+                lifecycle.children_exited = False
+                forker.reap()
+            if forker.gone and lifecycle.running:
+                lifecycle.running, lifecycle.quick = False, True
+        elif lifecycle.children_exited:
             lifecycle.children_exited = False
             servers[0].collect_children()
 
@@ -229,8 +253,15 @@ def serve(bindings: list[Binding], context: Context) -> None:
             server.socket.close()
         if lifecycle.quick:  # they would die with us (PDEATHSIG); say so at once
             children.kill_all()
-        else:  # graceful: every request runs to its end
+        elif forker is None:  # graceful: every request runs to its end
             servers[0].collect_children(blocking=True)
+        else:
+            while children and not forker.gone:
+                select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
+                lifecycle.drain_wakeups()
+                on_wake()
+        if forker is not None:
+            forker.stop(lifecycle.quick)
 
 
 MODE = Mode(

@@ -1,0 +1,384 @@
+"""fork mode's fork server: a small process, forked from the worker at boot, that forks the
+request children for it.
+
+Why: after every fork, each page the forking process writes costs it a copy-on-write fault
+(several microseconds each on a virtual machine), and the worker writes a lot of pages per
+request: its accept loop, waiting room, access rules, scoreboard and child table are
+Python objects spread over its heap. Forking from the worker, ``scripts/forkcost.py``-style
+probes measured 211 faults and 1.5 ms of the worker's CPU per request, against 96 faults
+and 0.4 ms for the bare fork loop's parent. The fork server's loop is as small as that
+one: read a connection, fork, say the child's pid, reap. The worker does everything else,
+without forking, so its pages stay its own.
+
+Who owns what:
+- The worker owns the request's life as before: accepting, the waiting room, access rules,
+  the lane on the scoreboard, ``max_children`` (it takes no connection without a free
+  lane), ``--timeout`` on each child (it signals the child's pid) and the graceful stop.
+- The fork server owns the processes: it forks one child per request, which runs the
+  worker's very ``ForkingMixIn.serve_in_child``, reaps them (it has no other children, so
+  ``waitpid(-1)`` takes only its own) and tells the worker which pid each request got and
+  which pids it has reaped. It never has more than ``max_children``: the worker hands it
+  nothing without a free lane.
+
+The channel is a ``SOCK_SEQPACKET`` socket pair: the worker sends the connection's fd
+(``SCM_RIGHTS``) with its listener, lane, client address and request deadline; the fork
+server answers ``(FORKED, pid, exited pids)`` (pid 0: the kernel refused the fork), and
+reports exits on their own, ``(EXITED, pids)`` followed by a byte on the worker's wakeup
+pipe, when the worker may be waiting for a lane (see ``serve_forks``).
+
+Faults: the fork server dies with the worker (parent-death signal), and its children with
+it. A fork server that dies (killed -9, say) ends its children the same way and stops the
+worker, which the master replaces.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import marshal
+import os
+import select
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from workers.runtime.client import ClientSocket, ListeningSocket
+from workers.runtime.context import CURRENT
+from workers.runtime.lifecycle import Lifecycle, set_parent_death_signal
+from workers.runtime.quickfork import REFUSALS
+from workers.runtime.quickfork import fork as quick_fork
+from workers.runtime.scoreboard import WorkerSlot
+from workers.servers import BaseServer, TCPServer, UDPServer
+
+log = logging.getLogger("cluster.worker")
+
+FORKED, EXITED = 0, 1
+MESSAGE_SIZE = 70_000  # the largest message: one datagram (65,535 bytes) and its header
+# The fork server's receive buffer, made once: a new one per request would be pages to write.
+BUFFER = bytearray(MESSAGE_SIZE)
+VIEW = memoryview(BUFFER)
+FD_SPACE = socket.CMSG_SPACE(4)  # one fd
+# A fork takes milliseconds; a fork server this late is stopped or stuck, and the worker
+# stops too (the master replaces it) rather than hang with it.
+ANSWER_TIMEOUT = 10.0
+EXIT_REPORT_DELAY_MS = 10  # exits wait this long for a FORKED answer to go with
+
+
+def serves_all(servers: list[BaseServer]) -> bool:
+    """Whether the fork server can fork for these listeners: those whose requests are our own
+    connection sockets or datagrams, which the channel can carry. A library user's server
+    with its own ``get_request`` (an SSL wrapper, say) keeps forking in the worker."""
+    stock = (TCPServer.get_request, UDPServer.get_request)
+    return all(getattr(type(server), "get_request", None) in stock for server in servers)
+
+
+class ForkedChildren:
+    """What a request child forked by the fork server reads as its server's
+    ``active_children`` (``WorkerForkingMixIn.finish_request``): the scoreboard and the lane
+    it writes in. The fork server keeps its own count of children, in its loop."""
+
+    def __init__(self, slot: WorkerSlot) -> None:
+        self.slot = slot
+        self.next_lane = 0
+
+
+class ForkServer:
+    """The worker's end: start the fork server, hand requests to it, hear of exits."""
+
+    def __init__(
+        self, servers: list[BaseServer], lifecycle: Lifecycle, slot: WorkerSlot,
+        timeout: float = 0.0,
+    ) -> None:  # fmt: skip
+        self.servers, self.lifecycle, self.slot = servers, lifecycle, slot
+        # --timeout, when shorter: the worker would be put down as hung meanwhile
+        self.answer_timeout = min(ANSWER_TIMEOUT, timeout) if timeout > 0 else ANSWER_TIMEOUT
+        self.pid = 0
+        self.channel: socket.socket | None = None
+        self.exits: list[int] = []  # heard of while waiting for a FORKED answer
+        self.gone = False  # the fork server died, or closed its end
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        worker = os.getpid()
+        pid = quick_fork()
+        if pid == 0:
+            ours.close()
+            status = 1
+            try:
+                serve_forks(theirs, self.servers, self.slot, self.lifecycle.wake_w, worker)
+                status = 0
+            except BaseException:  # noqa: BLE001 - whatever it is, never return into the worker
+                log.exception("fork server %d failed", os.getpid())
+            finally:
+                os._exit(status)
+        theirs.close()
+        self.pid, self.channel = pid, ours
+        ours.setblocking(False)
+        self._receive(block=True)  # its hello: set up, titled, and ready to fork
+        _chain_handler(signal.SIGUSR1, lambda: self.tell(signal.SIGUSR1))
+
+    def tell(self, signum: int) -> None:
+        """Pass a signal on (USR1: the fork server's children must write to reopened logs)."""
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def hand_off(self, server: BaseServer, request: Any, client_address: Any, lane: int) -> int:
+        """Have the fork server fork a child for ``request``: its pid, or 0 if none was forked
+        (the kernel refused, or the fork server is gone). The worker then drops its copy."""
+        channel = self.channel
+        if channel is None or self.gone:
+            return 0
+        if isinstance(request, tuple):  # a datagram: (data, the listener's socket)
+            message = marshal.dumps((server.listener_index, lane, client_address, 0.0,
+                                     request[0]))  # fmt: skip
+            fds: list[int] = []
+        else:
+            message = marshal.dumps((server.listener_index, lane, client_address,
+                                     request._deadline, None))  # fmt: skip
+            fds = [request.fileno()]
+        try:
+            socket.send_fds(channel, [message], fds)
+        except BlockingIOError:  # its queue is full: wait for room (it answers each one)
+            select.select([], [channel], [])
+            socket.send_fds(channel, [message], fds)
+        except OSError as err:
+            self.lost(f"cannot be reached ({err.strerror})")
+            return 0
+        while True:
+            answer = self._receive(block=True)
+            if answer is None:
+                return 0
+            if answer[0] == FORKED:
+                return answer[1]
+
+    def exited(self) -> list[int]:
+        """The pids reaped since we last asked (never blocks)."""
+        while self._receive(block=False) is not None:
+            pass
+        exits, self.exits = self.exits, []
+        return exits
+
+    def _receive(self, block: bool) -> tuple[Any, ...] | None:
+        channel = self.channel
+        if channel is None or self.gone:
+            return None
+        try:
+            if block and not select.select([channel], [], [], self.answer_timeout)[0]:
+                self.tell(signal.SIGKILL)
+                self.lost(f"did not answer within {self.answer_timeout:g}s (killed)")
+                return None
+            data = channel.recv(MESSAGE_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self.lost("is gone")
+            return None
+        answer = marshal.loads(data)
+        self.exits.extend(answer[-1])  # (EXITED, pids) or (FORKED, pid, pids)
+        return answer
+
+    def lost(self, why: str) -> None:
+        """The fork server is of no more use: say why, once; the worker stops."""
+        if not self.gone:
+            log.error("worker %d: its fork server %d %s; stopping", os.getpid(), self.pid, why)
+        self.gone = True
+
+    def reap(self) -> None:
+        """After a SIGCHLD: if it was the fork server's, it is lost (and reaped here)."""
+        if not self.pid:
+            return
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 0
+        if pid:
+            self.lost(f"exited ({_describe(status)})")
+            self.pid = 0
+
+    def stop(self, quick: bool) -> None:
+        """End the fork server: closing the channel tells it to reap and exit."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if not self.pid:
+            return
+        if quick:
+            self.tell(signal.SIGKILL)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        self.pid = 0
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"code {os.waitstatus_to_exitcode(status)}"
+
+
+def _chain_handler(signum: int, then: Callable[[], None]) -> None:
+    """Run ``then`` after the handler in place for ``signum``."""
+    before = signal.getsignal(signum)
+
+    def handler(number: int, frame: object) -> None:
+        if callable(before):
+            before(number, frame)
+        then()
+
+    signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------- the fork server
+def serve_forks(
+    channel: socket.socket, servers: list[BaseServer], slot: WorkerSlot, wake_worker: int,
+    worker: int,
+) -> None:  # fmt: skip
+    """The fork server's loop, until the worker closes its end of the channel.
+
+    It keeps the worker's signal handlers for its children's sake (each child is a request
+    of the worker's) but lets them do nothing here, and wakes on a pipe of its own. The loop
+    is written flat on purpose: every object it touches after a fork is a page to copy.
+
+    Exits reach the worker with the next FORKED answer, or on their own (with a wake-up)
+    when the worker may be waiting for a free lane, or once the fork server has had no
+    request for EXIT_REPORT_DELAY: a worker that is not full needs them only for its books.
+    """
+    set_parent_death_signal(signal.SIGKILL, worker)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGURG):
+        _ignore_here(signum)
+    children = ForkedChildren(slot)
+    lanes = getattr(servers[0], "max_children", 1)
+    for server in servers:
+        server.active_children = children  # type: ignore[attr-defined]  # for the child
+    from workers.runtime.entry import set_title
+
+    set_title(f"cluster: fork server of worker {worker}")
+    poller = select.poll()
+    poller.register(channel, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    channel.send(marshal.dumps((EXITED, [])))  # hello: the worker may say it is ready
+    recvmsg_into, send, poll, waitpid = channel.recvmsg_into, channel.send, poller.poll, os.waitpid
+    fork, refusals, dumps, loads = _fork_primitive(), REFUSALS, marshal.dumps, marshal.loads
+    live: set[int] = set()  # our children not yet reaped
+    exits: list[int] = []  # reaped, not yet reported
+    buffers, view = [BUFFER], VIEW
+    while True:
+        for fd, _ in poll(EXIT_REPORT_DELAY_MS if exits else -1) or ((-1, 0),):
+            if fd == wake_r:
+                _drain(wake_r)
+                continue
+            if fd == -1:  # nothing came for a while: report what we reaped
+                send(dumps((EXITED, exits)))
+                os.write(wake_worker, b"\0")
+                exits = []
+                continue
+            try:
+                size, ancillary, _, _ = recvmsg_into(buffers, FD_SPACE)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not size:
+                _finish(live)
+                return
+            index, lane, client_address, deadline, datagram = loads(view[:size])
+            server = servers[index]
+            if datagram is None:
+                request: Any = adopt(server, _fd_of(ancillary), deadline)
+            else:
+                request = (datagram, server.socket)  # type: ignore[attr-defined]
+            children.next_lane = CURRENT.lane = lane
+            CURRENT.client = client_address
+            try:
+                pid = fork()
+            except OSError as err:
+                refusals.refused_with(err)
+                server.shutdown_request(request)  # type: ignore[attr-defined]
+                pid = 0
+            else:
+                if pid == 0:
+                    server.serve_in_child(request, client_address)  # type: ignore[attr-defined]
+                refusals.forked()
+                live.add(pid)
+                if datagram is None:
+                    request.close()  # the child has its own descriptor
+            send(dumps((FORKED, pid, exits)))
+            exits = []
+        while live:  # reap: every child of ours is a request's (no other ever exists)
+            try:
+                pid, _ = waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                live.clear()
+                break
+            if not pid:
+                break
+            live.discard(pid)
+            exits.append(pid)
+        if exits and len(live) + len(exits) >= lanes:  # the worker may be waiting for a lane
+            try:
+                send(dumps((EXITED, exits)))
+                os.write(wake_worker, b"\0")
+            except OSError:  # the worker is gone: so are we, in a moment
+                pass
+            exits = []
+
+
+def _fork_primitive() -> Callable[[], int]:
+    """The fork server has one thread (threads do not survive the fork that made it, and it
+    runs no code of the app), so it may always skip the interpreter's repairs."""
+    return lambda: quick_fork(single_threaded=True)
+
+
+def _fd_of(ancillary: list[tuple[int, int, bytes]]) -> int:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            return int.from_bytes(data[:4], sys.byteorder)
+    raise OSError(errno.EPROTO, "a connection came without its descriptor")
+
+
+def adopt(server: BaseServer, fd: int, deadline: float) -> ClientSocket:
+    """The worker's connection, rebuilt around our copy of its fd, as the listener's
+    ``accept()`` made it (with the same request deadline)."""
+    listener = server.socket  # type: ignore[attr-defined]
+    client_class = ListeningSocket.client_class
+    sock = client_class(listener.family, listener.type, listener.proto, fileno=fd)
+    ListeningSocket.prepare(sock, deadline)
+    return sock
+
+
+def _finish(live: set[int]) -> None:
+    """The worker closed the channel: it has stopped waiting for our children (they were
+    told to stop, or killed), so reap what is left and leave."""
+    for pid in live:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _ignore_here(signum: int) -> None:
+    """Leave the handler in place for the children, but let it do nothing in the fork
+    server itself: the worker stops us by closing the channel (or by its death)."""
+    before = signal.getsignal(signum)
+    me = os.getpid()
+
+    def handler(number: int, frame: object) -> None:
+        if os.getpid() != me and callable(before):
+            before(number, frame)
+
+    signal.signal(signum, handler)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
