@@ -58,7 +58,7 @@ from cluster.listeners import Listener, adopt, bind, parse_bind
 from cluster.loopserver import LoopServer
 from cluster.metrics import Accounts, MetricsServer, restart_reason
 from cluster.notify import Notifier
-from cluster.spawn import WorkerProcess
+from cluster.spawn import WorkerProcess, start_all
 from cluster.stop import DrainDelay, Stop
 from cluster.text import plural
 from cluster.upgrade import BOOTING, SERVING, Predecessor, Successor
@@ -509,7 +509,9 @@ class Master:
         pidfile.move_aside(self.config.pidfile, to_old=True)
         process = WorkerProcess(handover.exec_successor, (pairs, self.pid, ready_w, drained_for))
         try:
-            self.fork(process)
+            _, err = self.fork([process], [])
+            if err is not None:
+                raise err
         except OSError as err:
             os.close(ready_r)
             pidfile.move_aside(self.config.pidfile, to_old=False)
@@ -575,9 +577,10 @@ class Master:
             if worker.pid in decision.retire:
                 self.retire(worker, "scaled down" if worker.generation is steered
                             else f"replaced by generation {steered.number}")  # fmt: skip
-        for slot in steered.free_slots(decision.spawn):
-            if steered.backoff.allows(slot, now) and not self.spawn(steered, slot, now):
-                return  # the kernel refused: every slot waits now
+        slots = [slot for slot in steered.free_slots(decision.spawn)
+                 if steered.backoff.allows(slot, now)]  # fmt: skip
+        if slots:
+            self.spawn(steered, slots, now)
 
     def adapt_pool(self, now: float) -> None:
         """--min-spare/--max-spare: once a second, move the target toward the idle band."""
@@ -593,38 +596,47 @@ class Master:
                      target)  # fmt: skip
             generation.target = target
 
-    def spawn(self, generation: Generation, slot: int, now: float) -> bool:
-        """Fork one worker of ``generation`` into ``slot``; False if the kernel refused (no
-        process or fd left), which is logged and retried with backoff: the master serves on
-        with the workers it has."""
-        generation.scoreboard.claim(slot, 0, generation.number)
+    def spawn(self, generation: Generation, slots: list[int], now: float) -> bool:
+        """Fork workers of ``generation`` into ``slots``, back to back: every spec is built
+        before the first fork and the bookkeeping waits for the last (``spawn.start_all``
+        says why). False if the kernel refused (no process or fd left): logged and retried
+        with backoff, the slots not forked are released, and the master serves on with the
+        workers it has."""
         config = generation.config
-        limit = pool.request_limit(config.max_requests, config.max_requests_jitter, _rand())
-        spec = generation.spec(slot, self.notify_w, self.private_fds(generation), limit,
-                               self.name, beat_period(config.timeout), self.identity)  # fmt: skip
-        process = WorkerProcess(worker_main, (spec,))
-        try:
-            self.fork(process)
-        except OSError as err:
-            wait = generation.backoff.start_failed(now, _rand())
-            log.error("cannot start a worker: %s; %d of %d running, retrying in %.1fs",
-                      err.strerror or err, len(generation.workers), generation.target, wait)  # fmt: skip
-            return False
-        generation.backoff.started()
-        worker = generation.add(process, slot, now)
-        self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
-        log.debug("spawned worker %d (slot %d, generation %d)", worker.pid, slot,
-                  generation.number)  # fmt: skip
-        return True
+        inherited = self.private_fds(generation)  # each new pidfd joins it: later siblings close it
+        beat_every = beat_period(config.timeout)
+        processes = []
+        for slot in slots:
+            generation.scoreboard.claim(slot, 0, generation.number)
+            limit = pool.request_limit(config.max_requests, config.max_requests_jitter, _rand())
+            spec = generation.spec(slot, self.notify_w, inherited, limit, self.name, beat_every,
+                                   self.identity)  # fmt: skip
+            processes.append(WorkerProcess(worker_main, (spec,)))
+        started, err = self.fork(processes, inherited)
+        for process, slot in zip(started, slots, strict=False):
+            generation.backoff.started()
+            worker = generation.add(process, slot, now)
+            self.selector.register(process.sentinel, selectors.EVENT_READ, worker)
+            log.debug("spawned worker %d (slot %d, generation %d)", worker.pid, slot,
+                      generation.number)  # fmt: skip
+        if err is None:
+            return True
+        for slot in slots[len(started) :]:
+            generation.scoreboard.release(slot)
+        wait = generation.backoff.start_failed(now, _rand())
+        log.error("cannot start a worker: %s; %d of %d running, retrying in %.1fs",
+                  err.strerror or err, len(generation.workers), generation.target, wait)  # fmt: skip
+        return False
 
-    def fork(self, process: WorkerProcess) -> None:
-        """Start ``process`` with our signals blocked across the fork: the child unblocks them
-        once its own handlers are installed, so a TERM sent during its boot is neither lost
-        nor run by our handler in the child."""
+    def fork(self, processes: list[WorkerProcess],
+             inherited: list[int]) -> tuple[list[WorkerProcess], OSError | None]:  # fmt: skip
+        """Start ``processes`` (``spawn.start_all``) with our signals blocked across the forks:
+        each child unblocks them once its own handlers are installed, so a TERM sent during
+        its boot is neither lost nor run by our handler in the child."""
         heap.freeze()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
-            process.start()
+            return start_all(processes, inherited)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 

@@ -76,3 +76,25 @@ class WorkerProcess:
         if self.sentinel >= 0:
             os.close(self.sentinel)
             self.sentinel = -1
+
+
+def start_all(processes: list[WorkerProcess],
+              inherited: list[int]) -> tuple[list[WorkerProcess], OSError | None]:  # fmt: skip
+    """Fork ``processes`` back to back, in order, until the kernel refuses one: the ones
+    started, and the refusal (None if all started). Each new pidfd joins ``inherited`` (the
+    list the later siblings' specs share: the fds each closes at boot) as soon as it exists.
+
+    Why back to back: a page the master writes between two forks is copied for the master,
+    and the worker forked before is left alone with the old copy, private memory for as long
+    as it lives. Spawning one worker in full (its spec, its claim, its bookkeeping, a log line)
+    wrote some 300 pages, so every worker of a pool booted one by one paid about 1.2 MiB for
+    its successor's spawn (``scripts/private_pages.py``). Here, between two forks, the master
+    runs this loop and nothing else.
+    """
+    for count, process in enumerate(processes):
+        try:
+            process.start()
+        except OSError as err:
+            return processes[:count], err
+        inherited.append(process.sentinel)
+    return processes, None

@@ -9,6 +9,7 @@ from cluster.apps.http_hello import body_length, wants_close
 from cluster.config import Config, build, read_toml, validate
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, format_uri, parse_bind
+from cluster.spawn import start_all
 from workers.runtime.escalation import overdue
 
 pytestmark = pytest.mark.timeout(10)
@@ -295,3 +296,29 @@ def test_scoreboard_lanes_and_states() -> None:
     assert board.view(2).state == "empty" and not board.is_idle(2)
     assert board.view(0).pid == 0  # other slots untouched
     board.close()
+
+
+class _Fork:
+    """Stands in for a WorkerProcess: records which fds its child would close at boot (the
+    shared list as it is at this fork), or refuses like a kernel out of processes."""
+
+    def __init__(self, sentinel: int, inherited: list[int], refuse: bool = False) -> None:
+        self.sentinel, self.inherited, self.refuse = sentinel, inherited, refuse
+        self.closes: list[int] | None = None
+
+    def start(self) -> None:
+        if self.refuse:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        self.closes = list(self.inherited)
+
+
+def test_start_all_gives_each_child_its_elder_siblings_pidfds_and_stops_at_a_refusal() -> None:
+    inherited = [3, 4]  # the master's own fds
+    forks = [_Fork(10, inherited), _Fork(11, inherited), _Fork(12, inherited, refuse=True),
+             _Fork(13, inherited)]  # fmt: skip
+    started, err = start_all(forks, inherited)  # type: ignore[arg-type]
+    assert started == forks[:2]
+    assert isinstance(err, BlockingIOError)
+    assert [f.closes for f in forks] == [[3, 4], [3, 4, 10], None, None]
+    assert inherited == [3, 4, 10, 11]
+    assert start_all(forks[:2], [3]) == (forks[:2], None)
