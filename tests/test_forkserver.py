@@ -55,6 +55,7 @@ def test_a_killed_fork_server_stops_its_worker_and_the_master_replaces_it(start_
     wait_for(lambda: gone(child), 5, "its request child, gone with it (parent-death signal)")
     wait_for(lambda: gone(worker), 10, "the worker stopped")
     cluster.wait_log(rf"worker {worker}: its fork server {server} .*; stopping")
+    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 1")
     (replacement,) = wait_for(lambda: [pid for pid in cluster.workers() if pid != worker], 10,
                               "a new worker")  # fmt: skip
     assert fork_server_of(replacement) != server

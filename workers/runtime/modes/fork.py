@@ -192,24 +192,27 @@ def serve(bindings: list[Binding], context: Context) -> None:
         for server in servers:
             server.forker = forker
 
-    def reap() -> None:
+    def reap(woken: bool = False) -> None:
         """Free the lanes of exited children: those the fork server reaped, or ours, by pid,
-        when a SIGCHLD said one exited. A fork server that died took its children with it
-        (their parent-death signal): the worker stops at once, and the master replaces it."""
+        when a SIGCHLD said one exited. The fork server's reports come with its answers, or
+        on their own with a wake-up: only after one (``woken``) is there a need to look. A
+        fork server that died took its children with it (their parent-death signal): the
+        worker stops at once, and the master replaces it."""
         if forker is not None:
-            for pid in forker.exited():
+            for pid in forker.exited(look=woken):
                 children.discard(pid)
             if lifecycle.children_exited:
                 lifecycle.children_exited = False
                 forker.reap()
             if forker.gone and lifecycle.running:
                 lifecycle.running, lifecycle.quick = False, True
+                context.exit_code = 1  # the master reports it as the failure it is
         elif lifecycle.children_exited:
             lifecycle.children_exited = False
             servers[0].collect_children()
 
     def on_wake() -> None:
-        reap()
+        reap(woken=True)
         children.kill_overdue()
 
     def room(deadline: float = float("inf")) -> bool:
