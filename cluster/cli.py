@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         metavar="N",
-        help="thread mode: handler threads per worker (default 8)",
+        help="thread mode: handler threads per worker (default 16)",
     )
     run.add_argument("--max-children", type=int, metavar="N",
                      help="fork mode: concurrent children per worker (default 40)")  # fmt: skip

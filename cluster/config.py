@@ -43,7 +43,7 @@ class Config:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_workers: int = 0  # 0: no bound beyond what the machine allows (see ``pool_bound``)
     worker_class: str = modes.DEFAULT
-    threads: int = 8
+    threads: int = 16
     max_children: int = 40
     backlog: int = 2048
     reuse_port: bool = False

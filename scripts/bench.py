@@ -68,9 +68,10 @@ from cluster.procfs import Usage, alive, descendants, tree_usage
 ROOT = Path(__file__).resolve().parent.parent
 
 WORKERS = 2
-CONNECTIONS = 8  # keep-alive and echo; thread mode has THREADS >= this per worker
+CONNECTIONS = 8  # echo
+KEEP_ALIVE_CONNECTIONS = 32  # HTTP keep-alive (issue 14's figure); WORKERS * THREADS of them
 CLOSE_CONNECTIONS = 16
-THREADS = 8
+THREADS = 16  # per worker, thread mode's default: a kept-alive connection holds a thread
 CLIENT_THREADS = os.cpu_count() or 1  # wrk threads, loadtest processes (--client-threads)
 HTTP, TCP_ECHO, UDP_ECHO = "http", "tcp-echo", "udp-echo"
 
@@ -298,7 +299,7 @@ Measure = Callable[["Running", float], Measured]
 
 
 def http(close: bool) -> Measure:
-    connections = CLOSE_CONNECTIONS if close else CONNECTIONS
+    connections = CLOSE_CONNECTIONS if close else KEEP_ALIVE_CONNECTIONS
 
     def measure(srv: Running, duration: float) -> Measured:
         url = f"http://{srv.host}:{srv.port}/"
@@ -1058,8 +1059,9 @@ def throughput_section(args: argparse.Namespace, workloads: list[str]) -> str:
     results = run(rows, workloads, args.duration, args.repeats)
     cores = os.cpu_count() or 1
     return (f"Servers: {WORKERS} workers (cluster, gunicorn, nginx); thread mode and gthread "
-            f"{THREADS} threads per worker. Keep-alive and echo with {CONNECTIONS} connections, "
-            f"HTTP connection-per-request with {CLOSE_CONNECTIONS}. Each cell: median (min..max) "
+            f"{THREADS} threads per worker. HTTP keep-alive with {KEEP_ALIVE_CONNECTIONS} "
+            f"connections, echo with {CONNECTIONS}, HTTP connection-per-request with "
+            f"{CLOSE_CONNECTIONS}. Each cell: median (min..max) "
             f"of {args.repeats} interleaved rounds of {args.duration:g} s, in requests per "
             "second.\n\n" + table(rows, workloads, results)
             + "\n\nCPU per request in microseconds, server + client (the server's whole process "

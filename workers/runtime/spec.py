@@ -66,7 +66,7 @@ class WorkerSpec:
     notify_fd: int  # write end of the master's notify pipe
     scoreboard: Scoreboard  # this worker's generation's; we write slot ``slot``
     inherited_fds: list[int] = field(default_factory=list)  # the master's, closed at boot
-    threads: int = 8
+    threads: int = 16
     max_children: int = 40
     graceful_timeout: float = 30.0
     timeout: float = 30.0  # modes that kill their own overdue requests (fork) read it
