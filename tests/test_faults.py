@@ -513,9 +513,24 @@ def test_a_thousand_worker_restarts_leave_the_master_flat(start_cluster) -> None
     try:
         wait_for(lambda: master_fds_and_rss(cluster.pid)[0] == fds, 5, "the fds back")
     except AssertionError:
-        raise AssertionError(f"{before} -> {fd_names()}\n{cluster.log[-3000:]}") from None
+        raise AssertionError(f"{before} -> {fd_names()}; {pidfds_of(cluster.pid)}; children "
+                             f"{[(c, state(c)) for c in children(cluster.pid)]}\n"
+                             f"{cluster.log[-3000:]}") from None
     assert master_fds_and_rss(cluster.pid)[1] - rss <= 1024, (rss, master_fds_and_rss(cluster.pid))
     wait_for(lambda: cluster.log.count("recycling after 1 requests") >= 1050, 5, "1050 recycles")
+
+
+def pidfds_of(pid: int) -> dict[int, str]:
+    """The master's pidfds, fd -> the pid each one names (for a failure's message)."""
+    found: dict[int, str] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "pidfd" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    found[int(fd)] = fh.read().split("Pid:")[1].split()[0]
+        except (OSError, IndexError):
+            continue
+    return found
 
 
 # ------------------------------------------------------------------ found by the adversary run
