@@ -513,9 +513,11 @@ def test_a_thousand_worker_restarts_leave_the_master_flat(start_cluster) -> None
     try:
         wait_for(lambda: master_fds_and_rss(cluster.pid)[0] == fds, 5, "the fds back")
     except AssertionError:
-        raise AssertionError(f"{before} -> {fd_names()}; {pidfds_of(cluster.pid)}; children "
-                             f"{[(c, state(c)) for c in children(cluster.pid)]}\n"
-                             f"{cluster.log[-3000:]}") from None
+        raise AssertionError(
+            f"{before} -> {fd_names()}; {pidfds_of(cluster.pid)}; children "
+            f"{[(c, state(c)) for c in children(cluster.pid)]}\n"
+            f"{cluster.log[-3000:]}"
+        ) from None
     assert master_fds_and_rss(cluster.pid)[1] - rss <= 1024, (rss, master_fds_and_rss(cluster.pid))
     wait_for(lambda: cluster.log.count("recycling after 1 requests") >= 1050, 5, "1050 recycles")
 
