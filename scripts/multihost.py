@@ -20,7 +20,7 @@ How it goes:
    host's ``--health`` port, retries with redispatch. Each host's listeners require PROXY v2,
    trusted from the lb's address only (``?proxy=v2``, ``--proxy-allow``). A checkout without
    the PROXY listener runs the rest without it, and says so.
-3. **Correctness.** The client asks the ``peer:Peer`` handler, through HAProxy, who it is: the
+3. **Correctness.** The client asks the ``whoami:Whoami`` handler, through HAProxy, who it is: the
    answer must be the client's own address and port.
 4. **Under load** (``loadtest`` in the client's namespace, a new connection per request,
    through HAProxy): upgrade host a (USR2), then b; drain a (``ctl drain``), stop it (TERM,
@@ -271,7 +271,7 @@ class Host:
         address = self.node.address
         argv = [sys.executable, "-m", "cluster", "run", "echo", "-w", "2", "-k", "sync",
                 "-b", f"{self.echo_uri}{proxy}",
-                "-b", f"tcp://{address}:{self.ports.peer}{proxy}=peer:Peer",
+                "-b", f"tcp://{address}:{self.ports.peer}{proxy}=whoami:Whoami",
                 "--health", f"tcp://{address}:{self.ports.health}",
                 "--metrics", f"unix:{self.metrics}", "--control", str(self.control),
                 "--pidfile", str(self.pidfile), "--name", f"host-{self.name}",
@@ -760,7 +760,8 @@ def draw(path: str, sampler: Sampler, events: list[tuple[float, str]], timeline:
 
 
 def whoami(host: str, port: int) -> int:
-    """In the client's namespace: ask ``peer:Peer`` through HAProxy who we are."""
+    """In the client's namespace: ask ``whoami:Whoami`` through HAProxy who we are (it
+    answers ``HOST PORT LINE``)."""
     with socket.create_connection((host, port), timeout=10) as sock:
         local = sock.getsockname()[:2]
         sock.sendall(b"who am i?\n")
@@ -770,8 +771,8 @@ def whoami(host: str, port: int) -> int:
             if not chunk:
                 break
             data += chunk
-    seen_host, _, seen_port = data.decode().strip().partition(" ")
-    print(json.dumps({"local": [local[0], local[1]], "seen": [seen_host, int(seen_port or 0)]}))
+    seen_host, seen_port, *_ = data.decode().split() + ["", "0"]
+    print(json.dumps({"local": [local[0], local[1]], "seen": [seen_host, int(seen_port)]}))
     return 0
 
 

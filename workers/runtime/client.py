@@ -34,6 +34,7 @@ import signal
 import socket
 from time import monotonic
 
+from workers.runtime import ratelog
 from workers.runtime.access import ACCESS, ROLE
 from workers.runtime.ratelog import RateLimitedLog
 
@@ -48,7 +49,7 @@ _recv_into = socket.socket.recv_into
 _send, _sendall = socket.socket.send, socket.socket.sendall
 _DONTWAIT = int(socket.MSG_DONTWAIT)  # a plain int: or-ing the IntFlag costs microseconds
 _SPARE = memoryview(bytearray(16)).cast("d")  # where an unattached connection writes
-CUTS = RateLimitedLog(logging.getLogger("cluster.worker"))
+CUTS = RateLimitedLog(logging.getLogger("cluster.worker"), ratelog.CUT)
 
 
 class ClientSocket(socket.socket):

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 
+from workers.runtime import ratelog
 from workers.runtime.client import ListeningSocket, close_idle, format_client
 from workers.runtime.lifecycle import Lifecycle
 from workers.runtime.ratelog import RateLimitedLog
@@ -18,7 +19,7 @@ from workers.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer
 LARGEST_DATAGRAM = 65535  # UDP carries 65,507 bytes at most; the stdlib's 8192 would cut them
 CLIENT_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 # A client that resets is not a server error: a line, within a budget, instead of a traceback.
-GONE = RateLimitedLog(logging.getLogger("cluster.worker"))
+GONE = RateLimitedLog(logging.getLogger("cluster.worker"), ratelog.GONE)
 
 SERVER_CLASSES: dict[str, type[BaseServer]] = {
     "tcp": TCPServer,

@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 
-from workers.runtime import modes, privileges
+from workers.runtime import modes, privileges, ratelog
 from workers.runtime.access import ACCESS, ROLE, reopen_logs
 from workers.runtime.client import (
     CUT_IDLE_SIGNAL,
@@ -48,6 +48,7 @@ def run(spec: WorkerSpec) -> None:
     lifecycle = boot(spec)
     slot = spec.scoreboard.worker_slot(spec.slot)
     slot.header.pid = os.getpid()
+    ratelog.share(slot.header.log_budgets)  # one budget for the worker and its children
     try:
         handlers = [mark_requests(spec.load_handler(ep.app)) for ep in spec.endpoints]
     except Exception as err:  # an app that fails to import in the worker: a boot error

@@ -49,12 +49,13 @@ from workers.runtime.context import CURRENT
 from workers.runtime.lifecycle import Lifecycle, set_parent_death_signal
 from workers.runtime.quickfork import REFUSALS
 from workers.runtime.quickfork import fork as quick_fork
+from workers.runtime.ratelog import DROPPED as DROPPED_FD
 from workers.runtime.ratelog import RateLimitedLog
 from workers.runtime.scoreboard import WorkerSlot
 from workers.servers import BaseServer, TCPServer, UDPServer
 
 log = logging.getLogger("cluster.worker")
-DROPPED = RateLimitedLog(log)  # connections whose fd the kernel could not pass us
+DROPPED = RateLimitedLog(log, DROPPED_FD)  # connections whose fd the kernel could not pass us
 
 FORKED, EXITED = 0, 1
 MESSAGE_SIZE = 70_000  # the largest message: one datagram (65,535 bytes) and its header

@@ -45,6 +45,7 @@ from workers.runtime.access import ROLE
 from workers.runtime.client import ClientSocket
 from workers.runtime.context import CURRENT
 from workers.runtime.proxyproto import LOCAL, ProxyHeader, ProxyHeaderError, parse
+from workers.runtime.ratelog import REJECTED, RateLimitedLog
 from workers.runtime.scoreboard import REJECT_REASONS, WorkerSlot
 
 log = logging.getLogger("cluster.worker")
@@ -54,6 +55,7 @@ log = logging.getLogger("cluster.worker")
 # waits there, holding no handler, up to --request-timeout).
 HEADER_TIMEOUT = 3.0
 LOG_EVERY = 10.0  # seconds between two rejection log lines of one worker
+REJECTIONS = RateLimitedLog(log, REJECTED, period=LOG_EVERY, burst=1)  # the worker's budget
 FIRST_PEEK = 232  # bytes: a v2 header with Unix addresses, more than any v1 line
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ALLOW, UNTRUSTED, BAD_HEADER, TIMEOUT = (
@@ -140,14 +142,9 @@ class Gate:
         """Count it in our lane, and log it unless a line went out less than ``LOG_EVERY``
         ago (in this worker or any of its fork-mode children)."""
         self.slot.rejected(CURRENT.lane, self.listener, rejected.reason)
-        header = self.slot.header
-        now = time.monotonic()
-        if header.reject_logged and now - header.reject_logged < LOG_EVERY:
-            return
-        header.reject_logged = now
-        log.warning("worker %d rejected %s on %s: %s (one such line per %gs per worker; "
-                    "cluster_rejected_total counts them all)", ROLE.pid, _client(client),
-                    self.uri, rejected, LOG_EVERY)  # fmt: skip
+        REJECTIONS.warning("worker %d rejected %s on %s: %s (one such line per %gs per worker; "
+                           "cluster_rejected_total counts them all)", ROLE.pid, _client(client),
+                           self.uri, rejected, LOG_EVERY)  # fmt: skip
 
 
 class GateMixIn:

@@ -37,6 +37,8 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from time import monotonic
 
+from workers.runtime.ratelog import KINDS, SharedBudget
+
 EMPTY, BOOTING, IDLE, DRAINING = 0, 1, 2, 3
 STATE_NAMES = {EMPTY: "empty", BOOTING: "booting", IDLE: "idle", DRAINING: "draining"}
 CLIENT_BYTES = 64
@@ -88,7 +90,8 @@ class SlotHeader(ctypes.Structure):
         ("booted", ctypes.c_double),  # monotonic time the worker was forked
         ("heartbeat", ctypes.c_double),  # monotonic time the worker's loop last woke
         ("updated", ctypes.c_double),  # monotonic time of the last state change
-        ("reject_logged", ctypes.c_double),  # monotonic time a rejection was last logged
+        # the worker's log budgets (workers.runtime.ratelog), spent by its request children too
+        ("log_budgets", SharedBudget * KINDS),
     ]
 
 
