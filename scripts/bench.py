@@ -1036,11 +1036,21 @@ def marked(name: str, body: str) -> str:
 def document(header: str, fresh: dict[str, str], previous: str) -> str:
     """The whole Markdown file: the header, the sections in their order (those this run made,
     and the others as the previous file had them, so that one section can be rerun alone),
-    then the notes."""
+    then the notes, then the memory section ``scripts/memory.py`` wrote there, kept."""
     sections = dict(MARK.findall(previous))
     sections.update(fresh)
     body = "\n\n".join(marked(name, sections[name]) for name in SECTIONS if name in sections)
-    return f"{header}\n\n{body}\n{NOTES}"
+    return f"{header}\n\n{body}\n{NOTES}{memory_section(previous)}"
+
+
+def memory_section(previous: str) -> str:
+    """``## Memory`` of the previous file (``scripts/memory.py --write`` made it; up to the
+    next ``## `` heading), with its blank line before it, or nothing."""
+    start = previous.find("\n## Memory")
+    if start < 0:
+        return ""
+    end = previous.find("\n## ", start + 1)
+    return "\n" + previous[start + 1 : end if end >= 0 else None].rstrip("\n") + "\n"
 
 
 def csv_ints(text: str) -> list[int]:

@@ -259,6 +259,12 @@ def test_document_keeps_the_sections_not_rerun_and_replaces_the_others() -> None
     assert list(sections) == ["throughput", "scale", "profiles"]  # the order of SECTIONS
 
 
+def test_document_keeps_the_memory_section_that_memory_py_wrote() -> None:
+    previous = bench.marked("scale", "old scale") + "\nold notes\n\n## Memory\n\nthe table\n"
+    text = bench.document("# Benchmarks", {"scale": "new scale"}, previous)
+    assert text.endswith("\n## Memory\n\nthe table\n") and text.count("## Memory") == 1
+
+
 # ------------------------------------------------------------------ the profiles
 RAW = (
     'process 7:"cluster: worker";_run (<frozen runpy>);run (workers/runtime/entry.py);'

@@ -83,20 +83,36 @@ def test_thread_mode_leaves_the_third_to_another_worker(start_cluster) -> None:
         sock.close()
 
 
+def in_epoll(pid: int) -> bool:
+    """Whether one of the process's threads sleeps in epoll (a worker's accept loop)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as fh:
+                if fh.read() == "do_epoll_wait":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def test_thread_mode_spreads_kept_alive_connections_over_idle_workers(start_cluster) -> None:
     """Connections that each stay open, arriving one after another while every worker sleeps
     in epoll: the kernel would wake the first-registered worker nearly every time (8/0),
     putting them all on one process and one GIL. A worker that a wake-up brought a connection
     to steps back in the listener's queue, so the next one goes to another worker: usually
-    4/4. On a loaded machine a worker still awake can take one by accept-first before the
-    woken one gets to it, so over 3 rounds of 8 the check is that neither worker got fewer
-    than a quarter."""
+    4/4. A worker still awake (its next leader on its way back to the listener) could take
+    one by accept-first before the woken one gets to it, which is not the case this is
+    about: so each connection waits until both workers' leaders sleep in epoll again (a
+    loaded machine once gave 4/20 without that wait). Without the step back: 22/2."""
     cluster = start_cluster("testapps:Gate", "-w", "2", "-k", "thread", "--threads", "8",
                             "-b", "127.0.0.1:0")  # fmt: skip
+    workers = cluster.workers()
+    asleep = lambda: all(in_epoll(pid) for pid in workers)  # noqa: E731
     pids: list[int] = []
     for _ in range(3):
         socks = []
         for _ in range(8):
+            wait_for(asleep, 10, "both workers' leaders asleep in epoll")
             socks.append(tcp_connect(cluster.address()))
             pids.append(started_pid(socks[-1]))  # its handler runs, and holds on, before the next
         for sock in socks:
