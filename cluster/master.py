@@ -695,9 +695,10 @@ class Master:
         self.check_ready()
 
     def check_ready(self) -> None:
-        """Announce, once, that the first generation to serve is up."""
+        """Announce, once, that the first generation to serve is up; never once a stop began
+        (workers that finish booting during it must not tell systemd or the log "ready")."""
         current = self.current
-        if self.ready.is_set() or current is None or not current.serving():
+        if self.ready.is_set() or self.stop is not None or current is None or not current.serving():
             return
         log.info("ready: %s (%s)", plural(current.target, "worker"), current.mode.name)
         self.ready.set()

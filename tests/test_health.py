@@ -155,6 +155,7 @@ def test_503_while_the_workers_boot_and_no_drain_delay_before_ready(start_cluste
     hold.unlink()
     assert cluster.wait_exit(timeout=15) == 0
     assert "draining for" not in cluster.log
+    assert "ready:" not in cluster.log  # the worker's boot ended during the stop: not ready
 
 
 def test_drain_delay_reports_draining_while_serving_then_stops(start_cluster) -> None:
