@@ -4,6 +4,7 @@ that ends every process a test started, by pid, whether the test passed or not."
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import subprocess
@@ -295,3 +296,21 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     the suite in about 110 s where 2 took 170 s. (The CPU-bound checks, the benchmarks, are
     not tests.)"""
     return 2 * (os.cpu_count() or 1)
+
+
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.fixture
+def pids_cgroup() -> Iterator[Path]:
+    """A pids cgroup of this test's own (cgroup v1, as root), removed at the end."""
+    if os.geteuid() != 0 or not (PIDS_CGROUPS / "cgroup.procs").exists():
+        pytest.skip("needs root and the cgroup v1 pids controller to cap a process tree")
+    group = PIDS_CGROUPS / f"prefork-test-{os.getpid()}-{random.randrange(1 << 30)}"
+    group.mkdir()
+    try:
+        yield group
+    finally:
+        wait_for(lambda: not (group / "cgroup.procs").read_text().split(), 10,
+                 "the cgroup to empty")  # fmt: skip
+        group.rmdir()

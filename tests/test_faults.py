@@ -22,8 +22,6 @@ from tests.procs import alive, children, every, holds_for, sample_until, state, 
 
 pytestmark = pytest.mark.timeout(120)
 
-PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
-
 
 def limited(script: str, *args: str) -> list[str]:
     """The command of a process that first runs ``script`` (lowering its own limits), then
@@ -66,21 +64,6 @@ def test_fd_limit_fork_failures_are_survived_and_the_pool_fills_later(ended) -> 
     cluster.signal(signal.SIGTERM)
     assert cluster.wait_exit() == 0
     assert cluster.lines[-1].endswith("exiting (code 0)")
-
-
-@pytest.fixture
-def pids_cgroup() -> Iterator[Path]:
-    """A pids cgroup of this test's own (cgroup v1, as root), removed at the end."""
-    if os.geteuid() != 0 or not (PIDS_CGROUPS / "cgroup.procs").exists():
-        pytest.skip("needs root and the cgroup v1 pids controller to cap a process tree")
-    group = PIDS_CGROUPS / f"prefork-test-{os.getpid()}-{random.randrange(1 << 30)}"
-    group.mkdir()
-    try:
-        yield group
-    finally:
-        wait_for(lambda: not (group / "cgroup.procs").read_text().split(), 10,
-                 "the cgroup to empty")  # fmt: skip
-        group.rmdir()
 
 
 def test_process_limit_fork_failures_are_survived_and_the_pool_fills_later(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, cluster_env, read_line, stream_roundtrip, tcp_connect
-from tests.procs import children, gone, is_fork_server, request_children, state, wait_for
+from tests.procs import alive, children, gone, is_fork_server, request_children, state, wait_for
 from tests.test_modes import finish, started_pid
 
 pytestmark = pytest.mark.timeout(60)
@@ -81,6 +81,27 @@ def test_a_stopped_fork_server_is_killed_and_its_worker_replaced(start_cluster) 
     cluster.wait_log(rf"its fork server {server} did not answer within 2s \(killed\); stopping")
     wait_for(lambda: gone(server) and gone(worker), 10, "the stopped fork server and its worker")
     assert stream_roundtrip(tcp_connect(cluster.address(), timeout=10), b"next\n") == b"next\n"
+
+
+def test_a_refused_fork_closes_that_request_and_the_worker_serves_on_once_it_can(
+    pids_cgroup: Path,  # first: the cgroup outlives the cluster
+    start_cluster,
+) -> None:
+    """The fork server alone in a pids cgroup capped at 1 process: its forks fail with
+    EAGAIN. That request's client sees its connection closed, one line says so, and once the
+    cap is raised the next request is served and one line says that too."""
+    cluster = start_cluster("echo", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0")
+    (worker,) = cluster.workers()
+    (pids_cgroup / "pids.max").write_text("1")
+    (pids_cgroup / "cgroup.procs").write_text(str(fork_server_of(worker)))
+    for n in range(3):
+        assert stream_roundtrip(tcp_connect(cluster.address()), b"refused %d" % n) == b""
+    cluster.wait_log(r"worker \d+ cannot fork for a request: Resource temporarily unavailable")
+    assert cluster.log.count("cannot fork for a request") == 1  # one line for the episode
+    (pids_cgroup / "pids.max").write_text("10")
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"served") == b"served"
+    cluster.wait_log(r"worker \d+ forks for requests again")
+    assert children(cluster.pid) == [worker] and alive(worker)
 
 
 def test_usr1_reaches_the_fork_server_s_children(start_cluster, tmp_path: Path) -> None:
