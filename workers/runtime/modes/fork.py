@@ -204,9 +204,12 @@ def serve(bindings: list[Binding], context: Context) -> None:
             if lifecycle.children_exited:
                 lifecycle.children_exited = False
                 forker.reap()
-            if forker.gone and lifecycle.running:
-                lifecycle.running, lifecycle.quick = False, True
-                context.exit_code = 1  # the master reports it as the failure it is
+            if forker.gone:
+                for pid in list(children):  # their parent-death signal: none is left to wait for
+                    children.discard(pid)
+                if lifecycle.running:
+                    lifecycle.running, lifecycle.quick = False, True
+                    context.exit_code = 1  # the master reports it as the failure it is
         elif lifecycle.children_exited:
             lifecycle.children_exited = False
             servers[0].collect_children()
@@ -223,6 +226,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
         one resets nobody waiting. Woken by SIGCHLD through the wakeup pipe, and at least
         once a second, so overdue children are still killed meanwhile."""
         reap()
+        if lifecycle.quick:  # nothing more to take: no drain, no fork server to hand it to
+            return False
         while len(children) >= lanes:
             if not lifecycle.running and deadline == float("inf") or time.monotonic() > deadline:
                 return False

@@ -1,0 +1,42 @@
+"""fork mode's fork server under the faults an operator or an attacker brings: what each
+costs (the requests in flight, at most their worker) and what it must never cost (a worker
+left waiting for children that are gone, a process left behind)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.conftest import tcp_connect
+from tests.procs import alive, gone, wait_for
+from tests.test_forkserver import fork_server_of
+from tests.test_modes import finish, started_pid
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_full_worker_whose_fork_server_is_killed_stops_at_once(start_cluster) -> None:
+    """Every lane busy when the fork server dies: its children died with it, so the worker
+    has nothing to wait for and stops now, not at the watchdog's or the graceful timeout's
+    end (30 s here), and the master replaces it."""
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-k", "fork", "--max-children", "2",
+                            "-b", "127.0.0.1:0")  # fmt: skip
+    (worker,) = cluster.workers()
+    server = fork_server_of(worker)
+    busy = [tcp_connect(cluster.address()) for _ in range(2)]
+    kids = [started_pid(sock) for sock in busy]
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: all(gone(pid) for pid in kids), 5, "its children, gone with it")
+    wait_for(lambda: gone(worker), 5, "the worker stopped at once")
+    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 1")
+    assert "made no progress" not in cluster.log  # no --timeout on the dead children
+    (replacement,) = wait_for(lambda: [pid for pid in cluster.workers() if pid != worker], 10,
+                              "a new worker")  # fmt: skip
+    with tcp_connect(cluster.address()) as sock:
+        started_pid(sock)
+        finish(sock)
+    assert alive(replacement)
+    for sock in busy:
+        sock.close()
