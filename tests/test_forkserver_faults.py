@@ -40,3 +40,26 @@ def test_a_full_worker_whose_fork_server_is_killed_stops_at_once(start_cluster) 
     assert alive(replacement)
     for sock in busy:
         sock.close()
+
+
+def test_a_full_worker_whose_fork_server_is_stopped_kills_it_and_is_replaced(
+    start_cluster,
+) -> None:
+    """SIGSTOP on the fork server while the worker's one lane is busy: that request ends, but
+    a stopped fork server cannot reap it nor say so, and the worker, full, would wait for its
+    lane for good (heartbeating, so no watchdog helps). It asks the fork server whether it
+    still answers; after --timeout (2 s) of silence it kills it and stops, and the client
+    waiting meanwhile in the listen queue is served by the replacement."""
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-k", "fork", "--max-children", "1",
+                            "--timeout", "2", "-b", "127.0.0.1:0")  # fmt: skip
+    (worker,) = cluster.workers()
+    server = fork_server_of(worker)
+    with tcp_connect(cluster.address()) as first:
+        started_pid(first)
+        os.kill(server, signal.SIGSTOP)
+        finish(first)
+    with tcp_connect(cluster.address(), timeout=15) as waiting:
+        cluster.wait_log(rf"its fork server {server} did not answer within 2s \(killed\)")
+        wait_for(lambda: gone(server) and gone(worker), 5, "the fork server and its worker")
+        assert started_pid(waiting) != 0
+        finish(waiting)

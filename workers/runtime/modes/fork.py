@@ -218,6 +218,15 @@ def serve(bindings: list[Binding], context: Context) -> None:
         reap(woken=True)
         children.kill_overdue()
 
+    def wait_for_exits() -> None:
+        """Sleep until a child exits (or a second passes); the fork server, which reaps
+        them, must still answer meanwhile (``keep_answering``)."""
+        select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
+        lifecycle.drain_wakeups()
+        if forker is not None:
+            forker.keep_answering(time.monotonic())
+        on_wake()
+
     def room(deadline: float = float("inf")) -> bool:
         """Below ``max_children`` now, or once a child exits (by ``deadline``, while we run).
 
@@ -231,9 +240,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
         while len(children) >= lanes:
             if not lifecycle.running and deadline == float("inf") or time.monotonic() > deadline:
                 return False
-            select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
-            lifecycle.drain_wakeups()
-            on_wake()
+            wait_for_exits()
         return True
 
     def fork_one(server: BaseServer, request: object, client: object) -> None:
@@ -265,9 +272,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
             servers[0].collect_children(blocking=True)
         else:
             while children and not forker.gone:
-                select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
-                lifecycle.drain_wakeups()
-                on_wake()
+                wait_for_exits()
         if forker is not None:
             forker.stop(lifecycle.quick)
 
