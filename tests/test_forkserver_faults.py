@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import tcp_connect
-from tests.procs import alive, gone, wait_for
+from tests.conftest import stream_roundtrip, tcp_connect
+from tests.procs import alive, children, gone, is_fork_server, wait_for
 from tests.test_forkserver import fork_server_of
 from tests.test_modes import finish, started_pid
 
@@ -63,3 +64,31 @@ def test_a_full_worker_whose_fork_server_is_stopped_kills_it_and_is_replaced(
         wait_for(lambda: gone(server) and gone(worker), 5, "the fork server and its worker")
         assert started_pid(waiting) != 0
         finish(waiting)
+
+
+def test_a_worker_that_cannot_fork_its_fork_server_forks_its_children_itself(
+    pids_cgroup: Path,  # first: the cgroup outlives the cluster
+    start_cluster,
+) -> None:
+    """The master in a pids cgroup with room for it and one worker: the replacement of a
+    killed worker cannot fork its fork server (EAGAIN). It says so in one line, no
+    traceback, and serves, forking its request children itself: refused while the cap
+    holds (one line), served once it is raised."""
+    cluster = start_cluster("echo", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0")
+    (worker,) = cluster.workers()
+    (pids_cgroup / "cgroup.procs").write_text(str(cluster.pid))
+    used = int((pids_cgroup / "pids.current").read_text())
+    (pids_cgroup / "pids.max").write_text(str(used + 1))  # one worker more, no fork server
+    os.kill(worker, signal.SIGKILL)
+    cluster.wait_log(r"worker (\d+) cannot fork its fork server: Resource temporarily "
+                     r"unavailable; it forks its request children itself")  # fmt: skip
+    (replacement,) = wait_for(lambda: [pid for pid in cluster.workers() if pid != worker], 10,
+                              "the replacement")  # fmt: skip
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"refused") == b""
+    cluster.wait_log(rf"worker {replacement} cannot fork for a request")
+    (pids_cgroup / "pids.max").write_text("max")
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"served") == b"served"
+    assert alive(replacement) and not [pid for pid in children(replacement)
+                                       if is_fork_server(pid)]  # fmt: skip
+    assert "Traceback" not in cluster.log
+    assert cluster.log.count("cannot fork its fork server") == 1

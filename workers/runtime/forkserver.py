@@ -113,7 +113,12 @@ class ForkServer:
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         worker = os.getpid()
-        pid = quick_fork()
+        try:
+            pid = quick_fork()
+        except OSError:  # the caller decides (out of processes: it forks for itself)
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:
             ours.close()
             status = 1

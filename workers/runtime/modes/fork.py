@@ -7,6 +7,7 @@ costs its child, and the worker with its other children lives on.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -169,6 +170,23 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+def start_fork_server(servers: list[BaseServer], context: Context) -> ForkServer | None:
+    """The worker's fork server, started; None if the kernel refuses the process (a pids
+    cgroup or RLIMIT_NPROC at its cap): the worker then forks its children itself, rather
+    than fail its boot again and again while it could serve (its own forks for requests
+    are refused as long as the cap holds, with one line for the episode)."""
+    forker = ForkServer(servers, context.lifecycle, context.slot, context.spec.timeout)
+    try:
+        forker.start()
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.ENOMEM):
+            raise
+        log.warning("worker %d cannot fork its fork server: %s; it forks its request "
+                    "children itself", os.getpid(), err.strerror)  # fmt: skip
+        return None
+    return forker
+
+
 def serve(bindings: list[Binding], context: Context) -> None:
     """Fork a child per request, never more than ``max_children`` alive at once per worker."""
     spec, lifecycle = context.spec, context.lifecycle
@@ -184,13 +202,9 @@ def serve(bindings: list[Binding], context: Context) -> None:
         server.active_children = children
     lifecycle.on_signal = children.tell_all
 
-    forker = (
-        ForkServer(servers, lifecycle, context.slot, spec.timeout) if serves_all(servers) else None
-    )
-    if forker is not None:
-        forker.start()
-        for server in servers:
-            server.forker = forker
+    forker = start_fork_server(servers, context) if serves_all(servers) else None
+    for server in servers:
+        server.forker = forker
 
     def reap(woken: bool = False) -> None:
         """Free the lanes of exited children: those the fork server reaped, or ours, by pid,
