@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import stream_roundtrip, tcp_connect
-from tests.procs import alive, children, gone, is_fork_server, wait_for
+from tests.conftest import stream_roundtrip, tcp_connect, unix_dgram_roundtrip
+from tests.procs import (
+    alive,
+    children,
+    gone,
+    is_fork_server,
+    request_children,
+    wait_for,
+)
 from tests.test_forkserver import fork_server_of
 from tests.test_modes import finish, started_pid
 
@@ -92,3 +100,24 @@ def test_a_worker_that_cannot_fork_its_fork_server_forks_its_children_itself(
                                        if is_fork_server(pid)]  # fmt: skip
     assert "Traceback" not in cluster.log
     assert cluster.log.count("cannot fork its fork server") == 1
+
+
+def test_datagrams_with_nowhere_to_answer_cost_no_traceback(start_cluster, tmp_path: Path) -> None:
+    """unix-dgram senders that never bound a name (no address to answer), or that are gone
+    by the time the reply goes out: each is the client's problem; the echo child says
+    nothing about it, and the next client is answered."""
+    path = str(tmp_path / "d.sock")
+    cluster = start_cluster("echo", "-w", "1", "-k", "fork", "-b", f"unix-dgram:{path}")
+    (worker,) = cluster.workers()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unbound:
+        for _ in range(3):
+            unbound.sendto(b"nowhere", path)
+    gone_path = str(tmp_path / "gone.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as leaving:
+        leaving.bind(gone_path)
+        leaving.sendto(b"gone", path)
+    os.unlink(gone_path)
+    reply = unix_dgram_roundtrip(path, b"next", str(tmp_path / "client.sock"))
+    assert reply == b"next"
+    wait_for(lambda: not request_children(worker), 5, "every child done (its log written)")
+    assert "Traceback" not in cluster.log
