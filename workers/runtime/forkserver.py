@@ -181,12 +181,10 @@ class ForkServer:
         return exits
 
     def keep_answering(self, now: float) -> None:
-        """Called about once a second while the worker waits for exits: what the fork
-        server said meanwhile (its exits), and a PING if it said nothing for a second and
+        """Called about once a second while the worker waits for exits, after reading
+        what the fork server said (``exited``): a PING if it said nothing for a second and
         none is out; one unanswered past the answer timeout means a stopped or stuck fork
         server: kill it, it is lost."""
-        while self._receive(block=False) is not None:
-            pass
         if self.channel is None or self.gone or not self.pinged and now - self.heard < 1.0:
             return
         if self.pinged and now - self.pinged > self.answer_timeout:

@@ -237,9 +237,9 @@ def serve(bindings: list[Binding], context: Context) -> None:
         them, must still answer meanwhile (``keep_answering``)."""
         select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
         lifecycle.drain_wakeups()
+        on_wake()
         if forker is not None:
             forker.keep_answering(time.monotonic())
-        on_wake()
 
     def room(deadline: float = float("inf")) -> bool:
         """Below ``max_children`` now, or once a child exits (by ``deadline``, while we run).
@@ -255,7 +255,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
             if not lifecycle.running and deadline == float("inf") or time.monotonic() > deadline:
                 return False
             wait_for_exits()
-        return True
+        return not lifecycle.quick
 
     def fork_one(server: BaseServer, request: object, client: object) -> None:
         context.counted()
