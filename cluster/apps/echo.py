@@ -15,7 +15,8 @@ class EchoHandler(BaseRequestHandler):
     A stream echo has no request framing, so it never says it is between requests: a
     graceful stop waits for its client to close (cutting it could lose bytes the client
     already sent; HTTP clients retry on a closed idle connection, echo clients do not). A
-    client that resets ends only its own connection, with no traceback."""
+    client that resets ends only its own connection, with no traceback; so does a datagram
+    client with nowhere to answer (a unix-dgram sender without a name, or gone already)."""
 
     max_packet_size = MAX_DATAGRAM  # read by the worker's datagram server
 
@@ -23,7 +24,12 @@ class EchoHandler(BaseRequestHandler):
         request = self.request
         if isinstance(request, tuple):
             data, sock = request
-            sock.sendto(data, self.client_address)
+            if not self.client_address:  # a unix-dgram sender with no name: nowhere to answer
+                return
+            try:
+                sock.sendto(data, self.client_address)
+            except (ConnectionError, FileNotFoundError):
+                pass  # a unix-dgram sender gone already (its socket closed, or its name)
             return
         recv, sendall = request.recv, request.sendall
         try:

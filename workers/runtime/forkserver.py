@@ -24,11 +24,15 @@ The channel is a ``SOCK_SEQPACKET`` socket pair: the worker sends the connection
 (``SCM_RIGHTS``) with its listener, lane, client address and request deadline; the fork
 server answers ``(FORKED, pid, exited pids)`` (pid 0: the kernel refused the fork), and
 reports exits on their own, ``(EXITED, pids)`` followed by a byte on the worker's wakeup
-pipe, when the worker may be waiting for a lane (see ``serve_forks``).
+pipe, when the worker may be waiting for a lane (see ``serve_forks``). A worker waiting for
+exits (full, or stopping) also asks, once a second, whether the fork server still answers
+(``PING``, answered ``(PONG, exited pids)``): a stopped or stuck fork server reports no exit,
+and the worker would otherwise wait for a lane, or for its stop, for good.
 
 Faults: the fork server dies with the worker (parent-death signal), and its children with
 it. A fork server that dies (killed -9, say) ends its children the same way and stops the
-worker, which the master replaces.
+worker at once (it has no child left to wait for), which the master replaces; one that
+does not answer within ``--timeout`` (at most 10 s) is killed, with the same outcome.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +62,8 @@ from workers.servers import BaseServer, TCPServer, UDPServer
 log = logging.getLogger("cluster.worker")
 DROPPED = RateLimitedLog(log, DROPPED_FD)  # connections whose fd the kernel could not pass us
 
-FORKED, EXITED = 0, 1
+FORKED, EXITED, PONG = 0, 1, 2
+PING = marshal.dumps(None)  # the worker, waiting for exits: do you still answer?
 MESSAGE_SIZE = 70_000  # the largest message: one datagram (65,535 bytes) and its header
 # The fork server's receive buffer, made once: a new one per request would be pages to write.
 BUFFER = bytearray(MESSAGE_SIZE)
@@ -100,12 +106,19 @@ class ForkServer:
         self.pid = 0
         self.channel: socket.socket | None = None
         self.exits: list[int] = []  # heard of while waiting for a FORKED answer
+        self.pinged = 0.0  # when our PING still unanswered went out (0: none is)
+        self.heard = 0.0  # when the fork server last said anything
         self.gone = False  # the fork server died, or closed its end
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         worker = os.getpid()
-        pid = quick_fork()
+        try:
+            pid = quick_fork()
+        except OSError:  # the caller decides (out of processes: it forks for itself)
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:
             ours.close()
             status = 1
@@ -167,6 +180,26 @@ class ForkServer:
         exits, self.exits = self.exits, []
         return exits
 
+    def keep_answering(self, now: float) -> None:
+        """Called about once a second while the worker waits for exits, after reading
+        what the fork server said (``exited``): a PING if it said nothing for a second and
+        none is out; one unanswered past the answer timeout means a stopped or stuck fork
+        server: kill it, it is lost."""
+        if self.channel is None or self.gone or not self.pinged and now - self.heard < 1.0:
+            return
+        if self.pinged and now - self.pinged > self.answer_timeout:
+            self.tell(signal.SIGKILL)
+            self.lost(f"did not answer within {self.answer_timeout:g}s (killed)")
+        elif not self.pinged:
+            try:
+                self.channel.send(PING)
+            except BlockingIOError:  # its queue is full: it has answers to give first
+                return
+            except OSError as err:
+                self.lost(f"cannot be reached ({err.strerror})")
+                return
+            self.pinged = now
+
     def _receive(self, block: bool) -> tuple[Any, ...] | None:
         channel = self.channel
         if channel is None or self.gone:
@@ -184,8 +217,11 @@ class ForkServer:
         if not data:
             self.lost("is gone")
             return None
+        self.heard = time.monotonic()
         answer = marshal.loads(data)
-        self.exits.extend(answer[-1])  # (EXITED, pids) or (FORKED, pid, pids)
+        self.exits.extend(answer[-1])  # (EXITED, pids), (PONG, pids) or (FORKED, pid, pids)
+        if answer[0] == PONG:
+            self.pinged = 0.0
         return answer
 
     def lost(self, why: str) -> None:
@@ -294,7 +330,12 @@ def serve_forks(
             if not size:
                 _finish(live)
                 return
-            index, lane, client_address, deadline, datagram = loads(view[:size])
+            message = loads(view[:size])
+            if message is None:  # PING: the worker waits for exits; say we still answer
+                send(dumps((PONG, exits)))
+                exits = []
+                continue
+            index, lane, client_address, deadline, datagram = message
             server = servers[index]
             if datagram is None:
                 fd = _fd_of(ancillary)

@@ -7,6 +7,7 @@ costs its child, and the worker with its other children lives on.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -169,6 +170,23 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+def start_fork_server(servers: list[BaseServer], context: Context) -> ForkServer | None:
+    """The worker's fork server, started; None if the kernel refuses the process (a pids
+    cgroup or RLIMIT_NPROC at its cap): the worker then forks its children itself, rather
+    than fail its boot again and again while it could serve (its own forks for requests
+    are refused as long as the cap holds, with one line for the episode)."""
+    forker = ForkServer(servers, context.lifecycle, context.slot, context.spec.timeout)
+    try:
+        forker.start()
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.ENOMEM):
+            raise
+        log.warning("worker %d cannot fork its fork server: %s; it forks its request "
+                    "children itself", os.getpid(), err.strerror)  # fmt: skip
+        return None
+    return forker
+
+
 def serve(bindings: list[Binding], context: Context) -> None:
     """Fork a child per request, never more than ``max_children`` alive at once per worker."""
     spec, lifecycle = context.spec, context.lifecycle
@@ -184,13 +202,9 @@ def serve(bindings: list[Binding], context: Context) -> None:
         server.active_children = children
     lifecycle.on_signal = children.tell_all
 
-    forker = (
-        ForkServer(servers, lifecycle, context.slot, spec.timeout) if serves_all(servers) else None
-    )
-    if forker is not None:
-        forker.start()
-        for server in servers:
-            server.forker = forker
+    forker = start_fork_server(servers, context) if serves_all(servers) else None
+    for server in servers:
+        server.forker = forker
 
     def reap(woken: bool = False) -> None:
         """Free the lanes of exited children: those the fork server reaped, or ours, by pid,
@@ -204,9 +218,12 @@ def serve(bindings: list[Binding], context: Context) -> None:
             if lifecycle.children_exited:
                 lifecycle.children_exited = False
                 forker.reap()
-            if forker.gone and lifecycle.running:
-                lifecycle.running, lifecycle.quick = False, True
-                context.exit_code = 1  # the master reports it as the failure it is
+            if forker.gone:
+                for pid in list(children):  # their parent-death signal: none is left to wait for
+                    children.discard(pid)
+                if lifecycle.running:
+                    lifecycle.running, lifecycle.quick = False, True
+                    context.exit_code = 1  # the master reports it as the failure it is
         elif lifecycle.children_exited:
             lifecycle.children_exited = False
             servers[0].collect_children()
@@ -214,6 +231,15 @@ def serve(bindings: list[Binding], context: Context) -> None:
     def on_wake() -> None:
         reap(woken=True)
         children.kill_overdue()
+
+    def wait_for_exits() -> None:
+        """Sleep until a child exits (or a second passes); the fork server, which reaps
+        them, must still answer meanwhile (``keep_answering``)."""
+        select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
+        lifecycle.drain_wakeups()
+        on_wake()
+        if forker is not None:
+            forker.keep_answering(time.monotonic())
 
     def room(deadline: float = float("inf")) -> bool:
         """Below ``max_children`` now, or once a child exits (by ``deadline``, while we run).
@@ -223,13 +249,13 @@ def serve(bindings: list[Binding], context: Context) -> None:
         one resets nobody waiting. Woken by SIGCHLD through the wakeup pipe, and at least
         once a second, so overdue children are still killed meanwhile."""
         reap()
+        if lifecycle.quick:  # nothing more to take: no drain, no fork server to hand it to
+            return False
         while len(children) >= lanes:
             if not lifecycle.running and deadline == float("inf") or time.monotonic() > deadline:
                 return False
-            select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
-            lifecycle.drain_wakeups()
-            on_wake()
-        return True
+            wait_for_exits()
+        return not lifecycle.quick
 
     def fork_one(server: BaseServer, request: object, client: object) -> None:
         context.counted()
@@ -260,9 +286,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
             servers[0].collect_children(blocking=True)
         else:
             while children and not forker.gone:
-                select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
-                lifecycle.drain_wakeups()
-                on_wake()
+                wait_for_exits()
         if forker is not None:
             forker.stop(lifecycle.quick)
 
