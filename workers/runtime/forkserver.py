@@ -160,8 +160,11 @@ class ForkServer:
         try:
             channel.sendmsg([message], ancillary)
         except BlockingIOError:  # its queue is full: wait for room (it answers each one)
-            select.select([], [channel], [])
-            channel.sendmsg([message], ancillary)
+            if not select.select([], [channel], [], self.answer_timeout)[1]:
+                self.tell(signal.SIGKILL)
+                self.lost(f"took nothing within {self.answer_timeout:g}s (killed)")
+                return 0
+            return self.hand_off(server, request, client_address, lane)
         except OSError as err:
             self.lost(f"cannot be reached ({err.strerror})")
             return 0
