@@ -248,6 +248,16 @@ def stream_roundtrip(sock: socket.socket, payload: bytes) -> bytes:
         return b"".join(chunks)
 
 
+def closed_unanswered(address: tuple[str, int], payload: bytes) -> bool:
+    """Whether the server closed the connection without a byte of answer. A refused request
+    is closed with its bytes unread, so the kernel may answer them with a reset rather than
+    the end-of-file: both are a close."""
+    try:
+        return stream_roundtrip(tcp_connect(address), payload) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
 def udp_roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 5.0) -> bytes:
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:

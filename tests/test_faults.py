@@ -353,6 +353,8 @@ def test_ttins_delivered_one_by_one_each_count(start_cluster) -> None:
         wait_for(lambda: not pending_signals(cluster.pid) & (1 << (signal.SIGTTIN - 1)), 5,
                  "the TTIN delivered")  # fmt: skip
     wait_for(lambda: len(children(cluster.pid)) == 6, 10, "six workers")
+    # The log comes through a pipe the test reads on a thread: the last line may lag.
+    wait_for(lambda: cluster.log.count("command: incr 1 (from SIGTTIN)") >= 5, 5, "five incrs")
     assert cluster.log.count("command: incr 1 (from SIGTTIN)") == 5
 
 

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cluster_env, read_line, stream_roundtrip, tcp_connect
+from tests.conftest import (
+    ROOT,
+    closed_unanswered,
+    cluster_env,
+    stream_roundtrip,
+    tcp_connect,
+)
 from tests.procs import alive, children, gone, is_fork_server, request_children, state, wait_for
 from tests.test_modes import finish, started_pid
 
@@ -75,9 +81,7 @@ def test_a_stopped_fork_server_is_killed_and_its_worker_replaced(start_cluster) 
     (worker,) = cluster.workers()
     server = fork_server_of(worker)
     os.kill(server, signal.SIGSTOP)
-    with tcp_connect(cluster.address(), timeout=10) as lost:
-        lost.sendall(b"lost\n")
-        assert read_line(lost) == b""
+    assert closed_unanswered(cluster.address(), b"lost\n")  # after --timeout: 2 s
     cluster.wait_log(rf"its fork server {server} did not answer within 2s \(killed\); stopping")
     wait_for(lambda: gone(server) and gone(worker), 10, "the stopped fork server and its worker")
     assert stream_roundtrip(tcp_connect(cluster.address(), timeout=10), b"next\n") == b"next\n"
@@ -95,7 +99,7 @@ def test_a_refused_fork_closes_that_request_and_the_worker_serves_on_once_it_can
     (pids_cgroup / "pids.max").write_text("1")
     (pids_cgroup / "cgroup.procs").write_text(str(fork_server_of(worker)))
     for n in range(3):
-        assert stream_roundtrip(tcp_connect(cluster.address()), b"refused %d" % n) == b""
+        assert closed_unanswered(cluster.address(), b"refused %d" % n)
     cluster.wait_log(r"worker \d+ cannot fork for a request: Resource temporarily unavailable")
     assert cluster.log.count("cannot fork for a request") == 1  # one line for the episode
     (pids_cgroup / "pids.max").write_text("10")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import stream_roundtrip, tcp_connect, unix_dgram_roundtrip
+from tests.conftest import closed_unanswered, stream_roundtrip, tcp_connect, unix_dgram_roundtrip
 from tests.procs import (
     alive,
     children,
@@ -92,7 +92,7 @@ def test_a_worker_that_cannot_fork_its_fork_server_forks_its_children_itself(
                      r"unavailable; it forks its request children itself")  # fmt: skip
     (replacement,) = wait_for(lambda: [pid for pid in cluster.workers() if pid != worker], 10,
                               "the replacement")  # fmt: skip
-    assert stream_roundtrip(tcp_connect(cluster.address()), b"refused") == b""
+    assert closed_unanswered(cluster.address(), b"refused")
     cluster.wait_log(rf"worker {replacement} cannot fork for a request")
     (pids_cgroup / "pids.max").write_text("max")
     assert stream_roundtrip(tcp_connect(cluster.address()), b"served") == b"served"
