@@ -100,11 +100,13 @@ def test_a_refused_fork_closes_that_request_and_the_worker_serves_on_once_it_can
     (pids_cgroup / "cgroup.procs").write_text(str(fork_server_of(worker)))
     for n in range(3):
         assert closed_unanswered(cluster.address(), b"refused %d" % n)
-    cluster.wait_log(r"worker \d+ cannot fork for a request: Resource temporarily unavailable")
+    cluster.wait_log(
+        rf"worker {worker} cannot fork for a request: Resource temporarily unavailable"
+    )
     assert cluster.log.count("cannot fork for a request") == 1  # one line for the episode
     (pids_cgroup / "pids.max").write_text("10")
     assert stream_roundtrip(tcp_connect(cluster.address()), b"served") == b"served"
-    cluster.wait_log(r"worker \d+ forks for requests again")
+    cluster.wait_log(rf"worker {worker} forks for requests again")
     assert children(cluster.pid) == [worker] and alive(worker)
 
 

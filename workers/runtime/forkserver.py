@@ -47,6 +47,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from workers.runtime.client import ClientSocket, ListeningSocket
@@ -312,7 +313,10 @@ def serve_forks(
     poller.register(wake_r, select.POLLIN)
     channel.send(marshal.dumps((EXITED, [])))  # hello: the worker may say it is ready
     recvmsg_into, send, poll, waitpid = channel.recvmsg_into, channel.send, poller.poll, os.waitpid
-    fork, refusals, dumps, loads = _fork_primitive(), REFUSALS, marshal.dumps, marshal.loads
+    # One thread here (threads do not survive the fork that made us, and we run no code of
+    # the app): we may always skip the interpreter's repairs.
+    fork, refusals = partial(quick_fork, single_threaded=True), REFUSALS
+    dumps, loads = marshal.dumps, marshal.loads
     live: set[int] = set()  # our children not yet reaped
     exits: list[int] = []  # reaped, not yet reported
     buffers, view = [BUFFER], VIEW
@@ -322,9 +326,7 @@ def serve_forks(
                 _drain(wake_r)
                 continue
             if fd == -1:  # nothing came for a while: report what we reaped
-                send(dumps((EXITED, exits)))
-                os.write(wake_worker, b"\0")
-                exits = []
+                exits = _report(channel, exits, wake_worker)
                 continue
             try:
                 size, ancillary, _, _ = recvmsg_into(buffers, FD_SPACE)
@@ -351,8 +353,8 @@ def serve_forks(
                 request: Any = adopt(server, fd, deadline)
             else:
                 request = (datagram, server.socket)  # type: ignore[attr-defined]
-            children.next_lane = CURRENT.lane = lane
-            CURRENT.client = client_address
+            children.next_lane = lane  # the child's lane (finish_request sets CURRENT.lane)
+            CURRENT.client = client_address  # the access log's (the worker's is not ours)
             try:
                 pid = fork()
             except OSError as err:
@@ -379,18 +381,18 @@ def serve_forks(
             live.discard(pid)
             exits.append(pid)
         if exits and len(live) + len(exits) >= lanes:  # the worker may be waiting for a lane
-            try:
-                send(dumps((EXITED, exits)))
-                os.write(wake_worker, b"\0")
-            except OSError:  # the worker is gone: so are we, in a moment
-                pass
-            exits = []
+            exits = _report(channel, exits, wake_worker)
 
 
-def _fork_primitive() -> Callable[[], int]:
-    """The fork server has one thread (threads do not survive the fork that made it, and it
-    runs no code of the app), so it may always skip the interpreter's repairs."""
-    return lambda: quick_fork(single_threaded=True)
+def _report(channel: socket.socket, exits: list[int], wake_worker: int) -> list[int]:
+    """Report reaped pids on their own, and wake the worker to read them; what is left to
+    report (nothing)."""
+    try:
+        channel.send(marshal.dumps((EXITED, exits)))
+        os.write(wake_worker, b"\0")
+    except OSError:  # the worker is gone: so are we, in a moment (parent-death signal)
+        pass
+    return []
 
 
 def _fd_bytes(fd: int) -> bytes:

@@ -36,6 +36,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from workers.runtime.access import ROLE
+
 log = logging.getLogger("cluster.worker")
 
 
@@ -78,7 +80,8 @@ def _after_fork_in_child() -> None:
 
 
 class Refusals:
-    """Whether the kernel refused our last fork for a request: one log line per episode."""
+    """Whether the kernel refused our last fork for a request: one log line per episode,
+    naming the worker (``ROLE.pid``, also in its fork server, which does the forking)."""
 
     refused = False
 
@@ -88,12 +91,12 @@ class Refusals:
             raise err
         if not self.refused:
             log.error("worker %d cannot fork for a request: %s; closing such requests "
-                      "until it can", os.getpid(), err.strerror)  # fmt: skip
+                      "until it can", ROLE.pid, err.strerror)  # fmt: skip
         self.refused = True
 
     def forked(self) -> None:
         if self.refused:
-            log.warning("worker %d forks for requests again", os.getpid())
+            log.warning("worker %d forks for requests again", ROLE.pid)
             self.refused = False
 
 

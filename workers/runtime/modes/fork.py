@@ -57,10 +57,8 @@ class WorkerForkingMixIn(ForkingMixIn):
             return
         REFUSALS.forked()
 
-    single_threaded = False  # the fork server says so: it knows, and need not look
-
-    def fork_child(self) -> int:
-        return quick_fork(self.single_threaded)
+    def fork_child(self) -> int:  # a worker without a fork server forks for itself
+        return quick_fork()
 
     def finish_request(self, request: object, client_address: object) -> None:
         # In the child. Everything a child touches first costs it a copy-on-write page fault,
