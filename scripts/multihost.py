@@ -762,15 +762,10 @@ def draw(path: str, sampler: Sampler, events: list[tuple[float, str]], timeline:
 def whoami(host: str, port: int) -> int:
     """In the client's namespace: ask ``whoami:Whoami`` through HAProxy who we are (it
     answers ``HOST PORT LINE``)."""
-    with socket.create_connection((host, port), timeout=10) as sock:
+    with socket.create_connection((host, port), timeout=10) as sock, sock.makefile("rb") as answer:
         local = sock.getsockname()[:2]
         sock.sendall(b"who am i?\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(256)
-            if not chunk:
-                break
-            data += chunk
+        data = answer.readline()
     seen_host, seen_port, *_ = data.decode().split() + ["", "0"]
     print(json.dumps({"local": [local[0], local[1]], "seen": [seen_host, int(seen_port)]}))
     return 0

@@ -248,14 +248,29 @@ def stream_roundtrip(sock: socket.socket, payload: bytes) -> bytes:
         return b"".join(chunks)
 
 
+def read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes; b"" for a connection it refused (closed, or
+    reset for the bytes it never read)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
 def closed_unanswered(address: tuple[str, int], payload: bytes) -> bool:
     """Whether the server closed the connection without a byte of answer. A refused request
     is closed with its bytes unread, so the kernel may answer them with a reset rather than
     the end-of-file: both are a close."""
-    try:
-        return stream_roundtrip(tcp_connect(address), payload) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
+    with tcp_connect(address) as sock:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        return read_all(sock) == b""
 
 
 def udp_roundtrip(address: tuple[str, int], payload: bytes, timeout: float = 5.0) -> bytes:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import read_all
 from tests.procs import every, wait_for
 from tests.test_control import ask as control_ask
 from tests.test_control import samples, scrape
@@ -38,18 +39,6 @@ def connect(address: tuple[str, int] | str, source: str | None = None) -> socket
     sock.settimeout(10)
     sock.connect(address)
     return sock
-
-
-def read_all(sock: socket.socket) -> bytes:
-    """Everything until the server closes; b"" for a connection it refused (closed, or
-    reset for the bytes it never read)."""
-    data = b""
-    try:
-        while chunk := sock.recv(4096):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
 
 
 def ask(address: tuple[str, int] | str, payload: bytes, source: str | None = None) -> bytes:

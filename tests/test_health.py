@@ -16,7 +16,7 @@ import pytest
 
 from cluster import health
 from cluster.health import DRAINING, READY, STARTING, STOPPING, Health, state_of
-from tests.conftest import ROOT, cluster_env, stream_roundtrip, tcp_connect
+from tests.conftest import ROOT, cluster_env, read_all, stream_roundtrip, tcp_connect
 from tests.procs import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,13 +94,6 @@ def agent(port: int, timeout: float = 5.0) -> bytes:
     """What HAProxy's agent-check reads: it connects and says nothing."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         return read_all(sock)
-
-
-def read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 def health_port(cluster) -> int:
