@@ -243,7 +243,6 @@ class AcceptLoop:
         within: float,
         dispatch: Callable[[BaseServer, object, object], None],
         room: Callable[[float], bool] | None = None,
-        unroom: Callable[[], None] | None = None,
         queue: bool = True,
     ) -> None:
         """Serve what a stop leaves us (``drained``), one request at a time.
@@ -251,7 +250,7 @@ class AcceptLoop:
         ``room(deadline)`` waits (until ``deadline`` at most) for a free child, and says
         whether one is free: nothing is taken off the queue that cannot start at once, so a
         worker killed meanwhile resets no connection it had not begun to serve (they stay
-        queued for the others). ``unroom`` gives the room back when nothing was left.
+        queued for the others).
         """
         deadline = time.monotonic() + within
         left = self.drained(within, queue)
@@ -260,8 +259,6 @@ class AcceptLoop:
                 return
             taken = next(left, None)
             if taken is None:
-                if unroom is not None:
-                    unroom()
                 return
             dispatch(*taken)
 
