@@ -1,6 +1,6 @@
 """A reference for the benchmarks: the least any Python prefork server can do for a handler.
 
-    python scripts/bare_server.py prefork|fork tcp|udp [APP]
+    python scripts/bare_server.py prefork|fork tcp|udp [APP] [--carry MODULE,MODULE...]
 
 No framework at all: the parent binds 127.0.0.1 port 0, prints ``listening on
 SCHEME://127.0.0.1:PORT`` and forks two children that serve, as the cluster's two workers do,
@@ -13,10 +13,15 @@ It loads the very handler class the cluster serves for APP, so it carries the sa
 running that handler on this machine: scripts/bench.py shows it beside the real servers. It
 has no bounds, logging or graceful stop, so it is not a server to use: a handler's error just
 drops that one connection, and TERM to the parent ends the whole process group at once.
+
+``--carry`` imports those modules too, before the fork, and uses none of them: the same loop
+then pays for their memory in every fork, which tells how much of a server's cost is the
+size of the process it forks from (``docs/benchmarks-notes.md``, "The floor of fork mode").
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -64,9 +69,20 @@ def serve_datagrams(listener: socket.socket, handler: type) -> None:
 
 
 def main() -> None:
-    mode, transport = sys.argv[1], sys.argv[2]
-    app = sys.argv[3] if len(sys.argv) > 3 else ("echo" if transport == "udp" else "http-hello")
+    args = sys.argv[1:]
+    carried: list[str] = []
+    if "--carry" in args:
+        at = args.index("--carry")
+        carried = args[at + 1].split(",")
+        del args[at : at + 2]
+    mode, transport = args[0], args[1]
+    app = args[2] if len(args) > 2 else ("echo" if transport == "udp" else "http-hello")
     handler = load_handler(app)
+    for module in carried:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise SystemExit(f"bare_server: cannot carry {module}: {err}") from None
     kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
     listener = socket.socket(socket.AF_INET, kind)
     listener.bind(("127.0.0.1", 0))

@@ -189,15 +189,28 @@ def stdlib_row(kind_name: str) -> Row:
     return Row(f"stdlib {label[kind_name]}", start, kinds, peer=True)
 
 
-def bare_row(mode: str) -> Row:
-    """A reference with no framework: see scripts/bare_server.py."""
+# What a fork-mode worker's fork server has imported (the master's modules and the worker
+# runtime, inherited): the bare fork loop carrying them pays for their size in every fork.
+CARRIED_BY_OUR_FORK_SERVER = (
+    "cluster.cli,cluster.master,workers.runtime.entry,workers.runtime.modes,"
+    "workers.runtime.forkserver,setproctitle"
+)
+
+
+def bare_row(mode: str, carrying: bool = False) -> Row:
+    """A reference with no framework: see scripts/bare_server.py. ``carrying``: the fork loop
+    with our fork server's imports loaded (and unused), HTTP only: what fork mode would cost
+    if our own code around the fork cost nothing."""
 
     def start(kind: str) -> Running:
         transport = "udp" if kind == UDP_ECHO else "tcp"
         app = "http-hello" if kind == HTTP else "echo"
+        carry = ["--carry", CARRIED_BY_OUR_FORK_SERVER] if carrying else []
         return _start_logged([sys.executable, str(ROOT / "scripts" / "bare_server.py"), mode,
-                              transport, app], "listening on")  # fmt: skip
+                              transport, app, *carry], "listening on")  # fmt: skip
 
+    if carrying:
+        return Row(BARE_FORK_CARRYING, start, frozenset({HTTP}), peer=True)
     kinds = {HTTP, TCP_ECHO, UDP_ECHO} if mode == "prefork" else {HTTP, TCP_ECHO}
     return Row(BARE_PREFORK if mode == "prefork" else BARE_FORK, start, frozenset(kinds), peer=True)
 
@@ -686,7 +699,9 @@ def one_line(err: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------ profiles
-PROFILE_MODES = ("sync", "thread", "fork")
+# "fork server": fork mode's fork server rather than its worker (the forking happens there).
+FORK_SERVER = "fork server"
+PROFILE_MODES = ("sync", "thread", "fork", FORK_SERVER)
 PROFILE_RATE = 200  # samples per second
 PROFILE_TOP = 15
 
@@ -722,6 +737,7 @@ WAITS = {
     "Condition.wait": "a lock (threading)",
     "Thread._wait_for_tstate_lock": "a thread to end (threading)",
     "serve.<locals>.room": "a request child to exit (--max-children)",
+    "ForkServer._receive": "the fork server's answer (the fork)",
 }
 
 
@@ -816,17 +832,23 @@ def profile_mode(mode: str, seconds: float) -> Profile:
     spy = py_spy()
     if spy is None:
         return Profile(mode, seconds, [], Measured(0, 0, 0), problem="py-spy is not installed")
-    running = cluster_row(mode).start(HTTP)
+    running = cluster_row("fork" if mode == FORK_SERVER else mode).start(HTTP)
     out = tempfile.NamedTemporaryFile(prefix="bench-profile-", suffix=".txt", delete=False)
     out.close()
     try:
         worker = procfs.children(running.proc.pid)[0]
+        # A fork-mode worker's one child is its fork server (the request children are the
+        # fork server's). Its waits and its work share one frame (its loop calls poll), so
+        # it is sampled only while it runs (no --idle): every sample there is at work.
+        idle = ["--idle"]
+        if mode == FORK_SERVER:
+            worker, idle = procfs.children(worker)[0], []
         url = f"http://{running.host}:{running.port}/"
         load = Background(lambda: http_load(url, CLOSE_CONNECTIONS, seconds + 2))
         load.start()
         time.sleep(0.5)  # let the load reach its pace before sampling
         args = [spy, "record", "--pid", str(worker), "--duration", str(round(seconds)),
-                "--rate", str(PROFILE_RATE), "--format", "raw", "--nolineno", "--idle", "-o", out.name]  # fmt: skip
+                "--rate", str(PROFILE_RATE), "--format", "raw", "--nolineno", *idle, "-o", out.name]  # fmt: skip
         before, started = procfs.usage(worker).cpu, time.monotonic()
         done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
         cpu = 100 * (procfs.usage(worker).cpu - before) / (time.monotonic() - started)
@@ -848,7 +870,8 @@ def profile_table(found: Profile, top: int = 8) -> str:
     at_work = sum(count for _, count in working) or 1
     waits = ", ".join(f"{WAITS[w]} {100 * n / every:.0f}%" for w, n in waiting.most_common())
     own, _ = self_and_total(working)
-    lines = [f"**{found.mode}**: {found.load.rps:,.0f} req/s during the profile, the worker at "
+    process = "fork server" if found.mode == FORK_SERVER else "worker"
+    lines = [f"**{found.mode}**: {found.load.rps:,.0f} req/s during the profile, the {process} at "
              f"{found.cpu:.0f}% of a core; {found.samples:,} samples of its threads, "
              f"{100 * at_work / every:.0f}% at work" + (f"; waiting for {waits}" if waits else "")
              + ".", "", "| own time, of the samples at work | function (file) |", "| --- | --- |"]  # fmt: skip
@@ -865,8 +888,9 @@ def profiles_section(modes: list[str], seconds: float, directory: Path | None) -
              "every thread. A sample whose innermost frame is a known wait (for a connection, a "
              "request, a lock, a child) counts as waiting; the others are at work. Own time: "
              "the samples taken in that function (its Python, or a system call it made). Fork "
-             "mode: the worker only, not its request children (following every child with "
-             "`--subprocesses` slowed the worker 20-fold). The top "
+             "mode: the worker, then its fork server (only the samples where it runs: its "
+             "waits and its work share one frame), not the request children (following every "
+             "child with `--subprocesses` slowed the worker 20-fold). The top "
              f"{PROFILE_TOP} by own and by total time: `docs/profiles/MODE.txt`."]  # fmt: skip
     for mode in modes:
         found = profile_mode(mode, seconds)
@@ -877,8 +901,9 @@ def profiles_section(modes: list[str], seconds: float, directory: Path | None) -
         parts.append(profile_table(found))
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / f"{mode}.txt").write_text(
-                f"py-spy, {mode} mode, {found.load.rps:,.0f} req/s, the worker at {found.cpu:.0f}% "
+            label = "fork mode's fork server" if mode == FORK_SERVER else f"{mode} mode, the worker"
+            (directory / f"{mode.replace(' ', '-')}.txt").write_text(
+                f"py-spy, {label}, {found.load.rps:,.0f} req/s, at {found.cpu:.0f}% "
                 f"of a core, {time.strftime('%Y-%m-%d')} (made by scripts/bench.py; the outer "
                 f"frames every sample shares left out)\n\n{profile_summary(found.stacks)}\n"
             )
@@ -902,13 +927,21 @@ class Target:
 
 
 BARE_PREFORK, BARE_FORK = "bare prefork loop", "bare fork-per-request loop"
+BARE_FORK_CARRYING = "bare fork loop carrying our imports"
+CONN_PER_REQUEST = "http conn-per-request"
 TARGETS = [
-    Target("cluster sync", "http conn-per-request", "gunicorn sync", 2.5, BARE_PREFORK),
-    Target("cluster sync", "http conn-per-request", "nginx return 200", 0.9, BARE_PREFORK),
-    Target("cluster sync", "http conn-per-request", "stdlib ThreadingTCPServer", 5.0, BARE_PREFORK),
+    Target("cluster sync", CONN_PER_REQUEST, "gunicorn sync", 2.5, BARE_PREFORK),
+    Target("cluster sync", CONN_PER_REQUEST, "nginx return 200", 0.9, BARE_PREFORK),
+    Target("cluster sync", CONN_PER_REQUEST, "stdlib ThreadingTCPServer", 5.0, BARE_PREFORK),
     Target("cluster thread", "http keep-alive", "stdlib ThreadingTCPServer", 1.2, BARE_PREFORK),
-    Target("cluster fork", "http conn-per-request", "stdlib ForkingTCPServer", 1.5, BARE_FORK),
+    Target("cluster fork", CONN_PER_REQUEST, "stdlib ForkingTCPServer", 1.5, BARE_FORK),
     Target("cluster sync", "udp echo", "stdlib UDPServer", 2.0, BARE_PREFORK),
+    # The issue "lean and fast in every mode" (its memory target is in the Memory section).
+    Target("cluster sync", CONN_PER_REQUEST, BARE_PREFORK, 0.95, BARE_PREFORK),
+    Target("cluster thread", CONN_PER_REQUEST, "cluster sync", 0.8, BARE_PREFORK),
+    Target("cluster thread", "http keep-alive", "stdlib ForkingTCPServer", 1.1, BARE_PREFORK),
+    Target("cluster fork", CONN_PER_REQUEST, "stdlib ForkingTCPServer", 1.0, BARE_FORK_CARRYING),
+    Target("cluster fork", CONN_PER_REQUEST, BARE_FORK, 0.9, BARE_FORK_CARRYING),
 ]
 
 
@@ -1061,7 +1094,7 @@ def throughput_section(args: argparse.Namespace, workloads: list[str]) -> str:
     rows = [cluster_row("sync"), cluster_row("sync", access_log=True), cluster_row("thread"),
             cluster_row("fork"),
             stdlib_row("threading"), stdlib_row("forking"), stdlib_row("udp"),
-            bare_row("prefork"), bare_row("fork")]  # fmt: skip
+            bare_row("prefork"), bare_row("fork"), bare_row("fork", carrying=True)]  # fmt: skip
     rows += [row for row in (gunicorn_row("sync"), gunicorn_row("gthread"), nginx_row()) if row]
     if args.rows:
         wanted = args.rows.split(",")
