@@ -13,9 +13,11 @@ ForkingTCPServer and UDPServer serving the very same handler classes; gunicorn s
 with the WSGI twin of the handler, when gunicorn is installed; nginx ``return 200`` with 2
 workers, when nginx is installed (the near-physical limit on this machine).
 
-Two reference rows with no framework at all (``scripts/bare_server.py``): two forked processes
+Reference rows with no framework at all (``scripts/bare_server.py``): two forked processes
 that call the same handler class straight after ``accept()``, or fork a child per connection
-for it. What they reach is the ceiling for any Python server running that handler here.
+for it. What they reach is the ceiling for any Python server running that handler here. A
+third forks per connection with our fork server's modules imported (``--carry``, HTTP only):
+the ceiling for a fork server of that size.
 
 Workloads: HTTP hello with keep-alive and with a connection per request (wrk, or our own
 loadtest when wrk is missing); raw TCP echo of 64 bytes, persistent and per request; UDP echo
@@ -1191,9 +1193,10 @@ def main() -> int:
             f"`make bench` makes this file (`python scripts/bench.py --write docs/benchmarks.md`); "
             "each section says when and how it last ran.\n\n"
             f"Machine: {machine()}. HTTP client: {client}; echo clients: our loadtest with "
-            f"{CLIENT_THREADS} processes; both share the cores with the servers. Two rows are "
+            f"{CLIENT_THREADS} processes; both share the cores with the servers. Three rows are "
             "references, not servers: `scripts/bare_server.py`, the same handler called by two "
-            "forked processes with no framework around it."
+            "forked processes with no framework around it (the third with our fork server's "
+            "modules imported and unused)."
         )
         target = Path(args.write)
         previous = target.read_text() if target.exists() else ""
