@@ -841,7 +841,7 @@ def profile_mode(mode: str, seconds: float) -> Profile:
         worker = procfs.children(running.proc.pid)[0]
         # A fork-mode worker's one child is its fork server (the request children are the
         # fork server's). Its waits and its work share one frame (its loop calls poll), so
-        # it is sampled only while it runs (no --idle): every sample there is at work.
+        # no wait can be told apart there: --idle would only add samples of that frame.
         idle = ["--idle"]
         if mode == FORK_SERVER:
             worker, idle = procfs.children(worker)[0], []
@@ -890,9 +890,10 @@ def profiles_section(modes: list[str], seconds: float, directory: Path | None) -
              "every thread. A sample whose innermost frame is a known wait (for a connection, a "
              "request, a lock, a child) counts as waiting; the others are at work. Own time: "
              "the samples taken in that function (its Python, or a system call it made). Fork "
-             "mode: the worker, then its fork server (only the samples where it runs: its "
-             "waits and its work share one frame), not the request children (following every "
-             "child with `--subprocesses` slowed the worker 20-fold). The top "
+             "mode: the worker, then its fork server (its waits in poll and its own work "
+             "share one frame, `serve_forks`, whose figure counts both), not the request "
+             "children (following every child with `--subprocesses` slowed the worker "
+             "20-fold). The top "
              f"{PROFILE_TOP} by own and by total time: `docs/profiles/MODE.txt`."]  # fmt: skip
     for mode in modes:
         found = profile_mode(mode, seconds)
