@@ -177,6 +177,11 @@ class MetricsServer(LoopServer):
                  source: Callable[[], dict]) -> None:  # fmt: skip
         super().__init__(listener.sock, selector, listener.uri)
         self.listener = listener  # its bind text names it to an upgrade's new master
+        # Everything a scrape will import is imported now, at start: an import at the first
+        # scrape opens files, and a master out of fds then answered it with a traceback.
+        import prometheus_client.core  # noqa: F401  (Collector.collect's)
+        import prometheus_client.exposition  # noqa: F401
+        import prometheus_client.openmetrics.exposition  # noqa: F401
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry(auto_describe=False)

@@ -17,7 +17,7 @@ import pytest
 
 from cluster.procfs import stat_state
 from loadtest import Events, LoadConfig, run
-from tests.conftest import Cluster, read_line, stream_roundtrip, tcp_connect
+from tests.conftest import Cluster, read_all, read_line, stream_roundtrip, tcp_connect
 from tests.procs import alive, children, every, holds_for, sample_until, state, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -612,3 +612,31 @@ def test_kept_alive_http_clients_see_no_error_across_a_reload(start_cluster) -> 
         for thread in clients:
             thread.join(20)
     assert errors == [] and reconnects[0] >= 2, (errors, reconnects)
+
+
+def test_a_master_out_of_fds_pauses_its_health_and_metrics_accepts_with_one_line(
+    start_cluster,
+) -> None:
+    """Out of fds, the master's listening sockets stay readable: accepting again at every turn
+    of its loop spun it and logged ~40000 lines a second. It pauses them, says so once per
+    server, and answers the waiting clients once the fds are back."""
+    cluster = start_cluster("echo", "-w", "1", "-b", "127.0.0.1:0", "--health",
+                            "tcp://127.0.0.1:0", "--metrics", "tcp://127.0.0.1:0")  # fmt: skip
+    health = int(cluster.wait_log(r"health on tcp://127\.0\.0\.1:(\d+)").group(1))
+    metrics = int(cluster.wait_log(r"metrics on tcp://127\.0\.0\.1:(\d+)").group(1))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(cluster.pid, resource.RLIMIT_NOFILE, (fds_of(cluster.pid), hard))
+    try:
+        clients = [tcp_connect(("127.0.0.1", port)) for port in (health, metrics)]
+        for sock in clients:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        cluster.wait_log(r"health: cannot accept: Too many open files; retrying every")
+        cluster.wait_log(r"metrics: cannot accept: Too many open files; retrying every")
+        holds_for(lambda: cluster.log.count("cannot accept") == 2, 0.5, "one line per server")
+    finally:
+        resource.prlimit(cluster.pid, resource.RLIMIT_NOFILE, (1024, hard))
+    for sock in clients:
+        assert read_all(sock).startswith(b"HTTP/1.1 200 ")
+    cluster.wait_log("health: accepting again")
+    cluster.wait_log("metrics: accepting again")
+    assert "Traceback" not in cluster.log
