@@ -125,6 +125,8 @@ def summarize(name: str, answer: dict) -> str:
             return "reload: folded into the one that starts once the booting generation serves"
         if "new_master" in answer:
             return f"reload: new master {answer['new_master']} (--preload)"
+        if answer.get("checking"):
+            return f"reload: generation {answer['generation']} starts once the app imports"
         return f"reload: generation {answer['generation']} starting"
     if name == "upgrade":
         return f"upgrade: new master {answer['new_master']} starting"

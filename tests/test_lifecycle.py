@@ -406,3 +406,53 @@ def test_term_to_the_old_master_after_the_new_one_is_ready(start_cluster) -> Non
     assert masters_serving(port) == [new_pid]
     os.kill(new_pid, signal.SIGTERM)
     wait_for(lambda: not alive(new_pid), 10, "the new master to stop")
+
+
+HELD_IMPORT = """
+import os
+from setproctitle import getproctitle
+from cluster.apps.echo import EchoHandler as Handler
+from tests.procs import wait_for
+
+if os.path.exists("hold") and not getproctitle().startswith("cluster: worker"):
+    with open(f"checking.{os.getpid()}", "w"):  # the master's check of the app is here
+        pass
+    wait_for(lambda: not os.path.exists("hold"), 60, "the test to let the import go on")
+"""
+
+
+def test_a_reload_whose_app_imports_slowly_leaves_the_master_serving(
+    start_cluster, tmp_path: Path
+) -> None:
+    """A HUP checks the app in a throwaway process; the master waited for it, so an app whose
+    import takes seconds stopped its loop that long: no health answers, no respawns. The
+    check now runs beside the loop; a stop during it ends the check too."""
+    (tmp_path / "held.py").write_text(HELD_IMPORT)
+    cluster = start_cluster("held:Handler", "-w", "2", "-b", "127.0.0.1:0", "--health",
+                            "tcp://127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    health = int(cluster.wait_log(r"health on tcp://127\.0\.0\.1:(\d+)").group(1))
+    hold = tmp_path / "hold"
+    hold.touch()
+    cluster.signal(signal.SIGHUP)
+    first = wait_for(lambda: list(tmp_path.glob("checking.*")), 10, "the app's check to begin")
+    workers = lambda: set(cluster.workers()) - {int(first[0].suffix[1:])}  # noqa: E731
+    with tcp_connect(("127.0.0.1", health), timeout=1.0) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert read_line(sock).startswith(b"HTTP/1.1 200 ")
+    victim = min(workers())
+    os.kill(victim, signal.SIGKILL)
+    cluster.wait_log(rf"worker {victim} \(slot \d\) died: killed by SIGKILL", timeout=2)
+    wait_for(lambda: len(workers() - {victim}) == 2, 2,
+             "the killed worker replaced during the check")  # fmt: skip
+    hold.unlink()
+    cluster.wait_log("reload complete: generation 2")
+    for marker in tmp_path.glob("checking.*"):
+        marker.unlink()
+    hold.touch()
+    cluster.signal(signal.SIGHUP)
+    check = int(wait_for(lambda: list(tmp_path.glob("checking.*")), 10, "a second check")[0]
+                .suffix[1:])  # fmt: skip
+    cluster.signal(signal.SIGTERM)
+    assert cluster.wait_exit(timeout=10) == 0
+    assert "reload abandoned: stopping during the app's check" in cluster.log
+    wait_for(lambda: not alive(check), 2, "the check's process gone with the master")
