@@ -51,6 +51,10 @@ class LoopServer:
     max_clients = 128
     greeting_wait: float | None = None  # seconds of first silence before ``greet`` answers
     accept_pause = 0.1  # seconds between accepts while the master has no fd left
+    # Full: refuse the new client (False), or make room by dropping the oldest (True), for a
+    # protocol whose honest clients are quick (a health check) and for which a refusal is a
+    # verdict (a failed check): a flood of slow clients must not crowd the balancer out.
+    evict_when_full = False
 
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, uri: str) -> None:
         self.sock = sock  # owned here, closed by close()
@@ -128,6 +132,11 @@ class LoopServer:
             sock.setblocking(False)
             first_wait = self.idle_timeout if self.greeting_wait is None else self.greeting_wait
             conn = Conn(sock, monotonic() + first_wait, _peer(address))
+            if len(self.conns) >= self.max_clients and self.evict_when_full:
+                oldest = next(iter(self.conns.values()))  # the dict keeps accept order
+                log.debug("%s: full; dropping %s, the oldest, for a new client", self.name,
+                          oldest.peer or "a client")  # fmt: skip
+                self.drop(oldest)
             if len(self.conns) >= self.max_clients:
                 try:
                     sock.send(self.refuse(conn, f"too many clients (at most {self.max_clients})"))
