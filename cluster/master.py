@@ -442,6 +442,9 @@ class Master:
             self.begin_generation(config, {})
         except ClusterError as err:
             self.reload_failed(err)
+        except OSError as err:  # out of fds or memory half-way, as dispatch would say
+            log.error("reload failed: %s; still serving generation %d", err.strerror or err,
+                      self.current.number)  # fmt: skip
         if self.incoming is None and self.folded is not None:  # none will boot to wait for
             folded, self.folded = self.folded, None
             log.info("reload: starting the reload folded during the app's check")

@@ -640,3 +640,33 @@ def test_a_master_out_of_fds_pauses_its_health_and_metrics_accepts_with_one_line
     cluster.wait_log("health: accepting again")
     cluster.wait_log("metrics: accepting again")
     assert "Traceback" not in cluster.log
+
+
+EXITING_HANDLER = """
+import socketserver, sys
+
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        if self.rfile.readline().startswith(b"exit"):
+            sys.exit(3)
+        self.wfile.write(b"served\\n")
+"""
+
+
+def test_a_thread_mode_handler_calling_sys_exit_stops_its_worker_in_one_line(
+    start_cluster, tmp_path: Path
+) -> None:
+    """sys.exit() in a handler ended its thread alone, in silence: a worker lost its lanes
+    one by one and nobody saw it. It ends the worker now, as in sync mode, named in one line;
+    the master replaces it."""
+    (tmp_path / "exiting.py").write_text(EXITING_HANDLER)
+    cluster = start_cluster("exiting:Handler", "-k", "thread", "--threads", "2", "-w", "1",
+                            "-b", "127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    (worker,) = cluster.workers()
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"exit\n") == b""
+    cluster.wait_log(rf"worker {worker}: a handler raised SystemExit\(3\) serving 127\.0\.0\.1:")
+    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 1")
+    with tcp_connect(cluster.address()) as sock:
+        sock.sendall(b"hi\n")
+        assert read_line(sock) == b"served\n"
+    assert "Traceback" not in cluster.log
