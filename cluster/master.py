@@ -141,6 +141,9 @@ class Master:
         self.adaptive: pool.Adaptive | None = None
         self.folded: Command | None = None  # a reload asked for while one was booting
         self.app_check: appcheck.Check | None = None  # a reload's check of the app, under way
+        # A failed rolling reload's ready workers, serving in the places of the old workers it
+        # had retired until the current generation is whole again (abort_reload).
+        self.standing_in: list[Worker] = []
         self.pidfile_claimed = False  # ours to remove at exit
         self.control: ControlServer | None = None  # --control: the control socket
         self.metrics: MetricsServer | None = None  # --metrics: the Prometheus endpoint
@@ -488,6 +491,11 @@ class Master:
                 ROLE.generation = self.gens.promote().number
                 self.notifier.send(READY=1, STATUS=self.status_line())
                 self.check_ready()  # a reload during the first boot
+        if self.standing_in and self.current.serving():
+            for worker in self.standing_in:
+                if worker.pid in worker.generation.workers:  # not gone meanwhile
+                    self.retire(worker, f"generation {self.current.number} is whole again")
+            self.standing_in = []
         for generation in self.gens.gone():
             self.drop(generation)
             heap.thaw()
@@ -502,12 +510,24 @@ class Master:
 
     def abort_reload(self, why: str) -> None:
         """The health gate: the new generation failed; put its workers down, stay on the old
-        one. Its workers drain (quickly: KILL) like any older generation's."""
+        one. Its workers drain (quickly: KILL) like any older generation's, but for those of
+        a rolling reload that already stand in for old workers it retired: they serve on
+        until the old generation has refilled those places (its new workers import the
+        app from disk, which may be the code that failed: the places may take a while)."""
+        current = self.current
+        assert current is not None
+        missing = current.target - sum(1 for w in current if not w.retiring)
         for worker in self.gens.abort():
             worker.retiring = "reload failed"
-            _send(worker.pid, signal.SIGKILL)
-        assert self.current is not None
-        log.error("reload failed: %s; still serving generation %d", why, self.current.number)
+            if worker.ready and len(self.standing_in) < missing:
+                self.standing_in.append(worker)
+            else:
+                _send(worker.pid, signal.SIGKILL)
+        log.error("reload failed: %s; still serving generation %d", why, current.number)
+        if self.standing_in:
+            log.info("reload failed: %s of the new generation serve on until generation %d "
+                     "is whole again", plural(len(self.standing_in), "ready worker"),
+                     current.number)  # fmt: skip
         self.notifier.send(READY=1, STATUS=f"reload failed; {self.status_line()}")
 
     def drop(self, generation: Generation) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from loadtest import Events, LoadConfig, Result, run
 from tests.conftest import read_line, stream_roundtrip, tcp_connect
-from tests.procs import alive, children, every, sample_until, wait_for
+from tests.procs import alive, children, every, holds_for, sample_until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -456,3 +456,49 @@ def test_a_reload_whose_app_imports_slowly_leaves_the_master_serving(
     assert cluster.wait_exit(timeout=10) == 0
     assert "reload abandoned: stopping during the app's check" in cluster.log
     wait_for(lambda: not alive(check), 2, "the check's process gone with the master")
+
+
+HALF_BROKEN = """
+import os, re
+from setproctitle import getproctitle
+from cluster.apps.echo import EchoHandler as Handler
+
+title = re.search(r"slot=(\\d+) gen=(\\d+)", getproctitle())
+if title and os.path.exists("broken"):
+    slot, generation = int(title[1]), int(title[2])
+    if not (generation == 2 and slot < 2):  # only the first two new workers boot
+        raise RuntimeError(f"cannot boot slot {slot} of generation {generation}")
+"""
+
+
+def test_a_rolling_reload_failing_half_way_keeps_the_pool_whole(
+    start_cluster, tmp_path: Path
+) -> None:
+    """A rolling reload had retired two old workers for two new ones when the third new one
+    failed; the abort killed the two new ones, and the old generation's replacements import
+    the app from disk too, the same broken code: 2 of 4 workers served until it was fixed.
+    The ready new workers now serve on until the old generation is whole again."""
+    (tmp_path / "halfbroken.py").write_text(HALF_BROKEN)
+    cluster = start_cluster("halfbroken:Handler", "-w", "4", "--reload-strategy", "rolling",
+                            "-b", "127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "broken").touch()
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload failed: worker \\d+ of the new generation")
+    cluster.wait_log(r"reload failed: 2 ready workers of the new generation serve on until")
+    standing = [pid for pid in cluster.workers() if b"gen=2" in title_of(pid)]
+    assert len(standing) == 2
+    holds_for(lambda: all(alive(pid) for pid in standing), 0.3, "the new workers serving on")
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"on") == b"on"
+    (tmp_path / "broken").unlink()
+    for pid in standing:
+        cluster.wait_log(rf"retiring worker {pid} \(slot \d\): generation 1 is whole again")
+    cluster.wait_log("reload complete: generation 1 serving with 4 workers")
+    wait_for(lambda: not any(alive(pid) for pid in standing), 5, "the new workers gone")
+
+
+def title_of(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
