@@ -602,7 +602,10 @@ class Master:
             log.info("upgrade: the new master %d %s", successor.pid, how)
             return
         self.successor = None
-        log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
+        if successor.late:  # watch_successor said "upgrade failed" when it killed it
+            log.info("upgrade: the new master %d %s", successor.pid, how)
+        else:
+            log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
         pidfile.move_aside(self.config.pidfile, to_old=False)
 
     def watch_successor(self, now: float) -> None:

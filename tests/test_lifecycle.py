@@ -502,3 +502,20 @@ def title_of(pid: int) -> bytes:
             return fh.read()
     except OSError:
         return b""
+
+
+def test_a_late_new_master_is_one_failed_upgrade_in_the_log(start_cluster, tmp_path: Path) -> None:
+    """A new master not ready within --graceful-timeout is killed; its exit then said
+    "upgrade failed" a second time, for the same failure."""
+    hold = tmp_path / "hold"
+    cluster = start_cluster("slowboot:Handler", "-w", "1", "-b", "127.0.0.1:0",
+                            "--graceful-timeout", "1", env={"SLOWBOOT_HOLD": str(hold)})  # fmt: skip
+    hold.write_text("held")  # the new master's workers cannot finish booting
+    cluster.signal(signal.SIGUSR2)
+    new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
+    cluster.adopt(new_pid)
+    cluster.wait_log(rf"upgrade failed: new master {new_pid} not ready within 1s; killing it")
+    cluster.wait_log(rf"upgrade: the new master {new_pid} killed by SIGKILL")
+    assert cluster.log.count("upgrade failed") == 1
+    hold.unlink()
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"still") == b"still"
