@@ -172,6 +172,7 @@ class MetricsServer(LoopServer):
 
     name = "metrics"
     max_message = 16384
+    evict_when_full = True  # a flood of half-sent scrapes drops its own oldest, not Prometheus
 
     def __init__(self, listener: Listener, selector: selectors.BaseSelector,
                  source: Callable[[], dict]) -> None:  # fmt: skip
