@@ -27,6 +27,8 @@ from collections.abc import Callable
 from cluster.app import load_handler
 from cluster.errors import AppError
 from cluster.spawn import WorkerProcess
+from workers.runtime.entry import set_title
+from workers.runtime.lifecycle import set_parent_death_signal
 from workers.runtime.privileges import Identity, PrivilegeError, drop
 
 CHECK_FAILED = 3
@@ -43,7 +45,7 @@ def check(apps: list[str], timeout: float, identity: Identity | None = None) -> 
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
     except OSError as err:
         raise AppError(f"cannot check the app: no pipe ({err.strerror})") from None
-    child = WorkerProcess(_import_all, (apps, write_end, identity))
+    child = WorkerProcess(_import_all, (apps, write_end, identity, os.getpid()))
     try:
         try:
             child.start()
@@ -82,7 +84,7 @@ class Check:
             self.read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as err:
             raise AppError(f"cannot check the app: no pipe ({err.strerror})") from None
-        self.child = WorkerProcess(_import_all, (apps, write_end, identity))
+        self.child = WorkerProcess(_import_all, (apps, write_end, identity, os.getpid()))
         try:
             self.child.start()
         except OSError as err:  # fork (no process left) or pidfd_open (no fd left)
@@ -135,8 +137,12 @@ class Check:
         self.child.close()
 
 
-def _import_all(apps: list[str], report: int, identity: Identity | None) -> None:
-    """In the child: import every app; the first failure's message goes to ``report``."""
+def _import_all(apps: list[str], report: int, identity: Identity | None, master: int) -> None:
+    """In the child: import every app; the first failure's message goes to ``report``. It
+    dies with the master (an import that hangs must not outlive a master killed meanwhile)
+    and says what it is in ``ps`` (it was a second "cluster: master")."""
+    set_parent_death_signal(signal.SIGKILL, master)
+    set_title(f"cluster: app check of master {master}")
     signal.set_wakeup_fd(-1)  # the master's wakeup pipe is not ours to write signals into
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)

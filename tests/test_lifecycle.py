@@ -519,3 +519,17 @@ def test_a_late_new_master_is_one_failed_upgrade_in_the_log(start_cluster, tmp_p
     assert cluster.log.count("upgrade failed") == 1
     hold.unlink()
     assert stream_roundtrip(tcp_connect(cluster.address()), b"still") == b"still"
+
+
+def test_the_app_check_dies_with_a_killed_master(start_cluster, tmp_path: Path) -> None:
+    """kill -9 of the master during a reload's app check left the check running as long as
+    its import did, titled like a second master."""
+    (tmp_path / "held.py").write_text(HELD_IMPORT)
+    cluster = start_cluster("held:Handler", "-w", "1", "-b", "127.0.0.1:0", cwd=tmp_path)
+    (tmp_path / "hold").touch()
+    cluster.signal(signal.SIGHUP)
+    marker = wait_for(lambda: list(tmp_path.glob("checking.*")), 10, "the app's check")[0]
+    check = int(marker.suffix[1:])
+    assert title_of(check).startswith(b"cluster: app check of master %d" % cluster.pid)
+    os.kill(cluster.pid, signal.SIGKILL)
+    wait_for(lambda: not alive(check), 2, "the check gone with its master")
