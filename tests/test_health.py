@@ -257,14 +257,17 @@ def test_a_flood_of_half_sent_checks_does_not_crowd_out_the_next_one(
     cluster = start_cluster("echo", "-w", "1", "-b", "127.0.0.1:0", f"--{server}",
                             "tcp://127.0.0.1:0")  # fmt: skip
     port = int(cluster.wait_log(rf"{server} on tcp://127\.0\.0\.1:(\d+)").group(1))
-    flood = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(130)]
+    flood = []
     try:
-        for sock in flood:
-            sock.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
+        for _ in range(130):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            flood[-1].sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
         with socket.create_connection(("127.0.0.1", port), timeout=5) as check:
             check.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
             assert read_all(check).startswith(b"HTTP/1.1 200 ")
-        assert read_all(flood[0]) == b""  # the oldest made room
+        # The oldest made room (or, on a slow machine, had been taken for a silent agent
+        # before its half request came, and answered as one).
+        assert read_all(flood[0]) in (b"", b"ready 100%\n")
     finally:
         for sock in flood:
             sock.close()
