@@ -8,18 +8,27 @@ the first failure on a pipe; the workers import the app themselves after their f
 ``--preload`` the master does import it, once, and a HUP re-executes the master instead: see
 ``Master.do_reload``.) With ``--user`` the child drops to that user before it imports, as the
 workers do: an app's import code never runs as root (unless ``--preload``).
+
+At start the master waits for the check (``check``): it serves nothing yet. On a reload it
+serves, so the check runs beside its loop (``Check``): an app whose import takes seconds (a
+model to load) must not stop the master from answering health checks, reaping, respawning
+and taking signals meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import selectors
 import signal
 import time
+from collections.abc import Callable
 
 from cluster.app import load_handler
 from cluster.errors import AppError
 from cluster.spawn import WorkerProcess
+from workers.runtime.entry import set_title
+from workers.runtime.lifecycle import set_parent_death_signal
 from workers.runtime.privileges import Identity, PrivilegeError, drop
 
 CHECK_FAILED = 3
@@ -36,7 +45,7 @@ def check(apps: list[str], timeout: float, identity: Identity | None = None) -> 
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
     except OSError as err:
         raise AppError(f"cannot check the app: no pipe ({err.strerror})") from None
-    child = WorkerProcess(_import_all, (apps, write_end, identity))
+    child = WorkerProcess(_import_all, (apps, write_end, identity, os.getpid()))
     try:
         try:
             child.start()
@@ -58,8 +67,82 @@ def check(apps: list[str], timeout: float, identity: Identity | None = None) -> 
         child.close()
 
 
-def _import_all(apps: list[str], report: int, identity: Identity | None) -> None:
-    """In the child: import every app; the first failure's message goes to ``report``."""
+class Check:
+    """A reload's app check under way, a part of the master's loop: the child's report pipe
+    sits in the master's selector and ``expire`` enforces the deadline; ``then`` gets None
+    (the app imports) or the one-line reason, once. The child, its pidfd and the pipe are
+    owned here until the end (``cancel`` included)."""
+
+    def __init__(self, apps: list[str], timeout: float, identity: Identity | None,
+                 selector: selectors.BaseSelector, then: Callable[[str | None], None]) -> None:  # fmt: skip
+        self.selector = selector
+        self.then = then
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.chunks: list[bytes] = []
+        try:
+            self.read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as err:
+            raise AppError(f"cannot check the app: no pipe ({err.strerror})") from None
+        self.child = WorkerProcess(_import_all, (apps, write_end, identity, os.getpid()))
+        try:
+            self.child.start()
+        except OSError as err:  # fork (no process left) or pidfd_open (no fd left)
+            os.close(self.read_end)
+            self.child.close()
+            raise AppError(
+                f"cannot check the app: cannot start its process ({err.strerror})"
+            ) from None
+        finally:
+            os.close(write_end)
+        selector.register(self.read_end, selectors.EVENT_READ, self.on_readable)
+
+    def fds(self) -> list[int]:
+        """Ours: a worker forked meanwhile closes them."""
+        return [self.read_end, self.child.sentinel]
+
+    def next_deadline(self) -> float:
+        return self.deadline
+
+    def on_readable(self, mask: int) -> None:
+        try:
+            chunk = os.read(self.read_end, 4096)
+        except BlockingIOError:
+            return
+        if chunk:
+            self.chunks.append(chunk)
+            return
+        message = b"".join(self.chunks).decode(errors="replace")
+        code = self.child.join()  # it closed its end: it is exiting
+        self.end()
+        if code == 0:
+            self.then(None)
+        else:
+            self.then(message or f"cannot check the app: the check exited {code}")
+
+    def expire(self, now: float) -> None:
+        if now >= self.deadline:
+            self.cancel()
+            self.then(f"cannot check the app: importing it took over {self.timeout:g}s")
+
+    def cancel(self) -> None:
+        """Kill the child (a stop, or the deadline); ``then`` is not called for it."""
+        os.kill(self.child.pid, signal.SIGKILL)
+        self.child.join()
+        self.end()
+
+    def end(self) -> None:
+        self.selector.unregister(self.read_end)
+        os.close(self.read_end)
+        self.child.close()
+
+
+def _import_all(apps: list[str], report: int, identity: Identity | None, master: int) -> None:
+    """In the child: import every app; the first failure's message goes to ``report``. It
+    dies with the master (an import that hangs must not outlive a master killed meanwhile)
+    and says what it is in ``ps`` (it was a second "cluster: master")."""
+    set_parent_death_signal(signal.SIGKILL, master)
+    set_title(f"cluster: app check of master {master}")
     signal.set_wakeup_fd(-1)  # the master's wakeup pipe is not ours to write signals into
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)

@@ -26,6 +26,8 @@ from cluster import commands
 from cluster.errors import OneLineParser
 from cluster.text import plural
 
+PIPE_WIDTH = 200  # columns of the tables written to a pipe (no terminal to fit)
+
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_CONTROL = "run/cluster.ctl"  # where `make run` puts it
 ENV_CONTROL = "CLUSTER_CONTROL"
@@ -125,6 +127,8 @@ def summarize(name: str, answer: dict) -> str:
             return "reload: folded into the one that starts once the booting generation serves"
         if "new_master" in answer:
             return f"reload: new master {answer['new_master']} (--preload)"
+        if answer.get("checking"):
+            return f"reload: generation {answer['generation']} starts once the app imports"
         return f"reload: generation {answer['generation']} starting"
     if name == "upgrade":
         return f"upgrade: new master {answer['new_master']} starting"
@@ -205,20 +209,28 @@ def status_tables(status: dict, rates: dict[int, float] | None = None,
     return [workers, totals, listeners]
 
 
-def render_status(status: dict) -> None:
+def make_console():  # noqa: ANN201
+    """rich's console; on a pipe (``ctl status | grep``) a wide one: rich gives a pipe 80
+    columns, and the tables then cut their values short ("14.…" for an age of 14.8s)."""
     from rich.console import Console
 
-    console = Console()
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=PIPE_WIDTH)
+
+
+def render_status(status: dict) -> None:
+    console = make_console()
     for table in status_tables(status):
         console.print(table)
 
 
 def top(path: str, once: bool, interval: float) -> int:
     """Redraw the status every ``interval`` seconds with requests per second, until Ctrl-C."""
-    from rich.console import Console, Group
+    from rich.console import Group
     from rich.live import Live
 
-    console = Console()
+    console = make_console()
     previous, previous_at = None, 0.0
 
     def frame() -> Group:

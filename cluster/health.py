@@ -150,6 +150,7 @@ class HealthServer(LoopServer):
     max_message = 8192
     idle_timeout = 1.0  # a health check that has not sent its request by then is dropped
     greeting_wait = AGENT_WAIT
+    evict_when_full = True  # a flood of half-sent checks drops its own oldest, not the next check
 
     def __init__(self, listener: Listener, selector: selectors.BaseSelector,
                  report: Callable[[], dict]) -> None:  # fmt: skip

@@ -139,7 +139,8 @@ class PreforkMixIn:
 
     def reload(self) -> dict | None:
         """Start a new generation of workers (as HUP): every worker is replaced, without a
-        refused connection. Returns once the new generation has started booting."""
+        refused connection. Returns once the new generation has started booting (or, with
+        a bind's own ``module:Class`` to check first, once its check has begun)."""
         return self._ask("reload")
 
     def drain(self) -> dict | None:

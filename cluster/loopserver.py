@@ -50,6 +50,11 @@ class LoopServer:
     idle_timeout = 5.0  # seconds a connection may stay silent (or slow) before it is dropped
     max_clients = 128
     greeting_wait: float | None = None  # seconds of first silence before ``greet`` answers
+    accept_pause = 0.1  # seconds between accepts while the master has no fd left
+    # Full: refuse the new client (False), or make room by dropping the oldest (True), for a
+    # protocol whose honest clients are quick (a health check) and for which a refusal is a
+    # verdict (a failed check): a flood of slow clients must not crowd the balancer out.
+    evict_when_full = False
 
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, uri: str) -> None:
         self.sock = sock  # owned here, closed by close()
@@ -59,6 +64,10 @@ class LoopServer:
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, self.on_accept)
         self.listening = True
+        # Out of fds, the listening socket stays readable: left in the selector, it would spin
+        # the master and log a line per turn. So it leaves the selector until this time.
+        self.paused_until: float | None = None
+        self.starved = False  # in an episode of failed accepts (logged once when it begins)
 
     # ------------------------------------------------------------------ the protocol
     def admit(self, sock: socket.socket) -> bytes | None:
@@ -87,9 +96,15 @@ class LoopServer:
         return [self.sock.fileno(), *self.conns]
 
     def next_deadline(self) -> float:
-        return min((c.deadline for c in self.conns.values()), default=float("inf"))
+        earliest = min((c.deadline for c in self.conns.values()), default=float("inf"))
+        return earliest if self.paused_until is None else min(earliest, self.paused_until)
 
     def expire(self, now: float) -> None:
+        if self.paused_until is not None and now >= self.paused_until:
+            self.paused_until = None
+            if self.listening:  # try again; on_accept pauses anew if there is still no fd
+                self.selector.register(self.sock, selectors.EVENT_READ, self.on_accept)
+                self.on_accept(selectors.EVENT_READ)
         for conn in [c for c in self.conns.values() if now >= c.deadline]:
             if self.greeting_wait is not None and not (conn.received or conn.close_after_write):
                 conn.outbuf += self.greet(conn)
@@ -102,17 +117,26 @@ class LoopServer:
             self.drop(conn)
 
     def on_accept(self, mask: int) -> None:
+        if self.paused_until is not None:
+            return
         for _ in range(self.max_clients):  # what is queued now, in one turn at most
             try:
                 sock, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                self.resumed()
                 return
             except OSError as err:  # out of fds: the client waits in the queue
-                log.warning("%s: cannot accept: %s", self.name, err.strerror)
+                self.pause(err)
                 return
+            self.resumed()
             sock.setblocking(False)
             first_wait = self.idle_timeout if self.greeting_wait is None else self.greeting_wait
             conn = Conn(sock, monotonic() + first_wait, _peer(address))
+            if len(self.conns) >= self.max_clients and self.evict_when_full:
+                oldest = next(iter(self.conns.values()))  # the dict keeps accept order
+                log.debug("%s: full; dropping %s, the oldest, for a new client", self.name,
+                          oldest.peer or "a client")  # fmt: skip
+                self.drop(oldest)
             if len(self.conns) >= self.max_clients:
                 try:
                     sock.send(self.refuse(conn, f"too many clients (at most {self.max_clients})"))
@@ -128,6 +152,21 @@ class LoopServer:
             self.selector.register(sock, selectors.EVENT_READ, self._events_of(conn))
             if conn.outbuf:
                 self.flush(conn)
+
+    def pause(self, err: OSError) -> None:
+        """No fd for a new connection: stop watching the listening socket for a moment (the
+        clients wait in its queue); one line per episode, not one per turn of the loop."""
+        if not self.starved:
+            log.warning("%s: cannot accept: %s; retrying every %gs", self.name, err.strerror,
+                        self.accept_pause)  # fmt: skip
+            self.starved = True
+        self.paused_until = monotonic() + self.accept_pause
+        self.selector.unregister(self.sock)
+
+    def resumed(self) -> None:
+        if self.starved:
+            self.starved = False
+            log.info("%s: accepting again", self.name)
 
     def _events_of(self, conn: Conn) -> Callable[[int], None]:
         def on_event(mask: int) -> None:
@@ -198,7 +237,9 @@ class LoopServer:
         """Accept no more (another process now serves the socket); finish the open ones."""
         if self.listening:
             self.listening = False
-            self.selector.unregister(self.sock)
+            if self.paused_until is None:  # a paused socket is out of the selector already
+                self.selector.unregister(self.sock)
+            self.paused_until = None
 
     def close_connections(self) -> None:
         """Drop every connection and stop listening (the socket itself stays open)."""

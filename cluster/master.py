@@ -51,7 +51,7 @@ from cluster.app import import_builtins, load_handler
 from cluster.commands import Command, Refused, Reply
 from cluster.config import Config, flag
 from cluster.control import ControlServer, open_control
-from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError, ConfigError
+from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, AppError, ClusterError, ConfigError
 from cluster.generation import Generation, Generations, Worker
 from cluster.health import Health, HealthServer, idle_share, state_of
 from cluster.listeners import Listener, adopt, bind, parse_bind
@@ -140,6 +140,10 @@ class Master:
         self.watchdog = Watchdog()
         self.adaptive: pool.Adaptive | None = None
         self.folded: Command | None = None  # a reload asked for while one was booting
+        self.app_check: appcheck.Check | None = None  # a reload's check of the app, under way
+        # A failed rolling reload's ready workers, serving in the places of the old workers it
+        # had retired until the current generation is whole again (abort_reload).
+        self.standing_in: list[Worker] = []
         self.pidfile_claimed = False  # ours to remove at exit
         self.control: ControlServer | None = None  # --control: the control socket
         self.metrics: MetricsServer | None = None  # --metrics: the Prometheus endpoint
@@ -174,6 +178,8 @@ class Master:
                 self.kill_past_grace(now)
                 for server in self.loop_servers():
                     server.expire(now)
+                if self.app_check is not None:
+                    self.app_check.expire(now)
                 self.notifier.ping(now)
                 if self.delay is not None and self.delay.over(now):
                     self.end_delay()
@@ -237,7 +243,7 @@ class Master:
         if self.current is not None:
             deadlines.append(self.gens.steered().backoff.next_deadline(now))
         for part in (self.stop, self.delay, self.successor, self.adaptive, self.notifier,
-                     *self.loop_servers()):  # fmt: skip
+                     self.app_check, *self.loop_servers()):  # fmt: skip
             if part is not None:
                 deadlines.append(part.next_deadline())
         if not self.stop:
@@ -252,7 +258,7 @@ class Master:
                 self.on_successor_message()
             elif key.data == "successor-exit":
                 self.on_successor_exit()
-            elif callable(key.data):  # a loop server's listener or connection
+            elif callable(key.data):  # a loop server's listener or connection, the app check
                 key.data(mask)
 
     @property
@@ -406,10 +412,11 @@ class Master:
         assert current is not None
         if self.stop or self.delay:
             raise Refused("stopping")
-        if self.incoming is not None:
+        if self.incoming is not None or self.app_check is not None:
             if self.folded is None:
-                log.info("reload: generation %d is still booting; folding this reload into one "
-                         "that starts after it", self.incoming.number)  # fmt: skip
+                what = (f"generation {self.incoming.number} is still booting" if self.incoming
+                        else "the app's check is under way")  # fmt: skip
+                log.info("reload: %s; folding this reload into one that starts after it", what)
             self.folded = command
             return {"folded": True}
         if current.config.preload and self.upgradable:
@@ -419,11 +426,41 @@ class Master:
         try:
             config = self.reread_config() if self.reread_config else current.config
             logging.getLogger().setLevel(config.log_level.upper())  # --log-level, re-applied
-            preloaded = self.check_app(config)
-            listeners = self.open_listeners(config, keep=self.gens.listeners())
+            apps = self.apps_to_check(config)
+            if apps:  # beside the loop: the master serves on while the app imports
+                within = max(config.graceful_timeout, appcheck.LEAST_TIME)
+                self.app_check = appcheck.Check(apps, within, self.identity, self.selector,
+                                                lambda error: self.checked(config, error))  # fmt: skip
+                return {"generation": self.gens.last_number + 1, "checking": True}
+            return self.begin_generation(config, self.check_app(config))
         except ClusterError as err:
-            log.error("reload failed: %s; still serving generation %d", err, current.number)
-            return {"ok": False, "error": f"reload failed: {err}"}
+            return self.reload_failed(err)
+
+    def checked(self, config: Config, error: str | None) -> None:
+        """The reload's app check is over: on to the new generation, or the reason why not."""
+        self.app_check = None
+        try:
+            if error is not None:
+                raise AppError(error)
+            self.begin_generation(config, {})
+        except ClusterError as err:
+            self.reload_failed(err)
+        except OSError as err:  # out of fds or memory half-way, as dispatch would say
+            log.error("reload failed: %s; still serving generation %d", err.strerror or err,
+                      self.current.number)  # fmt: skip
+        if self.incoming is None and self.folded is not None:  # none will boot to wait for
+            folded, self.folded = self.folded, None
+            log.info("reload: starting the reload folded during the app's check")
+            self.dispatch(folded)
+
+    def reload_failed(self, err: ClusterError) -> dict:
+        log.error("reload failed: %s; still serving generation %d", err, self.current.number)
+        return {"ok": False, "error": f"reload failed: {err}"}
+
+    def begin_generation(self, config: Config, preloaded: dict[str | None, type]) -> dict:
+        """A reload's config and app passed: open its new binds and start its generation."""
+        current = self.current
+        listeners = self.open_listeners(config, keep=self.gens.listeners())
         fixed = [name for name in MASTER_SETTINGS
                  if getattr(config, name) != getattr(current.config, name)]  # fmt: skip
         if fixed:
@@ -454,13 +491,18 @@ class Master:
                 ROLE.generation = self.gens.promote().number
                 self.notifier.send(READY=1, STATUS=self.status_line())
                 self.check_ready()  # a reload during the first boot
+        if self.standing_in and self.current.serving():
+            for worker in self.standing_in:
+                if worker.pid in worker.generation.workers:  # not gone meanwhile
+                    self.retire(worker, f"generation {self.current.number} is whole again")
+            self.standing_in = []
         for generation in self.gens.gone():
             self.drop(generation)
             heap.thaw()
             if self.gens.settled():
                 log.info("reload complete: generation %d serving with %s",
                          self.gens.steered().number, plural(len(self.gens.steered().workers), "worker"))  # fmt: skip
-        if self.incoming is None and self.folded is not None:
+        if self.incoming is None and self.app_check is None and self.folded is not None:
             folded, self.folded = self.folded, None
             log.info("reload: starting the reload folded during generation %d's boot",
                      self.gens.steered().number)  # fmt: skip
@@ -468,12 +510,24 @@ class Master:
 
     def abort_reload(self, why: str) -> None:
         """The health gate: the new generation failed; put its workers down, stay on the old
-        one. Its workers drain (quickly: KILL) like any older generation's."""
+        one. Its workers drain (quickly: KILL) like any older generation's, but for those of
+        a rolling reload that already stand in for old workers it retired: they serve on
+        until the old generation has refilled those places (its new workers import the
+        app from disk, which may be the code that failed: the places may take a while)."""
+        current = self.current
+        assert current is not None
+        missing = current.target - sum(1 for w in current if not w.retiring)
         for worker in self.gens.abort():
             worker.retiring = "reload failed"
-            _send(worker.pid, signal.SIGKILL)
-        assert self.current is not None
-        log.error("reload failed: %s; still serving generation %d", why, self.current.number)
+            if worker.ready and len(self.standing_in) < missing:
+                self.standing_in.append(worker)
+            else:
+                _send(worker.pid, signal.SIGKILL)
+        log.error("reload failed: %s; still serving generation %d", why, current.number)
+        if self.standing_in:
+            log.info("reload failed: %s of the new generation serve on until generation %d "
+                     "is whole again", plural(len(self.standing_in), "ready worker"),
+                     current.number)  # fmt: skip
         self.notifier.send(READY=1, STATUS=f"reload failed; {self.status_line()}")
 
     def drop(self, generation: Generation) -> None:
@@ -548,7 +602,10 @@ class Master:
             log.info("upgrade: the new master %d %s", successor.pid, how)
             return
         self.successor = None
-        log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
+        if successor.late:  # watch_successor said "upgrade failed" when it killed it
+            log.info("upgrade: the new master %d %s", successor.pid, how)
+        else:
+            log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
         pidfile.move_aside(self.config.pidfile, to_old=False)
 
     def watch_successor(self, now: float) -> None:
@@ -653,6 +710,8 @@ class Master:
             fds.extend(self.predecessor.fds())
         for server in self.loop_servers():
             fds.extend(server.fds())
+        if self.app_check is not None:
+            fds.extend(self.app_check.fds())
         if self.health_listener is not None:
             fds.append(self.health_listener.sock.fileno())  # also before it is served
         fds.extend(self.notifier.fds())
@@ -879,6 +938,10 @@ class Master:
         if self.stop and not self.stop.graceful:
             return  # a quick stop is already under way
         self.delay = None  # a quick stop cuts a drain delay short; a graceful one ends it
+        if self.app_check is not None:  # a reload's: no generation starts during a stop
+            self.app_check.cancel()
+            self.app_check = None
+            log.info("reload abandoned: stopping during the app's check")
         if reason.startswith("handover") and self.health_server is not None:
             self.health_server.stop_listening()  # the new master answers; ours finish
         successor = self.successor
@@ -942,6 +1005,9 @@ class Master:
         for _, reply in pending:
             if reply is not None:
                 reply.answer({"ok": False, "error": "the master stopped"})
+        if self.app_check is not None:
+            self.app_check.cancel()
+            self.app_check = None
         for worker in list(self.gens.workers()):
             _send(worker.pid, signal.SIGKILL)
             worker.process.join()
@@ -979,20 +1045,34 @@ class Master:
         self.stopped.set()
 
     # ----------------------------------------------------------------- app and listeners
-    def check_app(self, config: Config) -> dict[str | None, type]:
-        """Check that every handler imports, so that a bad app fails here (exit 3 at start,
-        a refused reload later) before any worker forks. Without ``--preload``, in a
-        throwaway process (``cluster.appcheck``), and nothing is returned: each worker
-        imports the app afresh. With it, here, and the workers use these very classes."""
+    def apps_to_check(self, config: Config) -> list[str]:
+        """The apps a throwaway process checks (none with ``--preload``: the master imports
+        those itself); the built-in demos among them are imported here too."""
+        if config.preload:
+            return []
+        apps = [app or config.app for app in self.handlers_to_load(config)]
+        import_builtins(apps)
+        return apps
+
+    def handlers_to_load(self, config: Config) -> list[str | None]:
+        """The app (None: ``config.app``), unless the library gave a class, and every
+        bind's own handler."""
         apps: list[str | None] = [] if self.handler is not None else [None]
-        apps += [spec.handler for spec in config.binds if spec.handler]
+        return apps + [spec.handler for spec in config.binds if spec.handler]
+
+    def check_app(self, config: Config) -> dict[str | None, type]:
+        """Check that every handler imports, so that a bad app fails here (exit 3 at start)
+        before any worker forks; the master waits, it serves nothing yet (a reload checks
+        beside the loop: ``do_reload``). Without ``--preload``, in a throwaway process
+        (``cluster.appcheck``), and nothing is returned: each worker imports the app afresh.
+        With it, here, and the workers use these very classes."""
         if not config.preload:
-            import_builtins([app or config.app for app in apps])
-            if apps:
-                within = max(config.graceful_timeout, appcheck.LEAST_TIME)
-                appcheck.check([app or config.app for app in apps], within, self.identity)
+            if apps := self.apps_to_check(config):
+                appcheck.check(apps, max(config.graceful_timeout, appcheck.LEAST_TIME),
+                               self.identity)  # fmt: skip
             return {}
-        return {app: load_handler(app or config.app, fresh=True) for app in apps}
+        return {app: load_handler(app or config.app, fresh=True)
+                for app in self.handlers_to_load(config)}  # fmt: skip
 
     def take_inherited(self, config: Config) -> dict[str, int]:
         """The fds an upgrade or systemd passed us, by the bind text each one serves (the

@@ -172,11 +172,17 @@ class MetricsServer(LoopServer):
 
     name = "metrics"
     max_message = 16384
+    evict_when_full = True  # a flood of half-sent scrapes drops its own oldest, not Prometheus
 
     def __init__(self, listener: Listener, selector: selectors.BaseSelector,
                  source: Callable[[], dict]) -> None:  # fmt: skip
         super().__init__(listener.sock, selector, listener.uri)
         self.listener = listener  # its bind text names it to an upgrade's new master
+        # Everything a scrape will import is imported now, at start: an import at the first
+        # scrape opens files, and a master out of fds then answered it with a traceback.
+        import prometheus_client.core  # noqa: F401  (Collector.collect's)
+        import prometheus_client.exposition  # noqa: F401
+        import prometheus_client.openmetrics.exposition  # noqa: F401
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry(auto_describe=False)

@@ -14,10 +14,10 @@ sentinel fires as the child's fds close, a moment earlier).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 
 
@@ -54,8 +54,10 @@ class WorkerProcess:
             code = 0
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        except BaseException:
-            traceback.print_exc()
+        except BaseException as exc:  # through the log: in its format (JSON too), one record
+            logging.getLogger("cluster.worker").critical(
+                "process %d ended by %s", os.getpid(), type(exc).__name__, exc_info=True
+            )
         finally:
             for stream in (sys.stdout, sys.stderr):
                 try:

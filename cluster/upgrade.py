@@ -32,6 +32,7 @@ class Successor:
         self.ready_r = ready_r  # read end of the ready pipe; owned here, closed by close()
         self.deadline = deadline
         self.state = BOOTING
+        self.late = False  # killed for missing its deadline: its exit is no news
         self._buffer = b""
 
     @property
@@ -50,6 +51,7 @@ class Successor:
         if self.state != BOOTING or now < self.deadline:
             return False
         self.deadline = float("inf")
+        self.late = True
         return True
 
     def read(self) -> str | None:

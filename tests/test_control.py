@@ -92,6 +92,19 @@ def test_ctl_scale_and_reload_under_load(controlled) -> None:
     assert results[0].requests > 100 and results[0].error_count == 0, results[0].errors
 
 
+def test_ctl_status_into_a_pipe_keeps_its_values_whole(controlled) -> None:
+    """rich gives a pipe 80 columns: `ctl status | grep` read ages like "14.…"."""
+    cluster, path = controlled
+    env = {k: v for k, v in cluster_env().items() if k not in ("COLUMNS", "LINES")}
+    result = subprocess.run([sys.executable, "-m", "cluster", "ctl", "--control", str(path),
+                             "status"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=20, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    for pid in cluster.workers():
+        assert f" {pid} " in result.stdout
+
+
 def test_ctl_exit_codes(controlled, tmp_path: Path) -> None:
     cluster, path = controlled
     refused = ctl(path, "scale", "9")

@@ -17,7 +17,7 @@ import pytest
 
 from cluster.procfs import stat_state
 from loadtest import Events, LoadConfig, run
-from tests.conftest import Cluster, read_line, stream_roundtrip, tcp_connect
+from tests.conftest import Cluster, read_all, read_line, stream_roundtrip, tcp_connect
 from tests.procs import alive, children, every, holds_for, sample_until, state, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -612,3 +612,61 @@ def test_kept_alive_http_clients_see_no_error_across_a_reload(start_cluster) -> 
         for thread in clients:
             thread.join(20)
     assert errors == [] and reconnects[0] >= 2, (errors, reconnects)
+
+
+def test_a_master_out_of_fds_pauses_its_health_and_metrics_accepts_with_one_line(
+    start_cluster,
+) -> None:
+    """Out of fds, the master's listening sockets stay readable: accepting again at every turn
+    of its loop spun it and logged ~40000 lines a second. It pauses them, says so once per
+    server, and answers the waiting clients once the fds are back."""
+    cluster = start_cluster("echo", "-w", "1", "-b", "127.0.0.1:0", "--health",
+                            "tcp://127.0.0.1:0", "--metrics", "tcp://127.0.0.1:0")  # fmt: skip
+    health = int(cluster.wait_log(r"health on tcp://127\.0\.0\.1:(\d+)").group(1))
+    metrics = int(cluster.wait_log(r"metrics on tcp://127\.0\.0\.1:(\d+)").group(1))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(cluster.pid, resource.RLIMIT_NOFILE, (fds_of(cluster.pid), hard))
+    try:
+        clients = [tcp_connect(("127.0.0.1", port)) for port in (health, metrics)]
+        for sock in clients:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        cluster.wait_log(r"health: cannot accept: Too many open files; retrying every")
+        cluster.wait_log(r"metrics: cannot accept: Too many open files; retrying every")
+        holds_for(lambda: cluster.log.count("cannot accept") == 2, 0.5, "one line per server")
+    finally:
+        resource.prlimit(cluster.pid, resource.RLIMIT_NOFILE, (1024, hard))
+    for sock in clients:
+        assert read_all(sock).startswith(b"HTTP/1.1 200 ")
+    cluster.wait_log("health: accepting again")
+    cluster.wait_log("metrics: accepting again")
+    assert "Traceback" not in cluster.log
+
+
+EXITING_HANDLER = """
+import socketserver, sys
+
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        if self.rfile.readline().startswith(b"exit"):
+            sys.exit(3)
+        self.wfile.write(b"served\\n")
+"""
+
+
+def test_a_thread_mode_handler_calling_sys_exit_stops_its_worker_in_one_line(
+    start_cluster, tmp_path: Path
+) -> None:
+    """sys.exit() in a handler ended its thread alone, in silence: a worker lost its lanes
+    one by one and nobody saw it. It ends the worker now, as in sync mode, named in one line;
+    the master replaces it."""
+    (tmp_path / "exiting.py").write_text(EXITING_HANDLER)
+    cluster = start_cluster("exiting:Handler", "-k", "thread", "--threads", "2", "-w", "1",
+                            "-b", "127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    (worker,) = cluster.workers()
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"exit\n") == b""
+    cluster.wait_log(rf"worker {worker}: a handler raised SystemExit\(3\) serving 127\.0\.0\.1:")
+    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 1")
+    with tcp_connect(cluster.address()) as sock:
+        sock.sendall(b"hi\n")
+        assert read_line(sock) == b"served\n"
+    assert "Traceback" not in cluster.log

@@ -246,6 +246,33 @@ def test_a_silent_or_slow_health_client_blocks_nobody(start_cluster) -> None:
     assert stream_roundtrip(tcp_connect(cluster.address()), b"fine") == b"fine"
 
 
+@pytest.mark.parametrize("server", ["health", "metrics"])
+def test_a_flood_of_half_sent_checks_does_not_crowd_out_the_next_one(
+    start_cluster, server: str
+) -> None:
+    """128 clients that send half a request filled the health server for their second of
+    grace, and every real check meanwhile got a 400 (one attacker thread failed half of a
+    balancer's checks): a full health (or metrics) server drops its oldest client for the
+    new one."""
+    cluster = start_cluster("echo", "-w", "1", "-b", "127.0.0.1:0", f"--{server}",
+                            "tcp://127.0.0.1:0")  # fmt: skip
+    port = int(cluster.wait_log(rf"{server} on tcp://127\.0\.0\.1:(\d+)").group(1))
+    flood = []
+    try:
+        for _ in range(130):
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            flood[-1].sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as check:
+            check.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert read_all(check).startswith(b"HTTP/1.1 200 ")
+        # The oldest made room (or, on a slow machine, had been taken for a silent agent
+        # before its half request came, and answered as one).
+        assert read_all(flood[0]) in (b"", b"ready 100%\n")
+    finally:
+        for sock in flood:
+            sock.close()
+
+
 @pytest.mark.parametrize("args, named", [
     (["--health", "udp://127.0.0.1:0"], "udp://127.0.0.1:0"),
     (["--health", "nonsense"], "nonsense"),

@@ -13,7 +13,7 @@ import pytest
 
 from loadtest import Events, LoadConfig, Result, run
 from tests.conftest import read_line, stream_roundtrip, tcp_connect
-from tests.procs import alive, children, every, sample_until, wait_for
+from tests.procs import alive, children, every, holds_for, sample_until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -406,3 +406,130 @@ def test_term_to_the_old_master_after_the_new_one_is_ready(start_cluster) -> Non
     assert masters_serving(port) == [new_pid]
     os.kill(new_pid, signal.SIGTERM)
     wait_for(lambda: not alive(new_pid), 10, "the new master to stop")
+
+
+HELD_IMPORT = """
+import os
+from setproctitle import getproctitle
+from cluster.apps.echo import EchoHandler as Handler
+from tests.procs import wait_for
+
+if os.path.exists("hold") and not getproctitle().startswith("cluster: worker"):
+    with open(f"checking.{os.getpid()}", "w"):  # the master's check of the app is here
+        pass
+    wait_for(lambda: not os.path.exists("hold"), 60, "the test to let the import go on")
+"""
+
+
+def test_a_reload_whose_app_imports_slowly_leaves_the_master_serving(
+    start_cluster, tmp_path: Path
+) -> None:
+    """A HUP checks the app in a throwaway process; the master waited for it, so an app whose
+    import takes seconds stopped its loop that long: no health answers, no respawns. The
+    check now runs beside the loop; a stop during it ends the check too."""
+    (tmp_path / "held.py").write_text(HELD_IMPORT)
+    cluster = start_cluster("held:Handler", "-w", "2", "-b", "127.0.0.1:0", "--health",
+                            "tcp://127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    health = int(cluster.wait_log(r"health on tcp://127\.0\.0\.1:(\d+)").group(1))
+    hold = tmp_path / "hold"
+    hold.touch()
+    cluster.signal(signal.SIGHUP)
+    first = wait_for(lambda: list(tmp_path.glob("checking.*")), 10, "the app's check to begin")
+    workers = lambda: set(cluster.workers()) - {int(first[0].suffix[1:])}  # noqa: E731
+    with tcp_connect(("127.0.0.1", health), timeout=1.0) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert read_line(sock).startswith(b"HTTP/1.1 200 ")
+    victim = min(workers())
+    os.kill(victim, signal.SIGKILL)
+    cluster.wait_log(rf"worker {victim} \(slot \d\) died: killed by SIGKILL", timeout=2)
+    wait_for(lambda: len(workers() - {victim}) == 2, 2,
+             "the killed worker replaced during the check")  # fmt: skip
+    hold.unlink()
+    cluster.wait_log("reload complete: generation 2")
+    for marker in tmp_path.glob("checking.*"):
+        marker.unlink()
+    hold.touch()
+    cluster.signal(signal.SIGHUP)
+    check = int(wait_for(lambda: list(tmp_path.glob("checking.*")), 10, "a second check")[0]
+                .suffix[1:])  # fmt: skip
+    cluster.signal(signal.SIGTERM)
+    assert cluster.wait_exit(timeout=10) == 0
+    assert "reload abandoned: stopping during the app's check" in cluster.log
+    wait_for(lambda: not alive(check), 2, "the check's process gone with the master")
+
+
+HALF_BROKEN = """
+import os, re
+from setproctitle import getproctitle
+from cluster.apps.echo import EchoHandler as Handler
+
+title = re.search(r"slot=(\\d+) gen=(\\d+)", getproctitle())
+if title and os.path.exists("broken"):
+    slot, generation = int(title[1]), int(title[2])
+    if not (generation == 2 and slot < 2):  # only the first two new workers boot
+        raise RuntimeError(f"cannot boot slot {slot} of generation {generation}")
+"""
+
+
+def test_a_rolling_reload_failing_half_way_keeps_the_pool_whole(
+    start_cluster, tmp_path: Path
+) -> None:
+    """A rolling reload had retired two old workers for two new ones when the third new one
+    failed; the abort killed the two new ones, and the old generation's replacements import
+    the app from disk too, the same broken code: 2 of 4 workers served until it was fixed.
+    The ready new workers now serve on until the old generation is whole again."""
+    (tmp_path / "halfbroken.py").write_text(HALF_BROKEN)
+    cluster = start_cluster("halfbroken:Handler", "-w", "4", "--reload-strategy", "rolling",
+                            "-b", "127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "broken").touch()
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload failed: worker \\d+ of the new generation")
+    cluster.wait_log(r"reload failed: 2 ready workers of the new generation serve on until")
+    standing = [pid for pid in cluster.workers() if b"gen=2" in title_of(pid)]
+    assert len(standing) == 2
+    holds_for(lambda: all(alive(pid) for pid in standing), 0.3, "the new workers serving on")
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"on") == b"on"
+    (tmp_path / "broken").unlink()
+    for pid in standing:
+        cluster.wait_log(rf"retiring worker {pid} \(slot \d\): generation 1 is whole again")
+    cluster.wait_log("reload complete: generation 1 serving with 4 workers")
+    wait_for(lambda: not any(alive(pid) for pid in standing), 5, "the new workers gone")
+
+
+def title_of(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def test_a_late_new_master_is_one_failed_upgrade_in_the_log(start_cluster, tmp_path: Path) -> None:
+    """A new master not ready within --graceful-timeout is killed; its exit then said
+    "upgrade failed" a second time, for the same failure."""
+    hold = tmp_path / "hold"
+    cluster = start_cluster("slowboot:Handler", "-w", "1", "-b", "127.0.0.1:0",
+                            "--graceful-timeout", "1", env={"SLOWBOOT_HOLD": str(hold)})  # fmt: skip
+    hold.write_text("held")  # the new master's workers cannot finish booting
+    cluster.signal(signal.SIGUSR2)
+    new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
+    cluster.adopt(new_pid)
+    cluster.wait_log(rf"upgrade failed: new master {new_pid} not ready within 1s; killing it")
+    cluster.wait_log(rf"upgrade: the new master {new_pid} killed by SIGKILL")
+    assert cluster.log.count("upgrade failed") == 1
+    hold.unlink()
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"still") == b"still"
+
+
+def test_the_app_check_dies_with_a_killed_master(start_cluster, tmp_path: Path) -> None:
+    """kill -9 of the master during a reload's app check left the check running as long as
+    its import did, titled like a second master."""
+    (tmp_path / "held.py").write_text(HELD_IMPORT)
+    cluster = start_cluster("held:Handler", "-w", "1", "-b", "127.0.0.1:0", cwd=tmp_path)
+    (tmp_path / "hold").touch()
+    cluster.signal(signal.SIGHUP)
+    marker = wait_for(lambda: list(tmp_path.glob("checking.*")), 10, "the app's check")[0]
+    check = int(marker.suffix[1:])
+    assert title_of(check).startswith(b"cluster: app check of master %d" % cluster.pid)
+    os.kill(cluster.pid, signal.SIGKILL)
+    wait_for(lambda: not alive(check), 2, "the check gone with its master")

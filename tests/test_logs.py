@@ -97,3 +97,32 @@ def test_bad_log_settings_are_one_line_errors(tmp_path: Path) -> None:
     assert_one_line_error(run_cluster("--access-log-format", "{nope}"), 2, "nope")
     missing = str(tmp_path / "no" / "dir" / "a.log")
     assert_one_line_error(run_cluster("-b", "127.0.0.1:0", "--log-file", missing), 2, missing)
+
+
+INTERRUPTING_HANDLER = """
+import socketserver
+
+class Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        raise KeyboardInterrupt
+"""
+
+
+def test_a_worker_ended_by_a_base_exception_logs_it_as_json_too(
+    start_cluster, tmp_path: Path
+) -> None:
+    """What ends a worker's process from inside (a KeyboardInterrupt out of a sync handler)
+    was printed raw to stderr, twenty lines that are not JSON; it is one log record now."""
+    (tmp_path / "interrupting.py").write_text(INTERRUPTING_HANDLER)
+    cluster = start_cluster("interrupting:Handler", "-w", "1", "--log-format", "json",
+                            "-b", "127.0.0.1:0", cwd=tmp_path, wait=False)  # fmt: skip
+    wait_for(lambda: any('"ready: 1 worker (sync)"' in line for line in cluster.lines), 20,
+             "ready")  # fmt: skip
+    port = next(json.loads(line)["msg"].rsplit(":", 1)[1] for line in cluster.lines
+                if "listening on" in line)  # fmt: skip
+    stream_roundtrip(tcp_connect(("127.0.0.1", int(port))), b"x")
+    wait_for(lambda: any("died: exited with code 1" in line for line in cluster.lines), 10,
+             "the worker's death")  # fmt: skip
+    entries = [json.loads(line) for line in cluster.lines if line.strip()]  # every line
+    ended = next(e for e in entries if "ended by KeyboardInterrupt" in e["msg"])
+    assert ended["role"] == "worker" and "KeyboardInterrupt" in ended["exc"]

@@ -20,11 +20,13 @@ import time
 from collections.abc import Iterator
 
 from workers.runtime.accept import AcceptLoop, Taken, close_all, in_lane
-from workers.runtime.client import readable
+from workers.runtime.client import format_client, readable
 from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.lifecycle import master_alive
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.spec import EXIT_CUT, PARENT_CHECK_INTERVAL
+
+EXIT_HANDLER_EXIT = 1  # a handler raised SystemExit or KeyboardInterrupt: a crash to the master
 
 log = logging.getLogger("cluster.worker")
 # A connection taken the moment its client connected usually has its request a few
@@ -69,8 +71,28 @@ class Followers:
                     taken = self._next()
                 if taken is None:
                     return
-            in_lane(slot, lane, *taken)
+            try:
+                in_lane(slot, lane, *taken)
+            except BaseException as exc:  # SystemExit and the like: Exception is handle_error's
+                self._handler_exit(exc, taken[2])
+                return
             taken = self._hot() if lifecycle.running else None
+
+    def _handler_exit(self, exc: BaseException, client: object) -> None:
+        """A handler raised what ends a process (``sys.exit()``, KeyboardInterrupt): as in
+        sync mode, the worker ends, here gracefully (the other threads finish their requests)
+        and with exit code 1, for the master to replace it. Before, the exception ended its
+        thread alone, in silence for SystemExit: a worker lost its lanes one by one unseen."""
+        log.error("worker %d: a handler raised %s serving %s; stopping", os.getpid(),
+                  type(exc).__name__ + (f"({exc})" if str(exc) else ""),
+                  format_client(client))  # fmt: skip
+        context = self.context
+        context.exit_code = context.exit_code or EXIT_HANDLER_EXIT
+        context.lifecycle.running = False
+        try:
+            os.write(context.lifecycle.wake_w, b"\0")  # wake the leader out of its wait
+        except OSError:
+            pass
 
     def _hot(self) -> Taken | None:
         """Right after a request, the next connection already queued, taken without the
