@@ -10,6 +10,8 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
+from workers.runtime.spec import EXIT_FORK_SERVER_KILLED, SELF_INFLICTED
+
 MAX_BOOT_FAILURES = 3  # workers of the first generation dying before ready, in a row: give up
 
 RETIRED = "retired"  # we asked it to go (scale down, reload, recycle, timeout) or we stop
@@ -18,10 +20,6 @@ CRASHED = "crashed"  # it was serving and failed on its own (an exit, a segfault
 BOOT_FAILURE = "boot failure"  # it died before it was ever ready
 RELOAD_FAILED = "reload failed"  # a worker of a reload's new generation died before ready
 CANNOT_BOOT = "cannot boot"  # the first generation keeps dying before ready: stop, exit 3
-
-# Signals a process raises against itself when it fails: these are crashes, not kills.
-SELF_INFLICTED = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
-                            signal.SIGABRT, signal.SIGSYS, signal.SIGTRAP})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,9 @@ class Verdict:
 
 
 def killed_from_outside(exitcode: int | None) -> bool:
+    """A signal from outside ended it, or (fork mode) its fork server, and so the worker."""
+    if exitcode == EXIT_FORK_SERVER_KILLED:
+        return True
     return exitcode is not None and exitcode < 0 and -exitcode not in SELF_INFLICTED
 
 
@@ -87,4 +88,6 @@ def describe(exitcode: int | None) -> str:
             return f"killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             return f"killed by signal {-exitcode}"
+    if exitcode == EXIT_FORK_SERVER_KILLED:
+        return f"exited with code {exitcode} (its fork server was killed)"
     return f"exited with code {exitcode}"

@@ -61,7 +61,10 @@ def test_a_killed_fork_server_stops_its_worker_and_the_master_replaces_it(start_
     wait_for(lambda: gone(child), 5, "its request child, gone with it (parent-death signal)")
     wait_for(lambda: gone(worker), 10, "the worker stopped")
     cluster.wait_log(rf"worker {worker}: its fork server {server} .*; stopping")
-    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 1")
+    # A kill from outside, as for a killed worker: replaced at once, no backoff.
+    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 66 \(its fork "
+                     r"server was killed\) after \d+ requests, [\d.]+s old \(killed\); "
+                     "replacing it now")  # fmt: skip
     (replacement,) = wait_for(lambda: [pid for pid in cluster.workers() if pid != worker], 10,
                               "a new worker")  # fmt: skip
     assert fork_server_of(replacement) != server
@@ -84,6 +87,8 @@ def test_a_stopped_fork_server_is_killed_and_its_worker_replaced(start_cluster) 
     assert closed_unanswered(cluster.address(), b"lost\n")  # after --timeout: 2 s
     cluster.wait_log(rf"its fork server {server} did not answer within 2s \(killed\); stopping")
     wait_for(lambda: gone(server) and gone(worker), 10, "the stopped fork server and its worker")
+    # Put down by its worker, not killed from outside: a failure, with the backoff of one.
+    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 1 after .*\(crashed\)")
     assert stream_roundtrip(tcp_connect(cluster.address(), timeout=10), b"next\n") == b"next\n"
 
 

@@ -58,6 +58,7 @@ from workers.runtime.quickfork import fork as quick_fork
 from workers.runtime.ratelog import DROPPED as DROPPED_FD
 from workers.runtime.ratelog import RateLimitedLog
 from workers.runtime.scoreboard import WorkerSlot
+from workers.runtime.spec import SELF_INFLICTED
 from workers.servers import BaseServer, TCPServer, UDPServer
 
 log = logging.getLogger("cluster.worker")
@@ -110,6 +111,8 @@ class ForkServer:
         self.pinged = 0.0  # when our PING still unanswered went out (0: none is)
         self.heard = 0.0  # when the fork server last said anything
         self.gone = False  # the fork server died, or closed its end
+        self.status: int | None = None  # its wait status, once reaped
+        self.put_down_here = False  # we killed it (it did not answer)
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -135,6 +138,11 @@ class ForkServer:
         ours.setblocking(False)
         self._receive(block=True)  # its hello: set up, titled, and ready to fork
         _chain_handler(signal.SIGUSR1, lambda: self.tell(signal.SIGUSR1))
+
+    def put_down(self) -> None:
+        """Kill a fork server that does not answer (stopped, or stuck)."""
+        self.put_down_here = True
+        self.tell(signal.SIGKILL)
 
     def tell(self, signum: int) -> None:
         """Pass a signal on (USR1: the fork server's children must write to reopened logs)."""
@@ -162,7 +170,7 @@ class ForkServer:
             channel.sendmsg([message], ancillary)
         except BlockingIOError:  # its queue is full: wait for room (it answers each one)
             if not select.select([], [channel], [], self.answer_timeout)[1]:
-                self.tell(signal.SIGKILL)
+                self.put_down()
                 self.lost(f"took nothing within {self.answer_timeout:g}s (killed)")
                 return 0
             return self.hand_off(server, request, client_address, lane)
@@ -192,7 +200,7 @@ class ForkServer:
         if self.channel is None or self.gone or not self.pinged and now - self.heard < 1.0:
             return
         if self.pinged and now - self.pinged > self.answer_timeout:
-            self.tell(signal.SIGKILL)
+            self.put_down()
             self.lost(f"did not answer within {self.answer_timeout:g}s (killed)")
         elif not self.pinged:
             try:
@@ -210,7 +218,7 @@ class ForkServer:
             return None
         try:
             if block and not select.select([channel], [], [], self.answer_timeout)[0]:
-                self.tell(signal.SIGKILL)
+                self.put_down()
                 self.lost(f"did not answer within {self.answer_timeout:g}s (killed)")
                 return None
             data = channel.recv(MESSAGE_SIZE)
@@ -244,7 +252,23 @@ class ForkServer:
             pid, status = self.pid, 0
         if pid:
             self.lost(f"exited ({_describe(status)})")
-            self.pid = 0
+            self.pid, self.status = 0, status
+
+    def killed_from_outside(self, within: float = 1.0) -> bool:
+        """Whether a signal from outside ended the lost fork server (``kill -9``, the OOM
+        killer): not we, nor a failure of its own. Then the worker exits with
+        ``EXIT_FORK_SERVER_KILLED``, and the master replaces it at once, as it replaces a
+        worker killed so (no backoff: the replacement has no reason to fail). It waits up
+        to ``within`` for the fork server to be reaped: its channel closes as it dies, a
+        moment before it can be."""
+        deadline = time.monotonic() + within
+        while self.pid and time.monotonic() < deadline:
+            self.reap()
+            if self.pid:
+                select.select([], [], [], 0.01)  # its exit is under way
+        if self.put_down_here or self.status is None or not os.WIFSIGNALED(self.status):
+            return False
+        return os.WTERMSIG(self.status) not in SELF_INFLICTED
 
     def stop(self, quick: bool) -> None:
         """End the fork server: closing the channel tells it to reap and exit."""

@@ -26,7 +26,7 @@ from workers.runtime.mode import Binding, Mode
 from workers.runtime.quickfork import REFUSALS
 from workers.runtime.quickfork import fork as quick_fork
 from workers.runtime.scoreboard import WorkerSlot
-from workers.runtime.spec import PARENT_CHECK_INTERVAL
+from workers.runtime.spec import EXIT_FORK_SERVER_KILLED, PARENT_CHECK_INTERVAL
 from workers.servers import BaseServer
 
 log = logging.getLogger("cluster.worker")
@@ -221,7 +221,9 @@ def serve(bindings: list[Binding], context: Context) -> None:
                     children.discard(pid)
                 if lifecycle.running:
                     lifecycle.running, lifecycle.quick = False, True
-                    context.exit_code = 1  # the master reports it as the failure it is
+                    # The master reports it as the failure it is, or as the kill from outside.
+                    context.exit_code = (EXIT_FORK_SERVER_KILLED if forker.killed_from_outside()
+                                         else 1)  # fmt: skip
         elif lifecycle.children_exited:
             lifecycle.children_exited = False
             servers[0].collect_children()
