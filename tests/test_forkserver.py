@@ -16,6 +16,7 @@ from tests.conftest import (
     ROOT,
     closed_unanswered,
     cluster_env,
+    read_all,
     stream_roundtrip,
     tcp_connect,
 )
@@ -132,6 +133,31 @@ def test_usr1_reaches_the_fork_server_s_children(start_cluster, tmp_path: Path) 
     assert stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"boom\n") == b""
     wait_for(lambda: "RuntimeError: boom" in main.read_text(), 10, "the child's error, new file")
     assert "RuntimeError" not in (tmp_path / "main.log.1").read_text()
+
+
+def test_usr1_reaches_the_children_already_running(start_cluster, tmp_path: Path) -> None:
+    """Log rotation with a request under way (a kept-alive connection, say): its child,
+    forked before the reopen, writes its lines to the new file too, and says nothing of it."""
+    main = tmp_path / "main.log"
+    cluster = start_cluster("testapps:Boom", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0",
+                            "--log-file", str(main), wait=False)  # fmt: skip
+    wait_for(lambda: main.exists() and "ready: 1 worker" in main.read_text(), 20, "ready")
+    port = int(next(line for line in main.read_text().splitlines()
+                    if "listening on" in line).rsplit(":", 1)[1])  # fmt: skip
+    (worker,) = cluster.workers()
+    server = fork_server_of(worker)
+    with tcp_connect(("127.0.0.1", port)) as sock:
+        sock.sendall(b"bo")  # half its line: its child is forked, and waits for the rest
+        (child,) = wait_for(lambda: request_children(worker), 10, "its request child")
+        main.rename(tmp_path / "main.log.1")
+        cluster.signal(signal.SIGUSR1)
+        wait_for(lambda: main.exists() and f"worker {server} reopened" in main.read_text(), 10,
+                 "the fork server's reopen")  # fmt: skip
+        sock.sendall(b"om\n")
+        assert read_all(sock) == b""  # the handler raised: the connection ends
+    wait_for(lambda: "RuntimeError: boom" in main.read_text(), 10, "the child's error, new file")
+    assert "RuntimeError" not in (tmp_path / "main.log.1").read_text()
+    assert f"worker {child} reopened" not in main.read_text()
 
 
 # ------------------------------------------------------------------------------ quickfork

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from workers.runtime.access import reopen_logs
 from workers.runtime.client import ClientSocket, ListeningSocket
 from workers.runtime.context import CURRENT
 from workers.runtime.lifecycle import Lifecycle, set_parent_death_signal
@@ -342,6 +343,7 @@ def serve_forks(
     fork, refusals = partial(quick_fork, single_threaded=True), REFUSALS
     dumps, loads = marshal.dumps, marshal.loads
     live: set[int] = set()  # our children not yet reaped
+    _pass_reopens_on(live)
     exits: list[int] = []  # reaped, not yet reported
     buffers, view = [BUFFER], VIEW
     while True:
@@ -406,6 +408,29 @@ def serve_forks(
             exits.append(pid)
         if exits and len(live) + len(exits) >= lanes:  # the worker may be waiting for a lane
             exits = _report(channel, exits, wake_worker)
+
+
+def _pass_reopens_on(live: set[int]) -> None:
+    """USR1 (reopen the logs) reaches our live children too: each writes to the files it
+    was forked with, so the child of a long kept-alive connection would go on writing to
+    the rotated file for as long as it lives. They are told first, and reopen in silence;
+    we say it, once, as before."""
+    before = signal.getsignal(signal.SIGUSR1)
+    me = os.getpid()
+
+    def handler(number: int, frame: object) -> None:
+        if os.getpid() != me:  # a request child, forked with this handler
+            reopen_logs()
+            return
+        for pid in list(live):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:  # exiting, not reaped yet
+                pass
+        if callable(before):
+            before(number, frame)
+
+    signal.signal(signal.SIGUSR1, handler)
 
 
 def _report(channel: socket.socket, exits: list[int], wake_worker: int) -> list[int]:
