@@ -156,9 +156,9 @@ def serve(bindings: list[Binding], context: Context) -> None:
     size = MODE.lanes(spec)
     loop = AcceptLoop(servers, context, handlers=size)
     followers = Followers(size, loop, context)
-    context.ready()
     try:
         followers.start()
+        context.ready()  # once every handler thread runs: ready means at its full size
         followers.supervise()
         cut = followers.join(spec.graceful_timeout + 1.0)  # the drain's own bound, and a beat
         if cut:
