@@ -445,6 +445,8 @@ class Master:
             self.begin_generation(config, {})
         except ClusterError as err:
             self.reload_failed(err)
+            if error is not None:  # a worker forked now would import the same code
+                self.hold_recycling(self.current, "the app on disk does not import")
         except OSError as err:  # out of fds or memory half-way, as dispatch would say
             log.error("reload failed: %s; still serving generation %d", err.strerror or err,
                       self.current.number)  # fmt: skip
@@ -452,6 +454,16 @@ class Master:
             folded, self.folded = self.folded, None
             log.info("reload: starting the reload folded during the app's check")
             self.dispatch(folded)
+
+    def hold_recycling(self, generation: Generation | None, why: str) -> None:
+        """Keep ``generation``'s workers past ``--max-requests`` until one of its new workers
+        boots (``on_ready``): the app on disk fails, so a worker that recycled now would
+        leave a place no replacement can take, and one after another the pool would empty."""
+        if generation is None or not generation.config.max_requests:
+            return
+        if generation.scoreboard.hold_recycling(True):
+            log.warning("generation %d: recycling (--max-requests) held until a new worker "
+                        "boots: %s", generation.number, why)  # fmt: skip
 
     def reload_failed(self, err: ClusterError) -> dict:
         log.error("reload failed: %s; still serving generation %d", err, self.current.number)
@@ -524,6 +536,7 @@ class Master:
             else:
                 _send(worker.pid, signal.SIGKILL)
         log.error("reload failed: %s; still serving generation %d", why, current.number)
+        self.hold_recycling(current, "the new generation's workers did not boot")
         if self.standing_in:
             log.info("reload failed: %s of the new generation serve on until generation %d "
                      "is whole again", plural(len(self.standing_in), "ready worker"),
@@ -750,6 +763,10 @@ class Master:
     def on_ready(self, worker: Worker) -> None:
         worker.ready = True
         worker.generation.boot_failures = 0
+        if worker.generation.scoreboard.hold_recycling(False):
+            log.info("worker %d (slot %d) booted: the workers of generation %d recycle "
+                     "again (--max-requests)", worker.pid, worker.slot,
+                     worker.generation.number)  # fmt: skip
         log.debug("worker %d (slot %d) ready", worker.pid, worker.slot)
         self.check_ready()
 
@@ -816,6 +833,8 @@ class Master:
                               "ready")  # fmt: skip
         elif verdict.kind in (exits.BOOT_FAILURE, exits.CANNOT_BOOT):
             generation.boot_failures += 1
+            if generation is self.current:
+                self.hold_recycling(generation, f"worker {worker.pid} did not boot")
         if verdict.kind == exits.CANNOT_BOOT:
             log.error("workers cannot boot: %d died before they were ready (last: %s); "
                       "stopping", generation.boot_failures, how)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import Events, LoadConfig, Result, run
-from tests.conftest import read_line, stream_roundtrip, tcp_connect
+from tests.conftest import read_all, read_line, stream_roundtrip, tcp_connect
 from tests.procs import alive, children, every, holds_for, sample_until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,6 +86,80 @@ class Handler(BaseRequestHandler):
     def handle(self):
         self.request.sendall(VERSION)
 """
+
+
+WAITING = """
+from workers import StreamRequestHandler
+
+
+class Handler(StreamRequestHandler):
+    speaks_first = True  # a connection that says nothing yet still holds its worker
+
+    def handle(self):
+        if self.rfile.readline().strip() == b"wait":  # held until the client's next line
+            self.rfile.readline()
+        self.wfile.write(b"v1")
+"""
+
+
+def test_after_a_refused_reload_max_requests_waits_until_new_code_boots(
+    start_cluster, tmp_path: Path
+) -> None:
+    """A reload refused because the app on disk does not import: any worker forked now
+    would import it and fail, so none recycles at --max-requests (one after another the
+    pool emptied, before) until a reload with code that imports; that generation recycles."""
+    app = tmp_path / "versioned.py"
+    app.write_text(VERSIONED.format(version="v1"))
+    cluster = start_cluster("versioned:Handler", "-w", "2", "--max-requests", "5",
+                            "--max-requests-jitter", "0", "-b", "127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    ask = lambda: stream_roundtrip(tcp_connect(cluster.address()), b"")  # noqa: E731
+    workers = sorted(cluster.workers())
+    app.write_text("this is not python(\n")
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload failed: cannot import app 'versioned:Handler'")
+    cluster.wait_log(r"generation 1: recycling \(--max-requests\) held until a new worker boots: "
+                     "the app on disk does not import")  # fmt: skip
+    assert [ask() for _ in range(20)] == [b"v1"] * 20  # twice the two workers' 5 each
+    cluster.wait_log(r"recycling held at 5 requests \(--max-requests\)")
+    assert sorted(cluster.workers()) == workers and "recycling after" not in cluster.log
+    app.write_text(VERSIONED.format(version="v2"))
+    cluster.signal(signal.SIGHUP)
+    cluster.wait_log("reload complete: generation 2")
+    assert [ask() for _ in range(12)] == [b"v2"] * 12
+    cluster.wait_log("recycling after 5 requests")  # the new generation recycles as before
+
+
+def test_a_replacement_that_cannot_boot_holds_the_others_recycling(
+    start_cluster, tmp_path: Path
+) -> None:
+    """New code on disk and no reload: a worker recycles, its replacement fails to boot, and
+    the other worker serves on past --max-requests instead of leaving the pool empty; once
+    the code imports again, a respawn boots and the held worker recycles."""
+    app = tmp_path / "waiting.py"
+    app.write_text(WAITING)
+    cluster = start_cluster("waiting:Handler", "-w", "2", "--max-requests", "3",
+                            "--max-requests-jitter", "0", "-b", "127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    app.write_text("this is not python(\n")
+    with tcp_connect(cluster.address()) as held:  # the first in the queue: one worker's
+        held.sendall(b"wait\n")
+        for _ in range(3):  # the other worker's 3: it recycles, its replacement cannot boot
+            assert stream_roundtrip(tcp_connect(cluster.address()), b"go\n") == b"v1"
+        cluster.wait_log(r"recycling \(--max-requests\) held until a new worker boots: "
+                         r"worker \d+ did not boot")  # fmt: skip
+        held.sendall(b"done\n")
+        assert read_all(held) == b"v1"
+    served = [stream_roundtrip(tcp_connect(cluster.address(), timeout=10), b"go\n")
+              for _ in range(6)]  # fmt: skip
+    assert served == [b"v1"] * 6  # the held worker, past its 3
+    cluster.wait_log(r"recycling held at \d+ requests \(--max-requests\)")
+    app.write_text(WAITING)  # fixed: the slot's next respawn boots, and the hold ends
+    cluster.wait_log(r"booted: the workers of generation 1 recycle again", timeout=20)
+    for _ in range(4):  # the held worker is past its 3: its next request is its last
+        assert stream_roundtrip(tcp_connect(cluster.address(), timeout=10), b"go\n") == b"v1"
+    # Its count is past 3 (the held request and 6 more, at least); a new worker's would be 3.
+    past = lambda: [n for n in re.findall(r"recycling after (\d+) requests", cluster.log)  # noqa: E731
+                    if int(n) > 3]  # fmt: skip
+    wait_for(past, 10, "the held worker's recycling, past its --max-requests")
 
 
 def test_broken_app_keeps_the_old_generation_and_a_fixed_one_loads(

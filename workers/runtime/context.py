@@ -16,6 +16,8 @@ from workers.runtime.scoreboard import DRAINING, ERRORS, IDLE, WorkerSlot
 from workers.runtime.spec import Endpoint, WorkerSpec
 from workers.servers import BaseServer, TCPServer, UDPServer, UnixDatagramServer, UnixStreamServer
 
+log = logging.getLogger("cluster.worker")
+
 LARGEST_DATAGRAM = 65535  # UDP carries 65,507 bytes at most; the stdlib's 8192 would cut them
 CLIENT_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 # A client that resets is not a server error: a line, within a budget, instead of a traceback.
@@ -41,6 +43,7 @@ class Context:
         self.served = 0
         self.limit = spec.max_requests
         self.recycled = False  # we hit --max-requests: the master is forking our replacement
+        self.said_held = False  # we logged that the master holds our recycling back
         self.exit_code = 0  # EXIT_CUT: a graceful stop had to cut requests short
 
     def tell(self, message: bytes) -> None:
@@ -57,13 +60,28 @@ class Context:
         self.tell(b"ready")
 
     def counted(self) -> None:
-        """One more request taken; at the limit, take no more and let the master replace us."""
+        """One more request taken; at the limit, take no more and let the master replace us,
+        unless it holds recycling back (``recycling_held``): then at the first request after."""
         self.served += 1
-        if self.served == self.limit:
+        if self.served >= self.limit > 0 and not self.recycled and not self.recycling_held():
             self.lifecycle.running = False
             self.recycled = True
             self.tell(b"recycle %d" % self.served)
             close_idle()
+
+    def recycling_held(self) -> bool:
+        """Whether the master holds our recycling back: the workers it forked to replace
+        others of our generation fail to boot (new code on disk that does not import, say),
+        so a worker that left now would leave a place nobody can take, and one after another
+        the pool would empty. We serve on past ``--max-requests``, and say so once."""
+        if not self.slot.header.hold_recycling:
+            return False
+        if not self.said_held:
+            self.said_held = True
+            log.warning("worker %d: recycling held at %d requests (--max-requests): the "
+                        "workers forked to replace others cannot boot; serving on", os.getpid(),
+                        self.served)  # fmt: skip
+        return True
 
     def draining(self) -> bool:
         """We stopped taking new requests; whether to serve what is already queued first.

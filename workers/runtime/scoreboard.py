@@ -92,6 +92,8 @@ class SlotHeader(ctypes.Structure):
         ("updated", ctypes.c_double),  # monotonic time of the last state change
         # the worker's log budgets (workers.runtime.ratelog), spent by its request children too
         ("log_budgets", SharedBudget * KINDS),
+        # 1 while its generation's replacements fail to boot: --max-requests waits (the master's)
+        ("hold_recycling", ctypes.c_int32),
     ]
 
 
@@ -271,6 +273,19 @@ class Scoreboard:
         header.pid, header.generation, header.lanes = pid, generation, self.lane_count
         header.booted = header.heartbeat = header.updated = time.monotonic()
         header.state = BOOTING
+        header.hold_recycling = self.recycling_held
+
+    recycling_held = 0  # the master's word to every slot of this generation (hold_recycling)
+
+    def hold_recycling(self, hold: bool) -> bool:
+        """Tell every worker of this generation to postpone (or resume) its recycling by
+        ``--max-requests``; whether that changed anything."""
+        if self.recycling_held == int(hold):
+            return False
+        self.recycling_held = int(hold)
+        for record in self._slots:
+            record.header.hold_recycling = self.recycling_held
+        return True
 
     def release(self, slot: int) -> None:
         self._slots[slot].header.state = EMPTY
