@@ -116,14 +116,20 @@ def test_a_refused_fork_closes_that_request_and_the_worker_serves_on_once_it_can
     assert children(cluster.pid) == [worker] and alive(worker)
 
 
-def test_usr1_reaches_the_fork_server_s_children(start_cluster, tmp_path: Path) -> None:
-    """Log rotation: a request child forked after the reopen writes to the new file."""
+def boom_logging_to_a_file(start_cluster, tmp_path: Path) -> tuple[object, Path, int]:
+    """A fork-mode cluster of ``testapps:Boom`` logging to ``main.log``: (it, the file, port)."""
     main = tmp_path / "main.log"
     cluster = start_cluster("testapps:Boom", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0",
                             "--log-file", str(main), wait=False)  # fmt: skip
     wait_for(lambda: main.exists() and "ready: 1 worker" in main.read_text(), 20, "ready")
     port = int(next(line for line in main.read_text().splitlines()
                     if "listening on" in line).rsplit(":", 1)[1])  # fmt: skip
+    return cluster, main, port
+
+
+def test_usr1_reaches_the_fork_server_s_children(start_cluster, tmp_path: Path) -> None:
+    """Log rotation: a request child forked after the reopen writes to the new file."""
+    cluster, main, port = boom_logging_to_a_file(start_cluster, tmp_path)
     main.rename(tmp_path / "main.log.1")
     cluster.signal(signal.SIGUSR1)
     (worker,) = cluster.workers()
@@ -138,12 +144,7 @@ def test_usr1_reaches_the_fork_server_s_children(start_cluster, tmp_path: Path) 
 def test_usr1_reaches_the_children_already_running(start_cluster, tmp_path: Path) -> None:
     """Log rotation with a request under way (a kept-alive connection, say): its child,
     forked before the reopen, writes its lines to the new file too, and says nothing of it."""
-    main = tmp_path / "main.log"
-    cluster = start_cluster("testapps:Boom", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0",
-                            "--log-file", str(main), wait=False)  # fmt: skip
-    wait_for(lambda: main.exists() and "ready: 1 worker" in main.read_text(), 20, "ready")
-    port = int(next(line for line in main.read_text().splitlines()
-                    if "listening on" in line).rsplit(":", 1)[1])  # fmt: skip
+    cluster, main, port = boom_logging_to_a_file(start_cluster, tmp_path)
     (worker,) = cluster.workers()
     server = fork_server_of(worker)
     with tcp_connect(("127.0.0.1", port)) as sock:
