@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import closed_unanswered, stream_roundtrip, tcp_connect, unix_dgram_roundtrip
+from tests.conftest import (
+    closed_unanswered,
+    read_all,
+    stream_roundtrip,
+    tcp_connect,
+    unix_dgram_roundtrip,
+)
 from tests.procs import (
     alive,
     children,
@@ -20,7 +26,7 @@ from tests.procs import (
     request_children,
     wait_for,
 )
-from tests.test_forkserver import fork_server_of
+from tests.test_forkserver import boom_logging_to_a_file, fork_server_of
 from tests.test_modes import finish, started_pid
 
 pytestmark = pytest.mark.timeout(60)
@@ -101,6 +107,38 @@ def test_a_worker_that_cannot_fork_its_fork_server_forks_its_children_itself(
                                        if is_fork_server(pid)]  # fmt: skip
     assert "Traceback" not in cluster.log
     assert cluster.log.count("cannot fork its fork server") == 1
+
+
+def test_usr1_reaches_the_running_children_of_a_worker_without_fork_server(
+    pids_cgroup: Path,  # first: the cgroup outlives the cluster
+    start_cluster,
+    tmp_path: Path,
+) -> None:
+    """A worker that forks its request children itself (it could not fork its fork server)
+    passes USR1 on to them as a fork server does: a child forked before the log rotation
+    writes its error to the new file."""
+    cluster, main, port = boom_logging_to_a_file(start_cluster, tmp_path)
+    (worker,) = cluster.workers()
+    (pids_cgroup / "cgroup.procs").write_text(str(cluster.pid))
+    used = int((pids_cgroup / "pids.current").read_text())
+    (pids_cgroup / "pids.max").write_text(str(used + 1))  # one worker more, no fork server
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: "it forks its request children itself" in main.read_text(), 20,
+             "the replacement, without a fork server")  # fmt: skip
+    (replacement,) = wait_for(lambda: [pid for pid in cluster.workers() if pid != worker], 10,
+                              "the replacement")  # fmt: skip
+    (pids_cgroup / "pids.max").write_text("max")
+    with tcp_connect(("127.0.0.1", port)) as sock:
+        sock.sendall(b"bo")  # half its line: its child is forked, and waits for the rest
+        wait_for(lambda: children(replacement), 10, "its request child")
+        main.rename(tmp_path / "main.log.1")
+        cluster.signal(signal.SIGUSR1)
+        wait_for(lambda: main.exists() and f"worker {replacement} reopened" in main.read_text(),
+                 10, "the worker's reopen")  # fmt: skip
+        sock.sendall(b"om\n")
+        assert read_all(sock) == b""  # the handler raised: the connection ends
+    wait_for(lambda: "RuntimeError: boom" in main.read_text(), 10, "the child's error, new file")
+    assert "RuntimeError" not in (tmp_path / "main.log.1").read_text()
 
 
 def test_datagrams_with_nowhere_to_answer_cost_no_traceback(start_cluster, tmp_path: Path) -> None:

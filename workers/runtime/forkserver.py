@@ -343,7 +343,7 @@ def serve_forks(
     fork, refusals = partial(quick_fork, single_threaded=True), REFUSALS
     dumps, loads = marshal.dumps, marshal.loads
     live: set[int] = set()  # our children not yet reaped
-    _pass_reopens_on(live)
+    pass_reopens_on(live)
     exits: list[int] = []  # reaped, not yet reported
     buffers, view = [BUFFER], VIEW
     while True:
@@ -410,9 +410,9 @@ def serve_forks(
             exits = _report(channel, exits, wake_worker)
 
 
-def _pass_reopens_on(live: set[int]) -> None:
-    """USR1 (reopen the logs) reaches our live children too: each writes to the files it
-    was forked with, so the child of a long kept-alive connection would go on writing to
+def pass_reopens_on(live: set[int]) -> None:
+    """USR1 (reopen the logs) reaches our live children too (the fork server's, or a worker's
+    that forks its children itself): each writes to the files it was forked with, so the child of a long kept-alive connection would go on writing to
     the rotated file for as long as it lives. They are told first, and reopen in silence;
     we say it, once, as before."""
     before = signal.getsignal(signal.SIGUSR1)

@@ -20,7 +20,7 @@ from workers.runtime.access import ACCESS
 from workers.runtime.client import CONNECTIONS, ClientSocket
 from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.escalation import Escalation, overdue, stalled_for
-from workers.runtime.forkserver import ForkedChildren, ForkServer, serves_all
+from workers.runtime.forkserver import ForkedChildren, ForkServer, pass_reopens_on, serves_all
 from workers.runtime.lifecycle import set_parent_death_signal
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.quickfork import REFUSALS
@@ -203,6 +203,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
     forker = start_fork_server(servers, context) if serves_all(servers) else None
     for server in servers:
         server.forker = forker
+    if forker is None:  # our own children: USR1 must reach those already running
+        pass_reopens_on(children)
 
     def reap(woken: bool = False) -> None:
         """Free the lanes of exited children: those the fork server reaped, or ours, by pid,
