@@ -78,8 +78,8 @@ class Context:
             return False
         if not self.said_held:
             self.said_held = True
-            log.warning("worker %d: recycling held at %d requests (--max-requests): the "
-                        "workers forked to replace others cannot boot; serving on", os.getpid(),
+            log.warning("worker %d: recycling held at %d requests (--max-requests): a new "
+                        "worker cannot boot with the app on disk; serving on", os.getpid(),
                         self.served)  # fmt: skip
         return True
 

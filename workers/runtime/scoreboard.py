@@ -262,6 +262,7 @@ class Scoreboard:
             ]},
         )  # fmt: skip
         size = ctypes.sizeof(self._slot_type) * capacity
+        self.recycling_held = 0  # the master's word to every slot (``hold_recycling``)
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)  # zero-filled by the kernel
         self._slots = (self._slot_type * capacity).from_buffer(self._map)
         self._doubles = memoryview(self._map).cast("d")
@@ -274,8 +275,6 @@ class Scoreboard:
         header.booted = header.heartbeat = header.updated = time.monotonic()
         header.state = BOOTING
         header.hold_recycling = self.recycling_held
-
-    recycling_held = 0  # the master's word to every slot of this generation (hold_recycling)
 
     def hold_recycling(self, hold: bool) -> bool:
         """Tell every worker of this generation to postpone (or resume) its recycling by
