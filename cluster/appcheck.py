@@ -69,9 +69,15 @@ def check(apps: list[str], timeout: float, identity: Identity | None = None) -> 
 
 class Check:
     """A reload's app check under way, a part of the master's loop: the child's report pipe
-    sits in the master's selector and ``expire`` enforces the deadline; ``then`` gets None
-    (the app imports) or the one-line reason, once. The child, its pidfd and the pipe are
-    owned here until the end (``cancel`` included)."""
+    and its pidfd sit in the master's selector and ``expire`` enforces the deadline; ``then``
+    gets None (the app imports) or the one-line reason, once. The child, its pidfd and the
+    pipe are owned here until the end (``cancel`` included).
+
+    The verdict waits for the child's exit (its pidfd), not for the pipe's end: an import
+    may close fds it does not know (the pipe's end then came early, and the master blocked
+    in ``waitpid`` as long as the import went on: no health answers, no signals), or fork a
+    helper that inherits the pipe and outlives the check (its end then came late, and an
+    app that imported failed the reload as "took over 30s")."""
 
     def __init__(self, apps: list[str], timeout: float, identity: Identity | None,
                  selector: selectors.BaseSelector, then: Callable[[str | None], None]) -> None:  # fmt: skip
@@ -95,7 +101,9 @@ class Check:
             ) from None
         finally:
             os.close(write_end)
+        self.reading = True
         selector.register(self.read_end, selectors.EVENT_READ, self.on_readable)
+        selector.register(self.child.sentinel, selectors.EVENT_READ, self.on_exit)
 
     def fds(self) -> list[int]:
         """Ours: a worker forked meanwhile closes them."""
@@ -105,15 +113,28 @@ class Check:
         return self.deadline
 
     def on_readable(self, mask: int) -> None:
-        try:
-            chunk = os.read(self.read_end, 4096)
-        except BlockingIOError:
-            return
-        if chunk:
-            self.chunks.append(chunk)
-            return
-        message = b"".join(self.chunks).decode(errors="replace")
-        code = self.child.join()  # it closed its end: it is exiting
+        """Gather the report; at the pipe's end stop watching it: the exit decides."""
+        self.read_available()
+
+    def read_available(self) -> None:
+        while self.reading:
+            try:
+                chunk = os.read(self.read_end, 4096)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.reading = False
+                self.selector.unregister(self.read_end)
+                return
+            if sum(map(len, self.chunks)) < 4096:  # the child writes one line; a helper more
+                self.chunks.append(chunk)
+
+    def on_exit(self, mask: int) -> None:
+        """The child exited (its pidfd fired, so the join does not block): its report, if
+        any, is in the pipe already."""
+        code = self.child.join()
+        self.read_available()
+        message = b"".join(self.chunks)[:4096].decode(errors="replace")
         self.end()
         if code == 0:
             self.then(None)
@@ -132,7 +153,9 @@ class Check:
         self.end()
 
     def end(self) -> None:
-        self.selector.unregister(self.read_end)
+        if self.reading:
+            self.selector.unregister(self.read_end)
+        self.selector.unregister(self.child.sentinel)
         os.close(self.read_end)
         self.child.close()
 

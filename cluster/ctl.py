@@ -123,8 +123,11 @@ def summarize(name: str, answer: dict) -> str:
     if name in ("scale", "incr", "decr"):
         return f"pool target: {plural(answer['target'], 'worker')}"
     if name == "reload":
-        if answer.get("folded"):
-            return "reload: folded into the one that starts once the booting generation serves"
+        if answer.get("folded"):  # "after": what the reload under way waits for
+            after = {"check": "the app's check under way ends"}.get(
+                answer.get("after", ""), "the booting generation serves"
+            )
+            return f"reload: folded into the one that starts once {after}"
         if "new_master" in answer:
             return f"reload: new master {answer['new_master']} (--preload)"
         if answer.get("checking"):

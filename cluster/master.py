@@ -418,7 +418,7 @@ class Master:
                         else "the app's check is under way")  # fmt: skip
                 log.info("reload: %s; folding this reload into one that starts after it", what)
             self.folded = command
-            return {"folded": True}
+            return {"folded": True, "after": "boot" if self.incoming else "check"}
         if current.config.preload and self.upgradable:
             log.info("reload with --preload: the app lives in the master, so a fresh master "
                      "takes over, as on USR2")  # fmt: skip

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.ctl import summarize
 from loadtest import Events, LoadConfig, run
 from tests.conftest import ROOT, cluster_env, read_line, stream_roundtrip, tcp_connect
 from tests.procs import children, wait_for
@@ -332,3 +333,16 @@ def test_out_of_fds_the_control_socket_is_a_bind_error_and_the_title_is_skipped(
         if title_module is not None:
             sys.modules["setproctitle"] = title_module
     assert held  # the fds were really exhausted
+
+
+def test_ctl_reload_folded_says_what_it_waits_for() -> None:
+    """A reload folded during the app's check said it waited for "the booting generation"."""
+    during_check = summarize("reload", {"ok": True, "folded": True, "after": "check"})
+    during_boot = summarize("reload", {"ok": True, "folded": True, "after": "boot"})
+    assert (
+        during_check
+        == "reload: folded into the one that starts once the app's check under way ends"
+    )
+    assert (
+        during_boot == "reload: folded into the one that starts once the booting generation serves"
+    )

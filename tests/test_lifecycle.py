@@ -596,6 +596,52 @@ def test_a_late_new_master_is_one_failed_upgrade_in_the_log(start_cluster, tmp_p
     assert stream_roundtrip(tcp_connect(cluster.address()), b"still") == b"still"
 
 
+ROUGH_IMPORT = """
+import os
+from setproctitle import getproctitle
+from cluster.apps.echo import EchoHandler as Handler
+from tests.procs import wait_for
+
+if not getproctitle().startswith("cluster: worker"):  # the master's check of the app
+    if os.path.exists("close"):  # closes fds it does not know, the check's pipe among them
+        os.closerange(3, 1024)
+        open(f"closed.{os.getpid()}", "w").close()
+        wait_for(lambda: not os.path.exists("close"), 60, "the test to let the import go on")
+    if os.path.exists("helper") and os.fork() == 0:  # a helper that outlives the import
+        open(f"helper.{os.getpid()}", "w").close()
+        wait_for(lambda: not os.path.exists("helper"), 60, "the test to end the helper")
+        os._exit(0)
+"""
+
+
+def test_the_app_check_ends_with_its_process_not_its_pipe(start_cluster, tmp_path: Path) -> None:
+    """An import that closed the check's pipe blocked the master in waitpid until it ended
+    (no health answer); one that forked a helper, which kept the pipe open, failed the
+    reload after 30s ("importing it took over 30s") though the app imported."""
+    (tmp_path / "rough.py").write_text(ROUGH_IMPORT)
+    cluster = start_cluster("rough:Handler", "-w", "1", "-b", "127.0.0.1:0", "--health",
+                            "tcp://127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    health = int(cluster.wait_log(r"health on tcp://127\.0\.0\.1:(\d+)").group(1))
+    (tmp_path / "close").touch()
+    cluster.signal(signal.SIGHUP)
+    wait_for(lambda: list(tmp_path.glob("closed.*")), 10, "the check to close its fds")
+    with tcp_connect(("127.0.0.1", health), timeout=2.0) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert read_line(sock).startswith(b"HTTP/1.1 200 ")
+    (tmp_path / "close").unlink()
+    cluster.wait_log("reload complete: generation 2", timeout=5)
+    (tmp_path / "helper").touch()
+    cluster.signal(signal.SIGHUP)
+    helper = int(wait_for(lambda: list(tmp_path.glob("helper.*")), 10, "the helper")[0]
+                 .suffix[1:])  # fmt: skip
+    try:
+        cluster.wait_log("reload complete: generation 3", timeout=5)
+        assert alive(helper)
+    finally:
+        (tmp_path / "helper").unlink()
+        os.kill(helper, signal.SIGKILL)
+
+
 def test_the_app_check_dies_with_a_killed_master(start_cluster, tmp_path: Path) -> None:
     """kill -9 of the master during a reload's app check left the check running as long as
     its import did, titled like a second master."""
