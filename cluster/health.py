@@ -35,20 +35,27 @@ from cluster.listeners import Listener
 from cluster.loopserver import Conn, LoopServer
 
 STARTING, READY, DRAINING, STOPPING = "starting", "ready", "draining", "stopping"
+DOWN = "down"  # ready once, but no worker serves now, and the last one forked failed to boot
 AGENT_WAIT = 0.1  # seconds of silence after which a client is taken for HAProxy's agent
 SMOOTHING = 2.0  # seconds: the time constant of the idle share behind the agent's weight
 HTTP_METHODS = (b"GET ", b"HEAD ")
 LIVE_PATHS = (b"/live", b"/livez", b"/healthz/live")
 
 
-def state_of(ready: bool, drained: bool, delaying: bool, stopping: bool) -> str:
+def state_of(ready: bool, drained: bool, delaying: bool, stopping: bool,
+             serving: bool = True) -> str:  # fmt: skip
     """The host's state for the balancer, from the facts of the master's parts: a stop
-    outranks a drain, which outranks a boot that has not finished."""
+    outranks a drain, which outranks a boot that has not finished. ``serving``: some worker
+    serves now; a host that was ready and has none (they died, and their replacements cannot
+    boot: new code on disk that fails, say) is down, not ready, or the balancer would send
+    it clients that wait in the listen queue for nobody."""
     if stopping:
         return STOPPING
     if drained or delaying:
         return DRAINING
-    return READY if ready else STARTING
+    if not ready:
+        return STARTING
+    return READY if serving else DOWN
 
 
 def weight(idle_share: float) -> int:
@@ -79,6 +86,8 @@ def agent_line(report: dict) -> bytes:
     state = report["state"]
     if state == READY:
         return b"ready %d%%\n" % report["weight"]
+    if state == DOWN:
+        return b"down\n"
     return b"drain\n" if state == DRAINING else b"maint\n"
 
 

@@ -905,16 +905,22 @@ class Master:
         ones boot), over the lanes of the pool's target, averaged over a few seconds. Once an upgrade's new master serves
         this host, the old one's last answers say ready, at full weight."""
         handed_over = self.successor is not None and self.successor.state == SERVING
-        state = state_of(self.ready.is_set(), self.health.drained, self.delay is not None,
-                         self.stop is not None and not handed_over)  # fmt: skip
         steered = self.gens.steered() if self.current is not None else None
         workers = idle = free = 0
+        # Down: no worker ready (a retiring one counts: a failed rolling reload's stand-ins
+        # serve), and the last one forked failed to boot, so none is about to (a worker
+        # recycling alone is replaced in a moment: that is no reason to leave the rotation).
+        serving = not (steered and steered.boot_failures)
         for worker in self.gens.workers():
+            serving = serving or worker.ready
             if worker.ready and not worker.retiring:
                 workers += 1
                 busy = sum(1 for lane in worker.slot_view().lanes if lane.started)
                 free += max(0, worker.generation.lanes - busy)
                 idle += busy == 0
+        state = state_of(self.ready.is_set(), self.health.drained, self.delay is not None,
+                         self.stop is not None and not handed_over,
+                         serving=serving or handed_over)  # fmt: skip
         lanes = steered.target * steered.lanes if steered else 0
         return {"state": state, "drained": self.health.drained, "pid": self.pid,
                 "generation": steered.number if steered else 0, "workers": workers,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cluster.generation import Generation
-from cluster.health import DRAINING, READY, STARTING, STOPPING
+from cluster.health import DOWN, DRAINING, READY, STARTING, STOPPING
 from cluster.listeners import Listener
 from cluster.loopserver import Conn, LoopServer
 from workers.runtime.accept import listen_queue
@@ -32,7 +32,7 @@ log = logging.getLogger("cluster.master")
 
 RESTART_REASONS = ("crash", "killed", "timeout", "recycle", "reload", "scale")
 OPENMETRICS = "application/openmetrics-text"
-HEALTH_STATES = (STARTING, READY, DRAINING, STOPPING)
+HEALTH_STATES = (STARTING, READY, DRAINING, STOPPING, DOWN)
 
 
 def restart_reason(retiring: str, kind: str) -> str:

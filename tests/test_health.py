@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cluster import health
-from cluster.health import DRAINING, READY, STARTING, STOPPING, Health, state_of
+from cluster.health import DOWN, DRAINING, READY, STARTING, STOPPING, Health, state_of
 from tests.conftest import ROOT, cluster_env, read_all, stream_roundtrip, tcp_connect
 from tests.procs import wait_for
 
@@ -30,6 +31,13 @@ def test_state_of_ranks_stop_over_drain_over_boot() -> None:
     assert state_of(ready=True, drained=False, delaying=True, stopping=False) == DRAINING
     assert state_of(ready=False, drained=True, delaying=False, stopping=False) == DRAINING
     assert state_of(ready=True, drained=True, delaying=True, stopping=True) == STOPPING
+    # ready once, and now no worker serves (none can boot): down, unless draining or stopping
+    assert state_of(ready=True, drained=False, delaying=False, stopping=False,
+                    serving=False) == DOWN  # fmt: skip
+    assert state_of(ready=True, drained=True, delaying=False, stopping=False,
+                    serving=False) == DRAINING  # fmt: skip
+    assert state_of(ready=False, drained=False, delaying=False, stopping=False,
+                    serving=False) == STARTING  # fmt: skip
 
 
 def test_weight_is_the_idle_share_and_never_zero_in_rotation() -> None:
@@ -55,6 +63,7 @@ def test_agent_lines_follow_haproxys_grammar() -> None:
     assert health.agent_line({"state": DRAINING, "weight": 75}) == b"drain\n"
     assert health.agent_line({"state": STARTING, "weight": 1}) == b"maint\n"
     assert health.agent_line({"state": STOPPING, "weight": 1}) == b"maint\n"
+    assert health.agent_line({"state": DOWN, "weight": 1}) == b"down\n"
 
 
 def test_http_reply_is_200_only_when_ready_but_live_always() -> None:
@@ -107,6 +116,35 @@ def ctl(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 # ------------------------------------------------------------------ a real master
+BROKEN = "this is not python(\n"
+
+
+def test_a_host_whose_workers_died_and_cannot_boot_is_down_until_one_does(
+    start_cluster, tmp_path: Path
+) -> None:
+    """Its one worker killed, and the code on disk broken: every replacement fails to boot,
+    so nobody serves, and --health says so (503, agent ``down``) instead of ready; once the
+    code imports again a replacement boots and the host is ready again."""
+    app = tmp_path / "hello.py"
+    good = "from workers import BaseRequestHandler\n\n\nclass Handler(BaseRequestHandler):\n" \
+           "    def handle(self):\n        self.request.sendall(b'hi')\n"  # fmt: skip
+    app.write_text(good)
+    cluster = start_cluster("hello:Handler", "-w", "1", "-b", "127.0.0.1:0", "--health",
+                            "tcp://127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    port = health_port(cluster)
+    assert get(port)[0] == 200
+    (worker,) = cluster.workers()
+    app.write_text(BROKEN)
+    os.kill(worker, signal.SIGKILL)
+    cluster.wait_log("boot failure")
+    code, body = wait_for(lambda: (r := get(port))[0] == 503 and r, 10, "the host down")
+    assert body["state"] == "down" and body["workers"] == 0
+    assert agent(port) == b"down\n"
+    app.write_text(good)
+    wait_for(lambda: get(port)[0] == 200, 20, "a replacement booted: ready again")
+    assert stream_roundtrip(tcp_connect(cluster.address()), b"") == b"hi"
+
+
 def test_ready_drain_and_undrain(start_cluster, tmp_path: Path) -> None:
     path = tmp_path / "c.ctl"
     cluster = start_cluster("echo", "-w", "2", "-b", "127.0.0.1:0", "--health",
