@@ -36,6 +36,9 @@ CHECK_FAILED = 3
 # is about stopping, and must not fail a start whose import is slow on a busy machine.
 LEAST_TIME = 30.0
 
+# What a failure of the check itself (not of the app's import) begins with.
+NOT_CHECKED = "cannot check the app"
+
 
 def check(apps: list[str], timeout: float, identity: Identity | None = None) -> None:
     """Import each of ``apps`` (``module:Class`` or a demo) in a forked child, as
@@ -44,24 +47,22 @@ def check(apps: list[str], timeout: float, identity: Identity | None = None) -> 
     try:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
     except OSError as err:
-        raise AppError(f"cannot check the app: no pipe ({err.strerror})") from None
+        raise AppError(f"{NOT_CHECKED}: no pipe ({err.strerror})") from None
     child = WorkerProcess(_import_all, (apps, write_end, identity, os.getpid()))
     try:
         try:
             child.start()
         except OSError as err:  # fork (no process left) or pidfd_open (no fd left)
-            raise AppError(
-                f"cannot check the app: cannot start its process ({err.strerror})"
-            ) from None
+            raise AppError(f"{NOT_CHECKED}: cannot start its process ({err.strerror})") from None
         finally:
             os.close(write_end)
         message = _read_all(read_end, time.monotonic() + timeout)
         if message is None:
             os.kill(child.pid, signal.SIGKILL)
             child.join()
-            raise AppError(f"cannot check the app: importing it took over {timeout:g}s")
+            raise AppError(f"{NOT_CHECKED}: importing it took over {timeout:g}s")
         if child.join() != 0:
-            raise AppError(message or f"cannot check the app: the check exited {child.exitcode}")
+            raise AppError(message or f"{NOT_CHECKED}: the check {_ended(child.exitcode)}")
     finally:
         os.close(read_end)
         child.close()
@@ -89,16 +90,14 @@ class Check:
         try:
             self.read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as err:
-            raise AppError(f"cannot check the app: no pipe ({err.strerror})") from None
+            raise AppError(f"{NOT_CHECKED}: no pipe ({err.strerror})") from None
         self.child = WorkerProcess(_import_all, (apps, write_end, identity, os.getpid()))
         try:
             self.child.start()
         except OSError as err:  # fork (no process left) or pidfd_open (no fd left)
             os.close(self.read_end)
             self.child.close()
-            raise AppError(
-                f"cannot check the app: cannot start its process ({err.strerror})"
-            ) from None
+            raise AppError(f"{NOT_CHECKED}: cannot start its process ({err.strerror})") from None
         finally:
             os.close(write_end)
         self.reading = True
@@ -139,12 +138,12 @@ class Check:
         if code == 0:
             self.then(None)
         else:
-            self.then(message or f"cannot check the app: the check exited {code}")
+            self.then(message or f"{NOT_CHECKED}: the check {_ended(code)}")
 
     def expire(self, now: float) -> None:
         if now >= self.deadline:
             self.cancel()
-            self.then(f"cannot check the app: importing it took over {self.timeout:g}s")
+            self.then(f"{NOT_CHECKED}: importing it took over {self.timeout:g}s")
 
     def cancel(self) -> None:
         """Kill the child (a stop, or the deadline); ``then`` is not called for it."""
@@ -158,6 +157,16 @@ class Check:
         self.selector.unregister(self.child.sentinel)
         os.close(self.read_end)
         self.child.close()
+
+
+def _ended(code: int | None) -> str:
+    """How the check's process ended, for the log: 'was killed by SIGKILL', 'exited 1'."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited {code}"
 
 
 def _import_all(apps: list[str], report: int, identity: Identity | None, master: int) -> None:

@@ -445,7 +445,8 @@ class Master:
             self.begin_generation(config, {})
         except ClusterError as err:
             self.reload_failed(err)
-            if error is not None:  # a worker forked now would import the same code
+            if error is not None and not error.startswith(appcheck.NOT_CHECKED):
+                # the app failed to import: a worker forked now would import the same code
                 self.hold_recycling(self.current, "the app on disk does not import")
         except OSError as err:  # out of fds or memory half-way, as dispatch would say
             log.error("reload failed: %s; still serving generation %d", err.strerror or err,

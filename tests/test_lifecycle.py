@@ -533,6 +533,28 @@ def test_a_reload_whose_app_imports_slowly_leaves_the_master_serving(
     wait_for(lambda: not alive(check), 2, "the check's process gone with the master")
 
 
+def test_a_killed_app_check_fails_that_reload_alone_and_holds_no_recycling(
+    start_cluster, tmp_path: Path
+) -> None:
+    """The reload's check killed from outside: one line that says so, the old generation
+    serves on, and --max-requests goes on as before (nothing says the app is broken)."""
+    (tmp_path / "held.py").write_text(HELD_IMPORT)
+    cluster = start_cluster("held:Handler", "-w", "1", "--max-requests", "100", "-b",
+                            "127.0.0.1:0", cwd=tmp_path)  # fmt: skip
+    hold = tmp_path / "hold"
+    hold.touch()
+    cluster.signal(signal.SIGHUP)
+    marker = wait_for(lambda: list(tmp_path.glob("checking.*")), 10, "the app's check")[0]
+    os.kill(int(marker.suffix[1:]), signal.SIGKILL)
+    cluster.wait_log("reload failed: cannot check the app: the check was killed by SIGKILL; "
+                     "still serving generation 1")  # fmt: skip
+    cluster.signal(signal.SIGTTIN)  # a later line: had a hold been logged, it would be before
+    cluster.wait_log(r"command: incr")
+    assert "held until a new worker boots" not in cluster.log
+    hold.unlink()
+    assert alive(cluster.pid)
+
+
 HALF_BROKEN = """
 import os, re
 from setproctitle import getproctitle
