@@ -27,7 +27,7 @@ from cluster.config import FIELD_TYPES, Config, build, read_toml
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, parse_bind
 from cluster.loopserver import Conn, LoopServer
-from tests.conftest import Cluster, read_line, stream_roundtrip, tcp_connect
+from tests.conftest import Cluster, read_all, read_line, stream_roundtrip, tcp_connect
 from tests.procs import alive
 
 pytestmark = pytest.mark.timeout(120)
@@ -388,12 +388,7 @@ def converse(path: Path, payload: bytes) -> list[bytes]:
             sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # a line over the bound: refused and dropped while we still sent
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
+        data = read_all(sock)
     return [line for line in data.split(b"\n") if line]
 
 
