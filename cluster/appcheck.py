@@ -18,7 +18,6 @@ and taking signals meanwhile.
 from __future__ import annotations
 
 import os
-import select
 import selectors
 import signal
 import time
@@ -43,29 +42,18 @@ NOT_CHECKED = "cannot check the app"
 def check(apps: list[str], timeout: float, identity: Identity | None = None) -> None:
     """Import each of ``apps`` (``module:Class`` or a demo) in a forked child, as
     ``identity`` if given; raise AppError with its one-line message when one fails, or when
-    the child takes over ``timeout`` seconds or cannot be forked."""
-    try:
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    except OSError as err:
-        raise AppError(f"{NOT_CHECKED}: no pipe ({err.strerror})") from None
-    child = WorkerProcess(_import_all, (apps, write_end, identity, os.getpid()))
-    try:
-        try:
-            child.start()
-        except OSError as err:  # fork (no process left) or pidfd_open (no fd left)
-            raise AppError(f"{NOT_CHECKED}: cannot start its process ({err.strerror})") from None
-        finally:
-            os.close(write_end)
-        message = _read_all(read_end, time.monotonic() + timeout)
-        if message is None:
-            os.kill(child.pid, signal.SIGKILL)
-            child.join()
-            raise AppError(f"{NOT_CHECKED}: importing it took over {timeout:g}s")
-        if child.join() != 0:
-            raise AppError(message or f"{NOT_CHECKED}: the check {_ended(child.exitcode)}")
-    finally:
-        os.close(read_end)
-        child.close()
+    the child takes over ``timeout`` seconds or cannot be forked. At start the master serves
+    nothing yet, so it waits here: a ``Check`` on a selector of its own."""
+    verdict: list[str | None] = []
+    with selectors.DefaultSelector() as selector:
+        under_way = Check(apps, timeout, identity, selector, verdict.append)
+        while not verdict:
+            for key, mask in selector.select(max(0.0, under_way.deadline - time.monotonic())):
+                key.data(mask)
+            if not verdict:
+                under_way.expire(time.monotonic())
+    if verdict[0] is not None:
+        raise AppError(verdict[0])
 
 
 class Check:
@@ -152,7 +140,10 @@ class Check:
         self.end()
 
     def end(self) -> None:
+        """Close what we own. A readable event for the pipe that came in the same pass of
+        the selector as the exit finds ``reading`` off, and reads nothing (nor a reused fd)."""
         if self.reading:
+            self.reading = False
             self.selector.unregister(self.read_end)
         self.selector.unregister(self.child.sentinel)
         os.close(self.read_end)
@@ -189,16 +180,3 @@ def _import_all(apps: list[str], report: int, identity: Identity | None, master:
             message += f" (imported as user {identity.user})"
         os.write(report, message.encode(errors="replace")[:4096])
         os._exit(CHECK_FAILED)
-
-
-def _read_all(fd: int, deadline: float) -> str | None:
-    """Everything the child writes until it closes its end; None past ``deadline``."""
-    chunks = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return None
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return b"".join(chunks).decode(errors="replace")
-        chunks.append(chunk)

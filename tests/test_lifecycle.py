@@ -664,6 +664,25 @@ def test_the_app_check_ends_with_its_process_not_its_pipe(start_cluster, tmp_pat
         os.kill(helper, signal.SIGKILL)
 
 
+def test_the_start_s_app_check_ends_with_its_process_not_its_pipe(
+    start_cluster, tmp_path: Path
+) -> None:
+    """The same at start: an import that forks a helper keeping the check's pipe open made
+    the start wait for the helper (or fail it after 30 s), though the app imported."""
+    (tmp_path / "rough.py").write_text(ROUGH_IMPORT)
+    (tmp_path / "helper").touch()
+    cluster = start_cluster("rough:Handler", "-w", "1", "-b", "127.0.0.1:0", cwd=tmp_path,
+                            wait=False)  # fmt: skip
+    helper = int(wait_for(lambda: list(tmp_path.glob("helper.*")), 10, "the helper")[0]
+                 .suffix[1:])  # fmt: skip
+    try:
+        cluster.wait_log(r"ready: 1 worker", timeout=10)
+        assert alive(helper)  # still holding the pipe: the start did not wait for it
+    finally:
+        (tmp_path / "helper").unlink()
+        os.kill(helper, signal.SIGKILL)
+
+
 def test_the_app_check_dies_with_a_killed_master(start_cluster, tmp_path: Path) -> None:
     """kill -9 of the master during a reload's app check left the check running as long as
     its import did, titled like a second master."""
