@@ -51,7 +51,7 @@ from cluster.app import import_builtins, load_handler
 from cluster.commands import Command, Refused, Reply
 from cluster.config import Config, flag
 from cluster.control import ControlServer, open_control
-from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, AppError, ClusterError, ConfigError
+from cluster.errors import EXIT_APP, EXIT_OK, EXIT_RUNTIME, ClusterError, ConfigError
 from cluster.generation import Generation, Generations, Worker
 from cluster.health import Health, HealthServer, idle_share, state_of
 from cluster.listeners import Listener, adopt, bind, parse_bind
@@ -439,21 +439,26 @@ class Master:
     def checked(self, config: Config, error: str | None) -> None:
         """The reload's app check is over: on to the new generation, or the reason why not."""
         self.app_check = None
-        try:
-            if error is not None:
-                raise AppError(error)
-            self.begin_generation(config, {})
-        except ClusterError as err:
-            self.reload_failed(err)
-            if error is not None and not error.startswith(appcheck.NOT_CHECKED):
+        if error is not None:
+            self.reload_failed(error)
+            if not error.startswith(appcheck.NOT_CHECKED):
                 # the app failed to import: a worker forked now would import the same code
                 self.hold_recycling(self.current, "the app on disk does not import")
-        except OSError as err:  # out of fds or memory half-way, as dispatch would say
-            log.error("reload failed: %s; still serving generation %d", err.strerror or err,
-                      self.current.number)  # fmt: skip
-        if self.incoming is None and self.folded is not None:  # none will boot to wait for
+        else:
+            try:
+                self.begin_generation(config, {})
+            except ClusterError as err:
+                self.reload_failed(err)
+            except OSError as err:  # out of fds or memory half-way, as dispatch would say
+                self.reload_failed(err.strerror or err)
+        self.start_folded("the app's check")
+
+    def start_folded(self, during: str) -> None:
+        """Start the reload folded while another was under way, once none is: no new
+        generation booting, no app check."""
+        if self.incoming is None and self.app_check is None and self.folded is not None:
             folded, self.folded = self.folded, None
-            log.info("reload: starting the reload folded during the app's check")
+            log.info("reload: starting the reload folded during %s", during)
             self.dispatch(folded)
 
     def hold_recycling(self, generation: Generation | None, why: str) -> None:
@@ -466,9 +471,9 @@ class Master:
             log.warning("generation %d: recycling (--max-requests) held until a new worker "
                         "boots: %s", generation.number, why)  # fmt: skip
 
-    def reload_failed(self, err: ClusterError) -> dict:
-        log.error("reload failed: %s; still serving generation %d", err, self.current.number)
-        return {"ok": False, "error": f"reload failed: {err}"}
+    def reload_failed(self, why: object) -> dict:
+        log.error("reload failed: %s; still serving generation %d", why, self.current.number)
+        return {"ok": False, "error": f"reload failed: {why}"}
 
     def begin_generation(self, config: Config, preloaded: dict[str | None, type]) -> dict:
         """A reload's config and app passed: open its new binds and start its generation."""
@@ -515,11 +520,8 @@ class Master:
             if self.gens.settled():
                 log.info("reload complete: generation %d serving with %s",
                          self.gens.steered().number, plural(len(self.gens.steered().workers), "worker"))  # fmt: skip
-        if self.incoming is None and self.app_check is None and self.folded is not None:
-            folded, self.folded = self.folded, None
-            log.info("reload: starting the reload folded during generation %d's boot",
-                     self.gens.steered().number)  # fmt: skip
-            self.dispatch(folded)
+        if self.folded is not None:  # (a turn of the loop: no string made for nothing)
+            self.start_folded(f"generation {self.gens.steered().number}'s boot")
 
     def abort_reload(self, why: str) -> None:
         """The health gate: the new generation failed; put its workers down, stay on the old
