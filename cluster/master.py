@@ -43,7 +43,7 @@ import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 
 from cluster import appcheck, commands, exits, handover, heap, pidfile, pool
@@ -249,7 +249,7 @@ class Master:
         if not self.stop:
             deadlines.append(self.watchdog.next_deadline())
         timeout = max(0.0, min(deadlines) - now)
-        for key, mask in self.selector.select(timeout):
+        for key, mask in live_events(self.selector, self.selector.select(timeout)):
             if key.data == "wake":
                 self.signals.extend(_drain(self.wake_r))
             elif isinstance(key.data, Worker):
@@ -1166,6 +1166,23 @@ def _rand() -> float:
     """A float in [0, 1) without importing ``random``: that module reseeds itself in every
     forked child (2.5 kB from the kernel each time), a cost each fork-mode request would pay."""
     return int.from_bytes(os.urandom(4), "little") / 2**32
+
+
+def live_events(
+    selector: selectors.BaseSelector, events: list[tuple[selectors.SelectorKey, int]]
+) -> Iterator[tuple[selectors.SelectorKey, int]]:
+    """The events of one ``select`` pass whose registration still stands when their turn
+    comes. One pass can report two fds of one part (a new master's exit and its pipe's end):
+    the first handler unregisters both, and the second event must be dropped, not handled
+    for a part that is gone (the master died of it). Dropping is safe because the selector is
+    level-triggered: a registration replaced meanwhile is reported again on the next pass."""
+    for key, mask in events:
+        try:
+            live = selector.get_key(key.fileobj) is key
+        except KeyError:
+            live = False
+        if live:
+            yield key, mask
 
 
 def _drain(fd: int) -> bytes:

@@ -322,3 +322,37 @@ def test_start_all_gives_each_child_its_elder_siblings_pidfds_and_stops_at_a_ref
     assert [f.closes for f in forks] == [[3, 4], [3, 4, 10], None, None]
     assert inherited == [3, 4, 10, 11]
     assert start_all(forks[:2], [3]) == (forks[:2], None)
+
+
+def test_an_event_whose_part_an_earlier_handler_ended_in_the_same_pass_is_dropped() -> None:
+    """A USR2's new master killed for being late: its exit and its pipe's end came in one
+    ``select`` pass, the exit's handler unregistered the pipe, and the master then handled
+    the pipe's event for a successor it had forgotten (AssertionError: the master died)."""
+    import os
+    import selectors
+
+    from cluster.master import live_events
+
+    selector = selectors.DefaultSelector()
+    exit_r, exit_w = os.pipe()
+    pipe_r, pipe_w = os.pipe()
+    try:
+        selector.register(exit_r, selectors.EVENT_READ, "successor-exit")
+        selector.register(pipe_r, selectors.EVENT_READ, "successor-ready")
+        os.close(exit_w)
+        os.close(pipe_w)
+        events = selector.select(0)
+        events.sort(key=lambda event: event[0].data != "successor-exit")  # the exit first
+        assert [key.data for key, _ in events] == ["successor-exit", "successor-ready"]
+        handled = []
+        for key, _ in live_events(selector, events):
+            handled.append(key.data)
+            if key.data == "successor-exit":
+                selector.unregister(pipe_r)
+        assert handled == ["successor-exit"]
+        selector.register(pipe_r, selectors.EVENT_READ, "a new part on the same fd")
+        assert [key.data for key, _ in live_events(selector, events)] == ["successor-exit"]
+    finally:
+        selector.close()
+        os.close(exit_r)
+        os.close(pipe_r)
