@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import socketserver
+import threading
 
 from workers import BaseRequestHandler, StreamRequestHandler
 
@@ -45,6 +46,15 @@ class Pid(BaseRequestHandler):
             self.request[1].sendto(reply, self.client_address)
         else:
             self.request.sendall(reply)
+
+
+class ThreadName(BaseRequestHandler):
+    """Replies with the name of the thread that served the request (thread mode: its lane)."""
+
+    speaks_first = True  # it writes before it reads: no waiting room
+
+    def handle(self) -> None:
+        self.request.sendall(threading.current_thread().name.encode() + b"\n")
 
 
 class StdlibUpper(socketserver.StreamRequestHandler):

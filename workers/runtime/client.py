@@ -32,6 +32,7 @@ import logging
 import select
 import signal
 import socket
+from collections.abc import Callable
 from time import monotonic
 
 from workers.runtime import ratelog
@@ -50,6 +51,21 @@ _send, _sendall = socket.socket.send, socket.socket.sendall
 _DONTWAIT = int(socket.MSG_DONTWAIT)  # a plain int: or-ing the IntFlag costs microseconds
 _SPARE = memoryview(bytearray(16)).cast("d")  # where an unattached connection writes
 CUTS = RateLimitedLog(logging.getLogger("cluster.worker"), ratelog.CUT)
+
+
+class IdleWaitHook:
+    """What runs as a handler begins to wait for its client's next request: in thread
+    mode, while the leader serves, the leader hands the accept loop on (that wait can last);
+    None otherwise. An instance's attribute, not the class's: setting an attribute of a
+    class invalidates its method cache, and this one changes twice a request."""
+
+    __slots__ = ("call",)
+
+    def __init__(self) -> None:
+        self.call: Callable[[], None] | None = None
+
+
+IDLE_WAIT = IdleWaitHook()
 
 
 class ClientSocket(socket.socket):
@@ -169,6 +185,8 @@ class ClientSocket(socket.socket):
         once the stop's grace for requests already on their way is over."""
         if ClientSocket.closing and monotonic() >= ClientSocket.closing_at + IDLE_GRACE:
             return eof
+        if IDLE_WAIT.call is not None:
+            IDLE_WAIT.call()
         io, at = self._io, self._at
         io[at] = io[at + 1] = now = monotonic()
         if ClientSocket.closing and now >= ClientSocket.closing_at + IDLE_GRACE:

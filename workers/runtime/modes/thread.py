@@ -1,14 +1,16 @@
 """``thread``: exactly ``threads`` handler threads per worker, as leader and followers.
 
 The idle threads take turns at the listeners: one of them, the leader, waits in the accept
-loop; when it takes a connection it hands the leadership on and serves that connection
-itself. No queue, no hand-off from an accepting thread to a handler thread, no wake-up of a
-second thread per connection: the thread that accepted is the one that serves.
+loop, and the thread that accepts a connection is the one that serves it. No queue, no
+hand-off from an accepting thread to a handler thread. The leader keeps the leadership while
+it serves a short request, and hands it on once the request runs long or waits for its
+client (``workers.runtime.leadership``): under connection-per-request load a thread goes from
+one request to the next the way a sync worker does, with no other thread woken for it.
 
-A worker whose threads are all busy has no leader, so it accepts nothing: new connections
-stay in the kernel's queue for another worker instead of queueing in this one. The main
-thread only supervises: it takes the signals, checks that the master lives while every
-thread is busy, and on a stop waits (bounded) for the handlers to finish.
+A worker whose threads are all busy has no leader at the listener, so it accepts nothing:
+new connections stay in the kernel's queue for another worker instead of queueing in this
+one. The main thread only supervises: it takes the signals, checks that the master lives
+while every thread is busy, and on a stop waits (bounded) for the handlers to finish.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import time
 from collections.abc import Iterator
 
 from workers.runtime.accept import AcceptLoop, Taken, close_all, in_lane
-from workers.runtime.client import format_client, readable
+from workers.runtime.client import IDLE_WAIT, format_client, readable
 from workers.runtime.context import CURRENT, Context, make_server
+from workers.runtime.leadership import Leadership
 from workers.runtime.lifecycle import master_alive
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.spec import EXIT_CUT, PARENT_CHECK_INTERVAL
@@ -36,19 +39,19 @@ HOT_WAIT = 0.002
 
 
 class Followers:
-    """``size`` handler threads that share one accept loop under a leader lock.
+    """``size`` handler threads that share one accept loop under a leader (``Leadership``).
 
-    Whoever holds ``leader`` is the only thread that waits in the accept loop and parks in
-    its waiting room. A thread just done with a request may also take the next connection
-    on its own (``_hot``): the loop's ``take`` has a lock of its own for that (tried, never
-    waited for, on that path), and what it cannot serve at once it hands in to the room; the request count has ``counting``.
-    Thread ``n`` runs its requests in scoreboard lane ``n``.
+    Only the leader waits in the accept loop and parks in its waiting room. A thread just
+    done with a request that no longer leads may also take the next connection on its own
+    (``_hot``): the loop's ``take`` has a lock of its own for that (tried, never waited for,
+    on that path), and what it cannot serve at once it hands in to the room; the request
+    count has ``counting``. Thread ``n`` runs its requests in scoreboard lane ``n``.
     """
 
     def __init__(self, size: int, loop: AcceptLoop, context: Context) -> None:
         self.loop = loop
         self.context = context
-        self.leader = threading.Lock()
+        self.leadership = Leadership(size)
         self.counting = threading.Lock()  # the request count, bumped by hot takes too
         self.left: Iterator[Taken] | None = None  # what a stop still serves, once it began
         # Daemon threads: a quick stop must not wait for them; a graceful one joins them.
@@ -58,25 +61,45 @@ class Followers:
         ]
 
     def start(self) -> None:
+        leadership = self.leadership
+
+        def step_down() -> None:
+            leadership.step_down(CURRENT.lane)
+
+        def serving(busy: bool) -> None:
+            # While the leader serves, a wait for a kept-alive connection's next request
+            # hands the lead on; otherwise such a wait costs the check of a None.
+            IDLE_WAIT.call = step_down if busy else None
+
+        leadership.on_serving = serving
         for thread in self.threads:
             thread.start()
 
     def _work(self, lane: int) -> None:
         CURRENT.lane = lane
-        slot, lifecycle = self.context.slot, self.context.lifecycle
+        slot, lifecycle, leadership = self.context.slot, self.context.lifecycle, self.leadership
         taken: Taken | None = None
         while True:
             if taken is None:
-                with self.leader:
-                    taken = self._next()
+                leadership.lead(lane)
+                taken = self._next()
                 if taken is None:
+                    leadership.hand_on(lane)  # the next one finds the drain done, and so on
                     return
+                if lifecycle.running:
+                    leadership.begin(lane)
+                else:  # every free thread serves the drain
+                    leadership.hand_on(lane)
             try:
                 in_lane(slot, lane, *taken)
             except BaseException as exc:  # SystemExit and the like: Exception is handle_error's
                 self._handler_exit(exc, taken[2])
+                leadership.hand_on(lane)
                 return
-            taken = self._hot() if lifecycle.running else None
+            if leadership.end(lane):
+                taken = None  # still the leader: back to the accept loop
+            else:
+                taken = self._hot() if lifecycle.running else None
 
     def _handler_exit(self, exc: BaseException, client: object) -> None:
         """A handler raised what ends a process (``sys.exit()``, KeyboardInterrupt): as in
@@ -95,10 +118,11 @@ class Followers:
             pass
 
     def _hot(self) -> Taken | None:
-        """Right after a request, the next connection already queued, taken without the
-        leader lock: under load a thread goes from one request to the next the way a sync
-        worker does, with no other thread woken for it. None when nothing is queued (or
-        what came has nothing to read yet: it goes to the waiting room, under the lock)."""
+        """Right after a request, by a thread that no longer leads (the lead went on while
+        it served), the next connection already queued: under load it goes from one request
+        to the next the way a sync worker does, with no other thread woken for it. None
+        when nothing is queued (or what came has nothing to read yet: it goes to the waiting
+        room, which the leader keeps)."""
         loop = self.loop
         if loop.room is not None and loop.room.full:
             return None
@@ -114,7 +138,8 @@ class Followers:
         return taken
 
     def _next(self) -> Taken | None:
-        """The next request for the leader to serve; None when this thread is done."""
+        """The next request for the leader to serve; None when the worker is done (only
+        the leader calls it: the loop and the drain are its alone)."""
         context = self.context
         if context.lifecycle.running:
             taken = self.loop.next()
