@@ -75,7 +75,12 @@ def main() -> None:
         at = args.index("--carry")
         carried = args[at + 1].split(",")
         del args[at : at + 2]
+    usable = len(args) in (2, 3) and args[0] in ("prefork", "fork") and args[1] in ("tcp", "udp")
+    if not usable:
+        raise SystemExit("usage: bare_server.py prefork|fork tcp|udp [APP] [--carry M,M...]")
     mode, transport = args[0], args[1]
+    if (mode, transport) == ("fork", "udp"):
+        raise SystemExit("bare_server: fork mode serves tcp only")
     app = args[2] if len(args) > 2 else ("echo" if transport == "udp" else "http-hello")
     handler = load_handler(app)
     for module in carried:
