@@ -85,6 +85,8 @@ class AcceptLoop:
         self.starved_at = float("-inf")  # when it last did
         self.refused = 0  # accepts that failed so in this episode
         self.paused = False  # the next wait is a pause: the listener would wake us at once
+        self.waited = False  # it waited (for a connection, a place, a pause): thread mode
+        # reads and clears it, to tell a run of back-to-back requests
         # Held around ``take``: thread mode's threads also take connections on their own,
         # beside the one in ``next`` (the listener turn, the counts, the starving episode).
         self.taking = threading.Lock()
@@ -214,6 +216,7 @@ class AcceptLoop:
         (Going idle is when the access log's gathered lines go out.)"""
         if ACCESS.log is not None:
             ACCESS.log.flush()
+        self.waited = True
         room, timeout = self.room, self.beat_every
         if room is not None and room.parked:
             now = time.monotonic()

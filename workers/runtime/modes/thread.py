@@ -78,6 +78,7 @@ class Followers:
     def _work(self, lane: int) -> None:
         CURRENT.lane = lane
         slot, lifecycle, leadership = self.context.slot, self.context.lifecycle, self.leadership
+        leadership.enter(lane)
         taken: Taken | None = None
         while True:
             if taken is None:
@@ -87,7 +88,8 @@ class Followers:
                     leadership.hand_on(lane)  # the next one finds the drain done, and so on
                     return
                 if lifecycle.running:
-                    leadership.begin(lane)
+                    leadership.begin(lane, self.loop.waited)
+                    self.loop.waited = False
                 else:  # every free thread serves the drain
                     leadership.hand_on(lane)
             try:
