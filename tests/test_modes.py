@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -289,6 +290,46 @@ def test_library_subclass_overrides_reach_the_workers(served) -> None:
 
     server = served(Picky(("127.0.0.1", 0), Pid, workers=1))
     assert stream_roundtrip(tcp_connect(server.server_address), b"") == Picky.greeting
+
+
+def test_a_thread_worker_whose_accept_loop_raises_is_replaced_and_serves_on(
+    served, tmp_path
+) -> None:
+    """A server's own ``get_request`` raises once (a bug): the thread it raised in ends,
+    with the traceback logged, and its worker stops and is replaced, as a sync worker would
+    be. The thread held the leadership: before, its worker's other thread waited for a lead
+    that never came, and the next client for the watchdog's 30 s."""
+    from cluster import PreforkTCPServer
+
+    raised = tmp_path / "raised"
+
+    class Flaky(PreforkTCPServer):
+        def get_request(self):  # noqa: ANN202
+            request, address = super().get_request()
+            if not raised.exists():
+                raised.touch()
+                request.close()
+                raise ValueError("a bug in get_request")
+            return request, address
+
+    logged = logging.FileHandler(tmp_path / "log")  # the workers inherit it with the fork
+    logging.getLogger("cluster").addHandler(logged)
+    try:
+        server = served(Flaky(("127.0.0.1", 0), Pid, workers=1, worker_class="thread",
+                              threads=2))  # fmt: skip
+        (worker,) = server.worker_pids
+        address = server.server_address
+        assert stream_roundtrip(tcp_connect(address), b"") == b""  # closed unanswered
+        assert stream_roundtrip(tcp_connect(address, timeout=5), b"")  # its drain, or the next
+        wait_for(lambda: (pids := server.worker_pids) and worker not in pids, 10, "a new one")
+        served_by = int(stream_roundtrip(tcp_connect(address, timeout=5), b""))
+        assert served_by in server.worker_pids and served_by != worker
+        log = (tmp_path / "log").read_text()
+    finally:
+        logging.getLogger("cluster").removeHandler(logged)
+        logged.close()
+    assert f"worker {worker}: thread 0 ended by ValueError outside a request" in log
+    assert "a bug in get_request" in log and "exited with code 1" in log
 
 
 def test_library_udp_and_unix_servers(served, tmp_path) -> None:
