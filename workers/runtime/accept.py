@@ -159,9 +159,7 @@ class AcceptLoop:
             self.starving, self.refused = True, 0
         self.starved_at = now
         self.refused += 1
-        self.paused = True
-        if self.room is not None:  # silent clients' fds are better spent on one that speaks
-            self.room.give_up_oldest(now, "the worker was out of file descriptors")
+        self.paused = True  # and the pause gives up a silent client's fd (``wait``)
 
     def needs_room(self, server: BaseServer, request: object) -> bool:
         """Whether a connection just taken goes to the waiting room: its client has sent
@@ -224,6 +222,10 @@ class AcceptLoop:
             timeout = max(0.0, min(timeout, room.next_expiry() - now))
         if self.paused:  # out of resources: only a signal cuts the pause short
             self.paused = False
+            if room is not None:  # silent clients' fds are better spent on one that speaks
+                # Here, not where the accept failed: that may be a thread-mode thread's own
+                # take, and the room is the loop's alone (it expires the same oldest one).
+                room.give_up_oldest(time.monotonic(), "the worker was out of file descriptors")
             select.select([self.lifecycle.wake_r], [], [], RESOURCE_PAUSE)
         elif room is not None and room.full:
             for fd, _ in room.wait_full(self.lifecycle.wake_r, timeout):
