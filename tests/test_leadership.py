@@ -186,3 +186,31 @@ def test_a_leader_that_waits_at_the_listener_between_requests_keeps_the_lead(par
     served = serve_back_to_back(leadership, 0, True, lambda: time.monotonic() > deadline)
     assert not follower.is_set() and leadership.leader == 0
     assert served >= 10
+
+
+def test_while_requests_run_long_the_watcher_takes_over_as_a_request_begins() -> None:
+    assert watch_timeout(10.001, 10.0, 10.0, 0.005, lengthy=True) == 0.0
+    assert watch_timeout(10.5, None, 10.0, 0.005, lengthy=True) == 0.005  # idle: rounds
+
+
+def test_after_a_long_request_the_lead_goes_on_at_each_begin_until_one_is_short(parked) -> None:
+    """A request that ran the whole takeover time: the next leader hands on as soon as it
+    begins one (the second follower takes over at once, not a takeover time later), until a
+    request begun so ends within it."""
+    leadership = Leadership(3, takeover_after=0.2)
+    leadership.lead(0)
+    second = parked(leadership, 1)
+    first = parked(leadership, 2)
+    leadership.begin(0)
+    assert first.wait(5) and leadership.leader == 2  # took the long request over
+    assert leadership.lengthy
+    began = time.monotonic()
+    leadership.begin(2)
+    assert second.wait(5) and leadership.leader == 1
+    assert time.monotonic() - began < 0.1  # at once, not a takeover time later
+    assert not leadership.end(2)  # a short one: requests no longer run long
+    assert not leadership.lengthy
+    third = parked(leadership, 2)
+    leadership.begin(1)
+    assert not third.wait(0.1) and leadership.leader == 1  # the lead stays with the leader
+    assert leadership.end(1)

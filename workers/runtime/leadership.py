@@ -12,7 +12,12 @@ threads would accept nothing meanwhile. So:
 
 - the *watcher*, the most recently parked follower, sleeps no longer than until the leader's
   request is ``takeover_after`` old, and then takes the leadership over (the old leader, once
-  its request ends, parks or takes a queued connection of its own, as any follower does);
+  its request ends, parks or takes a queued connection of its own, as any follower does).
+  Such a takeover says that requests run long lately (``lengthy``): from then on the
+  watcher takes over as soon as a leader begins a request, the textbook leader/follower,
+  until one of those requests ends within ``takeover_after``. Otherwise a burst of long
+  requests started one every 5 ms: the last of 64 simultaneous 100 ms requests ended at
+  313 ms instead of 107;
 - a handler that waits for its client's next request on a kept-alive connection hands the
   leadership on at once (``step_down``, from ``ClientSocket``): such a wait can last for
   seconds;
@@ -131,12 +136,13 @@ def runnable_time(tid: int | None) -> float:
 
 
 def watch_timeout(now: float, busy_since: float | None, last_begin: float,
-                  after: float) -> float | None:  # fmt: skip
-    """How long the watcher sleeps: until a takeover is due while the leader serves; a round
-    of ``after`` while requests came lately (the leader may begin one at any time); None
-    (until woken) once the worker has been idle ``IDLE_AFTER``."""
+                  after: float, lengthy: bool = False) -> float | None:  # fmt: skip
+    """How long the watcher sleeps: until a takeover is due while the leader serves (at once
+    while requests run long lately, ``lengthy``); a round of ``after`` while requests came
+    lately (the leader may begin one at any time); None (until woken) once the worker has
+    been idle ``IDLE_AFTER``."""
     if busy_since is not None:
-        return max(0.0, busy_since + after - now)
+        return 0.0 if lengthy else max(0.0, busy_since + after - now)
     if now - last_begin < IDLE_AFTER:
         return after
     return None
@@ -153,6 +159,11 @@ class Leadership:
         self.run_since: float | None = None  # its first request since it last waited
         self.looked: Look | None = None  # the watcher's last look at this leader
         self.tids: list[int | None] = [None] * lanes  # each lane's kernel thread id
+        # Requests run long lately: a takeover came at a request's ``after``, and none of
+        # the requests begun since has ended within it. The watcher takes over at once.
+        self.lengthy = False
+        self.began: list[float | None] = [None] * lanes  # each lane's request, if begun as
+        # the leader (not taken on its own)
         self.last_begin = float("-inf")
         self.parkers = [Parker() for _ in range(lanes)]
         self.parked: list[int] = []  # the followers, the most recently parked last
@@ -189,11 +200,11 @@ class Leadership:
                 if self.leader == lane:  # handed the leadership
                     return
                 now = time.monotonic()
+                runs_long = takeover_due(now, self.busy_since, 0.0 if self.lengthy else self.after)
                 if self.parked[-1] == lane and (
-                    self.leader is None
-                    or takeover_due(now, self.busy_since, self.after)
-                    or self._backed_up(now)
+                    self.leader is None or runs_long or self._backed_up(now)
                 ):
+                    self.lengthy = self.lengthy or runs_long
                     self.parked.pop()
                     self.watching = False
                     self._new_leader(lane)
@@ -225,13 +236,14 @@ class Leadership:
         """Only the last parked thread watches; the others sleep until handed the lead."""
         if self.parked[-1] != lane:
             return None
-        timeout = watch_timeout(now, self.busy_since, self.last_begin, self.after)
+        timeout = watch_timeout(now, self.busy_since, self.last_begin, self.after, self.lengthy)
         self.watching = timeout is not None
         return timeout
 
-    def _nudge_watcher(self) -> None:
-        """Have the last parked thread look at the leader again (its sleep may be untimed)."""
-        if self.parked and not self.watching:
+    def _nudge_watcher(self, now: bool = False) -> None:
+        """Have the last parked thread look at the leader again: if its sleep is untimed,
+        or (``now``) whatever its sleep."""
+        if self.parked and (now or not self.watching):
             self.watching = True
             self.parkers[self.parked[-1]].wake()
 
@@ -244,12 +256,16 @@ class Leadership:
                 self.last_begin = time.monotonic()
                 if waited or self.run_since is None:
                     self.run_since = self.last_begin
+                self.began[lane] = self.last_begin
                 self._busy(self.last_begin)
-                self._nudge_watcher()
+                self._nudge_watcher(now=self.lengthy)
 
     def end(self, lane: int) -> bool:
         """``lane``'s request is over; whether it still leads (it goes back to the listener)."""
         with self.state:
+            began, self.began[lane] = self.began[lane], None
+            if self.lengthy and began is not None and time.monotonic() - began < self.after:
+                self.lengthy = False  # a short one: requests no longer run long
             if self.leader != lane:
                 return False
             self._busy(None)
