@@ -3,6 +3,8 @@ client, and the clock is the real one (short deadlines)."""
 
 from __future__ import annotations
 
+import os
+import resource
 import select
 import socket
 import threading
@@ -133,3 +135,58 @@ def test_a_full_waiting_room_gives_up_its_oldest_place_only_to_a_flood() -> None
         poller.close()
         for client, _ in pairs:
             client.close()
+
+
+def test_a_take_out_of_fds_leaves_the_waiting_room_to_the_loops_own_wait() -> None:
+    """Out of fds, the room's oldest silent client is given up for one that speaks; but by
+    the loop's own thread, at its pause, never by the accept that failed: in thread mode
+    that may be a free thread's own take, and the leader may be expiring the very same
+    connection meanwhile (a KeyError, which ended the leader). A real EMFILE: this
+    process's fd limit lowered below its next fd for the take, and restored."""
+    from workers import BaseRequestHandler, TCPServer
+    from workers.runtime.accept import AcceptLoop
+    from workers.runtime.context import Context
+    from workers.runtime.lifecycle import Lifecycle
+    from workers.runtime.scoreboard import Scoreboard
+    from workers.runtime.spec import WorkerSpec
+
+    board = Scoreboard(capacity=1, lanes=2)
+    board.claim(0, pid=os.getpid(), generation=1)
+    spec = WorkerSpec(slot=0, generation=1, mode="thread", name="", master_pid=os.getppid(),
+                      endpoints=[], load_handler=lambda app: BaseRequestHandler, notify_fd=-1,
+                      scoreboard=board)  # fmt: skip
+    lifecycle = Lifecycle()
+    server = TCPServer(("127.0.0.1", 0), BaseRequestHandler)
+    server.socket.setblocking(False)
+    loop = AcceptLoop([server], Context(spec, lifecycle, board.worker_slot(0)), handlers=2)
+    client = socket.create_connection(server.server_address)  # queued, for the take
+    ours, silent = socket.socketpair()
+    try:
+        assert loop.room is not None
+        loop.room.park(server, silent, "silent client")
+        fd = silent.fileno()
+        parked = loop.room.parked[fd]  # silent for longer than a full room lets it stay
+        loop.room.parked[fd] = (*parked[:3], parked[3] - EVICT_AFTER - 1.0)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            taken = loop.take(wait=False)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert taken is None and loop.starving and loop.paused
+        assert fd in loop.room  # the take left it to the loop
+        loop.wait()  # the pause: the loop's thread gives the oldest silent one up
+        assert fd not in loop.room
+        ours.settimeout(1)
+        assert ours.recv(10) == b""  # closed
+    finally:
+        loop.close()
+        server.server_close()
+        client.close()
+        ours.close()
+        silent.close()
+        board.close()
+        os.close(lifecycle.wake_r)
+        os.close(lifecycle.wake_w)

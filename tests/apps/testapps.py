@@ -155,6 +155,28 @@ class Slow(StreamRequestHandler):
         self.wfile.write(b"done %d\n" % os.getpid())
 
 
+class Overlap(StreamRequestHandler):
+    """Reads a line with a number of seconds, waits that long (as on a database), then says
+    how many requests of this process ran at once at most so far: thread mode's concurrency,
+    seen from inside."""
+
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def handle(self) -> None:
+        import time
+
+        seconds = float(self.rfile.readline() or 0)
+        with Overlap.lock:
+            Overlap.running += 1
+            Overlap.most = max(Overlap.most, Overlap.running)
+        time.sleep(seconds)
+        with Overlap.lock:
+            Overlap.running -= 1
+        self.wfile.write(b"%d\n" % Overlap.most)
+
+
 class ShutdownOnRequest(BaseRequestHandler):
     """Replies, then calls ``self.server.shutdown()``, as a stdlib handler that ends its server."""
 

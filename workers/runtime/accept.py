@@ -85,6 +85,8 @@ class AcceptLoop:
         self.starved_at = float("-inf")  # when it last did
         self.refused = 0  # accepts that failed so in this episode
         self.paused = False  # the next wait is a pause: the listener would wake us at once
+        self.waited = False  # it waited (for a connection, a place, a pause): thread mode
+        # reads and clears it, to tell a run of back-to-back requests
         # Held around ``take``: thread mode's threads also take connections on their own,
         # beside the one in ``next`` (the listener turn, the counts, the starving episode).
         self.taking = threading.Lock()
@@ -157,9 +159,7 @@ class AcceptLoop:
             self.starving, self.refused = True, 0
         self.starved_at = now
         self.refused += 1
-        self.paused = True
-        if self.room is not None:  # silent clients' fds are better spent on one that speaks
-            self.room.give_up_oldest(now, "the worker was out of file descriptors")
+        self.paused = True  # and the pause gives up a silent client's fd (``wait``)
 
     def needs_room(self, server: BaseServer, request: object) -> bool:
         """Whether a connection just taken goes to the waiting room: its client has sent
@@ -214,6 +214,7 @@ class AcceptLoop:
         (Going idle is when the access log's gathered lines go out.)"""
         if ACCESS.log is not None:
             ACCESS.log.flush()
+        self.waited = True
         room, timeout = self.room, self.beat_every
         if room is not None and room.parked:
             now = time.monotonic()
@@ -221,6 +222,10 @@ class AcceptLoop:
             timeout = max(0.0, min(timeout, room.next_expiry() - now))
         if self.paused:  # out of resources: only a signal cuts the pause short
             self.paused = False
+            if room is not None:  # silent clients' fds are better spent on one that speaks
+                # Here, not where the accept failed: that may be a thread-mode thread's own
+                # take, and the room is the loop's alone (it expires the same oldest one).
+                room.give_up_oldest(time.monotonic(), "the worker was out of file descriptors")
             select.select([self.lifecycle.wake_r], [], [], RESOURCE_PAUSE)
         elif room is not None and room.full:
             for fd, _ in room.wait_full(self.lifecycle.wake_r, timeout):

@@ -82,8 +82,12 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
+        # The lines so far, taken off the front of the one list that writers append to:
+        # swapping in a new list lost the lines that a thread-mode thread appended to the
+        # old one after it was taken (``write`` holds it while it formats).
         with self.lock:
-            lines, self.lines = self.lines, []
+            lines = self.lines[:]
+            del self.lines[: len(lines)]
         if not lines:
             return
         data = ("\n".join(lines) + "\n").encode(errors="backslashreplace")

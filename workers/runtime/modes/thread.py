@@ -29,7 +29,7 @@ from workers.runtime.lifecycle import master_alive
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.spec import EXIT_CUT, PARENT_CHECK_INTERVAL
 
-EXIT_HANDLER_EXIT = 1  # a handler raised SystemExit or KeyboardInterrupt: a crash to the master
+EXIT_HANDLER_EXIT = 1  # a handler raised SystemExit, or a thread failed: a crash to the master
 
 log = logging.getLogger("cluster.worker")
 # A connection taken the moment its client connected usually has its request a few
@@ -77,6 +77,13 @@ class Followers:
 
     def _work(self, lane: int) -> None:
         CURRENT.lane = lane
+        self.leadership.enter(lane)
+        try:
+            self._serve(lane)
+        except BaseException as exc:  # outside a request: the accept loop, a hot take, the drain
+            self._failed(lane, exc)
+
+    def _serve(self, lane: int) -> None:
         slot, lifecycle, leadership = self.context.slot, self.context.lifecycle, self.leadership
         taken: Taken | None = None
         while True:
@@ -87,7 +94,8 @@ class Followers:
                     leadership.hand_on(lane)  # the next one finds the drain done, and so on
                     return
                 if lifecycle.running:
-                    leadership.begin(lane)
+                    leadership.begin(lane, self.loop.waited)
+                    self.loop.waited = False
                 else:  # every free thread serves the drain
                     leadership.hand_on(lane)
             try:
@@ -109,6 +117,21 @@ class Followers:
         log.error("worker %d: a handler raised %s serving %s; stopping", os.getpid(),
                   type(exc).__name__ + (f"({exc})" if str(exc) else ""),
                   format_client(client))  # fmt: skip
+        self._stop()
+
+    def _failed(self, lane: int, exc: BaseException) -> None:
+        """What raised outside a request (a server's own ``get_request``, a MemoryError in
+        the accept loop): a bug, with its traceback, and the worker ends as it would in sync
+        mode, gracefully here, with exit code 1. Left alone, the exception ended the thread
+        with the leadership: the others waited for a lead that never came, and the worker
+        served nothing until the watchdog found its heartbeat gone (30 s by default)."""
+        log.error("worker %d: thread %d ended by %s outside a request; stopping", os.getpid(),
+                  lane, type(exc).__name__, exc_info=exc)  # fmt: skip
+        self._stop()
+        self.leadership.hand_on(lane)
+
+    def _stop(self) -> None:
+        """The worker stops taking requests and exits 1 once the others are done."""
         context = self.context
         context.exit_code = context.exit_code or EXIT_HANDLER_EXIT
         context.lifecycle.running = False
