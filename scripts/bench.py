@@ -736,6 +736,7 @@ WAITS = {
     "readable": "a request's bytes (poll)",
     "ThreadPool._work": "work (an idle handler thread)",
     "Followers._work": "work (an idle handler thread)",
+    "Parker.sleep": "the lead (an idle handler thread)",
     "Condition.wait": "a lock (threading)",
     "Thread._wait_for_tstate_lock": "a thread to end (threading)",
     "serve.<locals>.room": "a request child to exit (--max-children)",

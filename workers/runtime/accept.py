@@ -216,6 +216,7 @@ class AcceptLoop:
             ACCESS.log.flush()
         self.waited = True
         room, timeout = self.room, self.beat_every
+        wake_r, woken = self.lifecycle.wake_r, False
         if room is not None and room.parked:
             now = time.monotonic()
             room.expire(now)
@@ -226,16 +227,21 @@ class AcceptLoop:
                 # Here, not where the accept failed: that may be a thread-mode thread's own
                 # take, and the room is the loop's alone (it expires the same oldest one).
                 room.give_up_oldest(time.monotonic(), "the worker was out of file descriptors")
-            select.select([self.lifecycle.wake_r], [], [], RESOURCE_PAUSE)
+            woken = bool(select.select([wake_r], [], [], RESOURCE_PAUSE)[0])
         elif room is not None and room.full:
-            for fd, _ in room.wait_full(self.lifecycle.wake_r, timeout):
-                if fd in room:
+            for fd, _ in room.wait_full(wake_r, timeout):
+                if fd == wake_r:
+                    woken = True
+                elif fd in room:
                     room.spoke(fd)
         else:
             for fd, _ in self.poller.poll(timeout):
-                if room is not None and fd in room:
+                if fd == wake_r:
+                    woken = True
+                elif room is not None and fd in room:
                     room.spoke(fd)
-        self.lifecycle.drain_wakeups()
+        if woken:  # a read that finds the pipe empty costs an exception: only when it is not
+            self.lifecycle.drain_wakeups()
         self.slot.beat()
         if self.on_wake is not None:
             self.on_wake()
