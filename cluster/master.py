@@ -1176,12 +1176,11 @@ def live_events(
     the first handler unregisters both, and the second event must be dropped, not handled
     for a part that is gone (the master died of it). Dropping is safe because the selector is
     level-triggered: a registration replaced meanwhile is reported again on the next pass."""
+    registered = selector.get_map()
     for key, mask in events:
-        try:
-            live = selector.get_key(key.fileobj) is key
-        except KeyError:
-            live = False
-        if live:
+        # By fd, not by file object: a socket closed by an earlier handler has no fd to look
+        # up (``get_key`` raised ValueError for it, and the master died of that instead).
+        if registered.get(key.fd) is key:
             yield key, mask
 
 

@@ -356,3 +356,33 @@ def test_an_event_whose_part_an_earlier_handler_ended_in_the_same_pass_is_droppe
         selector.close()
         os.close(exit_r)
         os.close(pipe_r)
+
+
+def test_an_event_of_a_socket_an_earlier_handler_closed_is_dropped_not_raised() -> None:
+    """A full health server drops its oldest client (unregister, close) while accepting in
+    the same pass: looking the closed socket's event up by its file object raised ValueError
+    (it has no fd any more), and the master died of it."""
+    import selectors
+    import socket
+
+    from cluster.master import live_events
+
+    selector = selectors.DefaultSelector()
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    try:
+        selector.register(first, selectors.EVENT_READ, "first")
+        selector.register(second, selectors.EVENT_READ, "second")
+        first_peer.send(b"x")
+        second_peer.send(b"x")
+        events = sorted(selector.select(0), key=lambda event: event[0].data)
+        handled = []
+        for key, _ in live_events(selector, events):
+            handled.append(key.data)
+            selector.unregister(second)
+            second.close()
+        assert handled == ["first"]
+    finally:
+        selector.close()
+        for sock in (first, first_peer, second, second_peer):
+            sock.close()
