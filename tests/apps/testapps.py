@@ -6,6 +6,7 @@ import http.server
 import os
 import socketserver
 import threading
+import time
 
 from workers import BaseRequestHandler, StreamRequestHandler
 
@@ -148,8 +149,6 @@ class Slow(StreamRequestHandler):
     request of a known length, to keep many lanes of a worker busy at once."""
 
     def handle(self) -> None:
-        import time
-
         seconds = float(self.rfile.readline() or 0)
         time.sleep(seconds)
         self.wfile.write(b"done %d\n" % os.getpid())
@@ -165,8 +164,6 @@ class Overlap(StreamRequestHandler):
     lock = threading.Lock()
 
     def handle(self) -> None:
-        import time
-
         seconds = float(self.rfile.readline() or 0)
         with Overlap.lock:
             Overlap.running += 1

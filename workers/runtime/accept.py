@@ -85,8 +85,9 @@ class AcceptLoop:
         self.starved_at = float("-inf")  # when it last did
         self.refused = 0  # accepts that failed so in this episode
         self.paused = False  # the next wait is a pause: the listener would wake us at once
-        self.waited = False  # it waited (for a connection, a place, a pause): thread mode
-        # reads and clears it, to tell a run of back-to-back requests
+        # The last ``next`` waited (for a connection, a place, a pause) before it returned:
+        # thread mode tells a run of back-to-back requests by it.
+        self.waited = False
         # Held around ``take``: thread mode's threads also take connections on their own,
         # beside the one in ``next`` (the listener turn, the counts, the starving episode).
         self.taking = threading.Lock()
@@ -168,7 +169,7 @@ class AcceptLoop:
 
     def next(self) -> Taken | None:
         """The next request, waiting for one; None once the worker is told to stop."""
-        waited = False
+        waited = self.waited = False
         room = self.room
         while self.lifecycle.running:
             if room is not None and len(room):  # one look per request while it is empty

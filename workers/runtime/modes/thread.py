@@ -95,7 +95,6 @@ class Followers:
                     return
                 if lifecycle.running:
                     leadership.begin(lane, self.loop.waited)
-                    self.loop.waited = False
                 else:  # every free thread serves the drain
                     leadership.hand_on(lane)
             try:
