@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import selectors
+import socket
+from collections.abc import Callable
+
 import pytest
 
 from cluster import backoff, commands, exits, pool
@@ -9,6 +14,7 @@ from cluster.apps.http_hello import body_length, wants_close
 from cluster.config import Config, build, read_toml, validate
 from cluster.errors import ConfigError
 from cluster.listeners import BindSpec, format_uri, parse_bind
+from cluster.master import live_events
 from cluster.spawn import start_all
 from workers.runtime.escalation import overdue
 
@@ -324,34 +330,39 @@ def test_start_all_gives_each_child_its_elder_siblings_pidfds_and_stops_at_a_ref
     assert start_all(forks[:2], [3]) == (forks[:2], None)
 
 
+def one_pass_ending_the_second(
+    selector: selectors.BaseSelector, first: object, second: object, end_second: Callable
+) -> tuple[list[str], list]:
+    """Register two readable file objects, take one ``select`` pass (``first``'s event
+    first), and run the events through ``live_events``, ``first``'s handler ending ``second``
+    (``end_second``): which handlers ran, and the pass's events."""
+    selector.register(first, selectors.EVENT_READ, "first")  # type: ignore[arg-type]
+    selector.register(second, selectors.EVENT_READ, "second")  # type: ignore[arg-type]
+    events = sorted(selector.select(0), key=lambda event: event[0].data)
+    assert [key.data for key, _ in events] == ["first", "second"]
+    handled = []
+    for key, _ in live_events(selector, events):
+        handled.append(key.data)
+        if key.data == "first":
+            end_second()
+    return handled, events
+
+
 def test_an_event_whose_part_an_earlier_handler_ended_in_the_same_pass_is_dropped() -> None:
     """A USR2's new master killed for being late: its exit and its pipe's end came in one
     ``select`` pass, the exit's handler unregistered the pipe, and the master then handled
     the pipe's event for a successor it had forgotten (AssertionError: the master died)."""
-    import os
-    import selectors
-
-    from cluster.master import live_events
-
     selector = selectors.DefaultSelector()
     exit_r, exit_w = os.pipe()
     pipe_r, pipe_w = os.pipe()
     try:
-        selector.register(exit_r, selectors.EVENT_READ, "successor-exit")
-        selector.register(pipe_r, selectors.EVENT_READ, "successor-ready")
         os.close(exit_w)
         os.close(pipe_w)
-        events = selector.select(0)
-        events.sort(key=lambda event: event[0].data != "successor-exit")  # the exit first
-        assert [key.data for key, _ in events] == ["successor-exit", "successor-ready"]
-        handled = []
-        for key, _ in live_events(selector, events):
-            handled.append(key.data)
-            if key.data == "successor-exit":
-                selector.unregister(pipe_r)
-        assert handled == ["successor-exit"]
+        handled, events = one_pass_ending_the_second(selector, exit_r, pipe_r,
+                                                     lambda: selector.unregister(pipe_r))  # fmt: skip
+        assert handled == ["first"]
         selector.register(pipe_r, selectors.EVENT_READ, "a new part on the same fd")
-        assert [key.data for key, _ in live_events(selector, events)] == ["successor-exit"]
+        assert [key.data for key, _ in live_events(selector, events)] == ["first"]
     finally:
         selector.close()
         os.close(exit_r)
@@ -362,25 +373,18 @@ def test_an_event_of_a_socket_an_earlier_handler_closed_is_dropped_not_raised() 
     """A full health server drops its oldest client (unregister, close) while accepting in
     the same pass: looking the closed socket's event up by its file object raised ValueError
     (it has no fd any more), and the master died of it."""
-    import selectors
-    import socket
-
-    from cluster.master import live_events
-
     selector = selectors.DefaultSelector()
     first, first_peer = socket.socketpair()
     second, second_peer = socket.socketpair()
+
+    def drop_second() -> None:
+        selector.unregister(second)
+        second.close()
+
     try:
-        selector.register(first, selectors.EVENT_READ, "first")
-        selector.register(second, selectors.EVENT_READ, "second")
         first_peer.send(b"x")
         second_peer.send(b"x")
-        events = sorted(selector.select(0), key=lambda event: event[0].data)
-        handled = []
-        for key, _ in live_events(selector, events):
-            handled.append(key.data)
-            selector.unregister(second)
-            second.close()
+        handled, _ = one_pass_ending_the_second(selector, first, second, drop_second)
         assert handled == ["first"]
     finally:
         selector.close()
