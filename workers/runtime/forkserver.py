@@ -342,6 +342,7 @@ def serve_forks(
     # the app): we may always skip the interpreter's repairs.
     fork, refusals = partial(quick_fork, single_threaded=True), REFUSALS
     dumps, loads = marshal.dumps, marshal.loads
+    hold, release = hold_reopens, release_reopens
     live: set[int] = set()  # our children not yet reaped
     pass_reopens_on(live)
     exits: list[int] = []  # reaped, not yet reported
@@ -381,17 +382,20 @@ def serve_forks(
                 request = (datagram, server.socket)  # type: ignore[attr-defined]
             children.next_lane = lane  # the child's lane (finish_request sets CURRENT.lane)
             CURRENT.client = client_address  # the access log's (the worker's is not ours)
+            hold()  # a USR1 waits until the child is in ``live``
             try:
                 pid = fork()
             except OSError as err:
+                release()
                 refusals.refused_with(err)
                 server.shutdown_request(request)  # type: ignore[attr-defined]
                 pid = 0
             else:
-                if pid == 0:
+                if pid == 0:  # the child releases it (WorkerForkingMixIn.finish_request)
                     server.serve_in_child(request, client_address)  # type: ignore[attr-defined]
                 refusals.forked()
                 live.add(pid)
+                release()
                 if datagram is None:
                     request.close()  # the child has its own descriptor
             send(dumps((FORKED, pid, exits)))
@@ -408,6 +412,21 @@ def serve_forks(
             exits.append(pid)
         if exits and len(live) + len(exits) >= lanes:  # the worker may be waiting for a lane
             exits = _report(channel, exits, wake_worker)
+
+
+# USR1 waits while a request child is forked and until its pid is in the set the handler
+# below reads: one that came between the fork and the record reached every child but the
+# newest, which went on writing to the rotated file. The child unblocks it first thing
+# (``release_reopens``), and then gets any USR1 sent to it meanwhile.
+REOPEN_HELD = frozenset({signal.SIGUSR1})
+
+
+def hold_reopens() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, REOPEN_HELD)
+
+
+def release_reopens() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, REOPEN_HELD)
 
 
 def pass_reopens_on(live: set[int]) -> None:

@@ -20,7 +20,14 @@ from workers.runtime.access import ACCESS
 from workers.runtime.client import CONNECTIONS, ClientSocket
 from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.escalation import Escalation, overdue, stalled_for
-from workers.runtime.forkserver import ForkedChildren, ForkServer, pass_reopens_on, serves_all
+from workers.runtime.forkserver import (
+    ForkedChildren,
+    ForkServer,
+    hold_reopens,
+    pass_reopens_on,
+    release_reopens,
+    serves_all,
+)
 from workers.runtime.lifecycle import set_parent_death_signal
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.quickfork import REFUSALS
@@ -49,12 +56,15 @@ class WorkerForkingMixIn(ForkingMixIn):
             else:  # refused (it said so in the log) or gone: the client hears the end
                 self.shutdown_request(request)
             return
-        try:
+        hold_reopens()  # a USR1 waits until the child is in active_children (its child
+        try:  # releases it in finish_request)
             super().process_request(request, client_address)
         except OSError as err:
             REFUSALS.refused_with(err)
             self.shutdown_request(request)
             return
+        finally:
+            release_reopens()
         REFUSALS.forked()
 
     def fork_child(self) -> int:  # a worker without a fork server forks for itself
@@ -68,6 +78,7 @@ class WorkerForkingMixIn(ForkingMixIn):
         # ForkingMixIn turns into _exit(1); TERM lets the request finish, as for a worker;
         # USR2 dumps the child's stack (faulthandler survives the fork).
         set_parent_death_signal(signal.SIGKILL, os.getppid())
+        release_reopens()  # held across the fork (hold_reopens): a USR1 sent since comes now
         children = self.active_children
         if isinstance(children, (Children, ForkedChildren)):
             CURRENT.lane = children.next_lane  # this child's errors count in its lane
