@@ -28,6 +28,7 @@ interactive protocol) is never cut: it is the client's turn within a request.
 
 from __future__ import annotations
 
+import _socket
 import logging
 import select
 import signal
@@ -48,6 +49,11 @@ CUT = 1e-9  # ``_deadline``: cut already, every later read is end-of-file
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
 _send, _sendall = socket.socket.send, socket.socket.sendall
+# A socket's family, type and protocol as the C type keeps them, plain ints: the Python
+# properties convert each to its enum, some 3 microseconds an accept (the stdlib's accept()
+# pays it too), where the new socket's constructor needs only the numbers.
+_family, _type, _proto = (_socket.socket.family.__get__, _socket.socket.type.__get__,
+                          _socket.socket.proto.__get__)  # fmt: skip
 _DONTWAIT = int(socket.MSG_DONTWAIT)  # a plain int: or-ing the IntFlag costs microseconds
 _SPARE = memoryview(bytearray(16)).cast("d")  # where an unattached connection writes
 CUTS = RateLimitedLog(logging.getLogger("cluster.worker"), ratelog.CUT)
@@ -260,10 +266,19 @@ class ListeningSocket(socket.socket):
 
     def accept(self) -> tuple[ClientSocket, object]:
         fd, address = self._accept()
-        sock = self.client_class(self.family, self.type, self.proto, fileno=fd)
+        sock = self.client_class(_family(self), _type(self), _proto(self), fileno=fd)
         timeout = ClientSocket.request_timeout
         self.prepare(sock, monotonic() + timeout if timeout else NO_DEADLINE)
         return sock, address
+
+    @staticmethod
+    def adopt(listener: socket.socket, fd: int, deadline: float) -> ClientSocket:
+        """A connection around ``fd``, accepted on ``listener`` by another process (fork
+        mode's worker, for its fork server), as ``accept()`` makes it."""
+        sock = ListeningSocket.client_class(_family(listener), _type(listener),
+                                            _proto(listener), fileno=fd)  # fmt: skip
+        ListeningSocket.prepare(sock, deadline)
+        return sock
 
     @staticmethod
     def prepare(sock: ClientSocket, deadline: float) -> None:

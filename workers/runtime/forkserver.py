@@ -479,11 +479,7 @@ def _fd_of(ancillary: list[tuple[int, int, bytes]]) -> int:
 def adopt(server: BaseServer, fd: int, deadline: float) -> ClientSocket:
     """The worker's connection, rebuilt around our copy of its fd, as the listener's
     ``accept()`` made it (with the same request deadline)."""
-    listener = server.socket  # type: ignore[attr-defined]
-    client_class = ListeningSocket.client_class
-    sock = client_class(listener.family, listener.type, listener.proto, fileno=fd)
-    ListeningSocket.prepare(sock, deadline)
-    return sock
+    return ListeningSocket.adopt(server.socket, fd, deadline)  # type: ignore[attr-defined]
 
 
 def _finish(live: set[int]) -> None:
