@@ -3,8 +3,9 @@
     python scripts/bench.py [--duration 2] [--repeats 3] [--client-threads N] [--write docs/benchmarks.md]
                             [--only throughput,fairness,scale,profiles] [--no-scale] [--no-profiles]
 
-Rows run interleaved (every row once per round, rounds repeated) so that drift of the machine
-hits every row alike; each cell is the median of the rounds with min..max. The clients share
+Rows run interleaved (every row once per round, in an order reversed every other round, rounds
+repeated) so that drift of the machine hits every row alike; each cell is the median of the
+rounds with min..max, and each ratio the median of the rounds' own ratios. The clients share
 the machine's cores with the servers, as the targets in the issues assume, and use all of them
 by default (wrk threads and loadtest processes: ``--client-threads``, default the core count).
 
@@ -393,7 +394,7 @@ def run(rows: list[Row], workloads: list[str], duration: float, repeats: int) ->
     for round_no in range(repeats):
         for workload in workloads:
             kind, measure = WORKLOADS[workload]
-            for row in rows:
+            for row in round_order(rows, round_no):
                 if kind not in row.kinds:
                     continue
                 running = row.start(kind)
@@ -407,6 +408,13 @@ def run(rows: list[Row], workloads: list[str], duration: float, repeats: int) ->
                     f"round {round_no + 1}/{repeats} {workload:22} {row.name:26} {said}", flush=True
                 )
     return results
+
+
+def round_order(rows: list[Row], round_no: int) -> list[Row]:
+    """The rows in the order round ``round_no`` runs them: reversed every other round, so
+    that a machine getting faster or slower through a round does not favour the rows that
+    come first in every round."""
+    return list(rows) if round_no % 2 == 0 else list(reversed(rows))
 
 
 def fairness(workers: int, duration: float) -> tuple[list[int], float]:
@@ -918,6 +926,19 @@ def median(cell: Cell) -> float:
     return statistics.median(cell.rps)
 
 
+def paired_ratio(mine: Cell, theirs: Cell) -> float:
+    """How ``mine`` compares with ``theirs``: the median over the rounds of each round's own
+    ratio. The two ran in the same round, within a minute of each other, and this machine's
+    speed drifts by up to 30% over a few minutes (docs/benchmarks-notes.md, fifth session): a
+    ratio of two medians may divide a fast round of one by a slow round of the other, a
+    round's own ratio does not. Cells with unequal rounds fall back to median over median."""
+    paired = len(mine.rps) == len(theirs.rps)
+    pairs = [m / t for m, t in zip(mine.rps, theirs.rps, strict=True) if t > 0] if paired else []
+    if not pairs:
+        return median(mine) / median(theirs) if median(theirs) > 0 else 0.0
+    return statistics.median(pairs)
+
+
 @dataclass(frozen=True)
 class Target:
     """A speed target of the issues: ``row`` at ``ratio`` times ``peer`` in ``workload``.
@@ -991,7 +1012,7 @@ def budgets(rows: list[Row], results: dict, cores: int) -> str:
             continue
         rate = target.ratio * median(theirs)
         budget = server_budget(rate, min(clients), cores)
-        reached = median(mine) / median(theirs)
+        reached = paired_ratio(mine, theirs)
         lines.append(
             f"| {target.row}, {target.workload}: {target.ratio:g}x {target.peer} | {rate:,.0f} req/s "
             f"| {reached:.2f}x | {budget:.1f} us | {ours:.1f} us | {floor:.1f} us "
@@ -1032,7 +1053,9 @@ def table(rows: list[Row], workloads: list[str], results: dict) -> str:
 
     lines = grid(rows, workloads, results, render)
     peers = [row.name for row in rows if row.peer]
-    lines += ["", "Ratios, median over median, of each cluster row to each peer in the same workload:",
+    lines += ["", "Ratios of each cluster row to each peer in the same workload: the median over "
+              "the rounds of each round's own ratio (`paired_ratio`; within a round the rows run "
+              "one after another, in an order reversed every other round):",
               "", "| cluster row | workload | " + " | ".join(f"vs {p}" for p in peers) + " |",
               "|" + " --- |" * (len(peers) + 2)]  # fmt: skip
     for row in rows:
@@ -1045,7 +1068,7 @@ def table(rows: list[Row], workloads: list[str], results: dict) -> str:
             ratios = []
             for p in peers:
                 theirs = results.get((p, w))
-                ratios.append(f"{median(mine) / median(theirs):.2f}x" if theirs else "")
+                ratios.append(f"{paired_ratio(mine, theirs):.2f}x" if theirs else "")
             lines.append(f"| {row.name} | {w} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 

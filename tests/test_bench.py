@@ -374,3 +374,24 @@ def test_scale_listeners_counts_each_listeners_accepts() -> None:
     row = bench.scale_listeners(2, duration=1.0)
     assert len(row.rps) == 2 and all(rate > 0 for rate in row.rps)
     assert len(row.counts) == 2 and min(row.counts) > 0 and row.errors == 0
+
+
+def test_a_ratio_divides_rounds_measured_together_not_medians_of_different_minutes() -> None:
+    """The machine drifts: here the peer's first round ran slow. Median over median divides
+    our middle round by the peer's (130 / 200); each round's own ratio is 0.5, 0.93, 0.97."""
+
+    def cell(*rps: float) -> bench.Cell:
+        return bench.Cell(list(rps), 0, [], [], [])
+
+    ours, peer = cell(100, 130, 300), cell(200, 140, 310)
+    assert bench.median(ours) / bench.median(peer) == pytest.approx(0.65)
+    assert bench.paired_ratio(ours, peer) == pytest.approx(130 / 140)
+    # Rounds that do not pair up (a row missing one) fall back to median over median.
+    assert bench.paired_ratio(cell(100, 130), peer) == pytest.approx(115 / 200)
+    assert bench.paired_ratio(ours, cell(0, 0, 0)) == 0.0
+
+
+def test_rounds_alternate_the_order_of_the_rows() -> None:
+    rows = [bench.Row(name, lambda kind: None, frozenset()) for name in "abc"]  # type: ignore[arg-type, return-value]
+    orders = ["".join(row.name for row in bench.round_order(rows, n)) for n in range(3)]
+    assert orders == ["abc", "cba", "abc"]
