@@ -616,10 +616,15 @@ class Master:
         successor = self.successor
         assert successor is not None
         self.forget_successor_fds(successor)
-        how = exits.describe(successor.process.join())
+        code = successor.process.join()
+        how = exits.describe(code)
         successor.close()
         if successor.state != BOOTING:
-            log.info("upgrade: the new master %d %s", successor.pid, how)
+            if code != 0 and self.stop is not None:  # our workers are on their way out
+                log.error("upgrade: the new master %d %s after the handover; nothing serves "
+                          "once this master has stopped", successor.pid, how)  # fmt: skip
+            else:
+                log.info("upgrade: the new master %d %s", successor.pid, how)
             return
         self.successor = None
         if successor.late:  # watch_successor said "upgrade failed" when it killed it

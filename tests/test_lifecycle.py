@@ -618,6 +618,29 @@ def test_a_late_new_master_is_one_failed_upgrade_in_the_log(start_cluster, tmp_p
     assert stream_roundtrip(tcp_connect(cluster.address()), b"still") == b"still"
 
 
+def test_a_new_master_killed_after_the_handover_is_an_error_in_the_old_masters_log(
+    start_cluster,
+) -> None:
+    """The new master said ready, the old one drains a long request, and the new one is
+    killed: the old one cannot go back (its workers are stopping), so once it exits nothing
+    serves. That was an INFO line; it is an error that says so."""
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-b", "127.0.0.1:0")
+    busy = tcp_connect(cluster.address(), timeout=30)
+    assert read_line(busy).startswith(b"started")  # the old worker is in a request
+    cluster.signal(signal.SIGUSR2)
+    new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
+    cluster.adopt(new_pid)
+    cluster.wait_log(rf"upgrade: the new master {new_pid} is ready; stopping gracefully")
+    cluster.adopt(new_pid)
+    os.kill(new_pid, signal.SIGKILL)
+    cluster.wait_log(rf"\[ERROR\] upgrade: the new master {new_pid} killed by SIGKILL after "
+                     r"the handover; nothing serves once this master has stopped")  # fmt: skip
+    busy.sendall(b"finish\n")
+    assert read_line(busy).startswith(b"done")  # the old worker still finishes its request
+    busy.close()
+    assert cluster.wait_exit(timeout=15) == 0
+
+
 def test_a_scaling_signal_to_a_new_master_still_booting_waits_for_its_handlers(
     start_cluster, tmp_path: Path
 ) -> None:
