@@ -32,6 +32,13 @@ ENV_READY_FD = "CLUSTER_UPGRADE_FD"  # where we say "ready" to it: the write end
 ENV_DRAINED = "CLUSTER_DRAINED"  # the operator's drain, carried across the upgrade: its start
 SYSTEMD_FIRST_FD = 3
 
+# Held (blocked) while a master boots, until its handlers are installed: left to their default
+# action, TTIN and TTOU stop the process (a new master an operator scales by the pidfile hung
+# until the old one killed it), HUP, USR1 and USR2 end it. A held one is handled once the loop
+# can. The stops (TERM, INT, QUIT) keep their default: a master that serves nothing yet ends.
+HELD_DURING_BOOT = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                              signal.SIGTTOU})  # fmt: skip
+
 
 def encode_fds(pairs: Sequence[tuple[int, str]]) -> str:
     return json.dumps([[fd, text] for fd, text in pairs])
@@ -105,7 +112,7 @@ def exec_successor(pairs: Sequence[tuple[int, str]], predecessor: int, ready_fd:
     seconds; the new master keeps it out, or an upgrade would put it back by surprise."""
     for fd in (*(fd for fd, _ in pairs), ready_fd):
         os.set_inheritable(fd, True)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.pthread_sigmask(signal.SIG_SETMASK, HELD_DURING_BOOT)  # kept across the exec
     env = dict(os.environ)
     env[ENV_FDS] = encode_fds(pairs)
     env[ENV_PREDECESSOR] = str(predecessor)

@@ -202,6 +202,8 @@ class Master:
     def start(self) -> None:
         """Load the app (a bad one fails here, before any fork), bind, and fork the pool."""
         config = self.first_config
+        if self.upgradable:  # held until install_signal_handlers (HELD_DURING_BOOT)
+            signal.pthread_sigmask(signal.SIG_BLOCK, handover.HELD_DURING_BOOT)
         if config.umask_bits is not None:  # the command line set it already; the library here
             os.umask(config.umask_bits)
         predecessor = self.predecessor.pid if self.predecessor else None
@@ -284,6 +286,8 @@ class Master:
             signum: signal.signal(signum, _only_wake)
             for signum in (*HANDLED_SIGNALS, signal.SIGCHLD)
         }
+        if self.upgradable:  # held since the exec of an upgrade, or the start (HELD_DURING_BOOT)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handover.HELD_DURING_BOOT)
 
     def restore_signal_handlers(self) -> None:
         """A host program's handlers back (the library). The command line's master instead
@@ -612,10 +616,15 @@ class Master:
         successor = self.successor
         assert successor is not None
         self.forget_successor_fds(successor)
-        how = exits.describe(successor.process.join())
+        code = successor.process.join()
+        how = exits.describe(code)
         successor.close()
         if successor.state != BOOTING:
-            log.info("upgrade: the new master %d %s", successor.pid, how)
+            if code != 0 and self.stop is not None:  # our workers are on their way out
+                log.error("upgrade: the new master %d %s after the handover; nothing serves "
+                          "once this master has stopped", successor.pid, how)  # fmt: skip
+            else:
+                log.info("upgrade: the new master %d %s", successor.pid, how)
             return
         self.successor = None
         if successor.late:  # watch_successor said "upgrade failed" when it killed it

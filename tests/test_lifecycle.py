@@ -618,6 +618,55 @@ def test_a_late_new_master_is_one_failed_upgrade_in_the_log(start_cluster, tmp_p
     assert stream_roundtrip(tcp_connect(cluster.address()), b"still") == b"still"
 
 
+def test_a_new_master_killed_after_the_handover_is_an_error_in_the_old_masters_log(
+    start_cluster,
+) -> None:
+    """The new master said ready, the old one drains a long request, and the new one is
+    killed: the old one cannot go back (its workers are stopping), so once it exits nothing
+    serves. That was an INFO line; it is an error that says so."""
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-b", "127.0.0.1:0")
+    busy = tcp_connect(cluster.address(), timeout=30)
+    assert read_line(busy).startswith(b"started")  # the old worker is in a request
+    cluster.signal(signal.SIGUSR2)
+    new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
+    cluster.adopt(new_pid)
+    cluster.wait_log(rf"upgrade: the new master {new_pid} is ready; stopping gracefully")
+    cluster.adopt(new_pid)
+    os.kill(new_pid, signal.SIGKILL)
+    cluster.wait_log(rf"\[ERROR\] upgrade: the new master {new_pid} killed by SIGKILL after "
+                     r"the handover; nothing serves once this master has stopped")  # fmt: skip
+    busy.sendall(b"finish\n")
+    assert read_line(busy).startswith(b"done")  # the old worker still finishes its request
+    busy.close()
+    assert cluster.wait_exit(timeout=15) == 0
+
+
+def test_a_scaling_signal_to_a_new_master_still_booting_waits_for_its_handlers(
+    start_cluster, tmp_path: Path
+) -> None:
+    """A TTIN to the new master of an upgrade (its pid is in the log, soon in the pidfile)
+    before it had installed its handlers took the default action: the kernel stopped it,
+    and the upgrade failed a --graceful-timeout later. It waits now, blocked from the exec
+    on, and the new master handles it once it can (HUP, USR1 and USR2 killed it so)."""
+    hold = tmp_path / "hold"
+    cluster = start_cluster("slowboot:Handler", "-w", "1", "-b", "127.0.0.1:0",
+                            "--graceful-timeout", "5", env={"SLOWBOOT_CHECK_HOLD": str(hold)})  # fmt: skip
+    hold.write_text("held")  # the new master's check of the app cannot finish
+    cluster.signal(signal.SIGUSR2)
+    new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
+    cluster.adopt(new_pid)
+    wait_for(lambda: children(new_pid), 10, "the new master's check of the app")
+    os.kill(new_pid, signal.SIGTTIN)
+    hold.unlink()
+    cluster.wait_log(rf"\[{new_pid}\] \[INFO\] command: incr 1 \(from SIGTTIN\)")
+    cluster.wait_log(rf"upgrade: the new master {new_pid} is ready; stopping gracefully")
+    assert cluster.wait_exit(timeout=15) == 0
+    cluster.adopt(new_pid)
+    wait_for(lambda: len(children(new_pid)) == 2, 10, "the new master's two workers")
+    os.kill(new_pid, signal.SIGTERM)
+    wait_for(lambda: not alive(new_pid), 10, "the new master to stop")
+
+
 ROUGH_IMPORT = """
 import os
 from setproctitle import getproctitle

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import stream_roundtrip, tcp_connect
+from tests.conftest import ROOT, stream_roundtrip, tcp_connect
 from tests.procs import children, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -165,3 +166,38 @@ def test_a_worker_ended_by_a_base_exception_logs_it_as_json_too(
     entries = [json.loads(line) for line in cluster.lines if line.strip()]  # every line
     ended = next(e for e in entries if "ended by KeyboardInterrupt" in e["msg"])
     assert ended["role"] == "worker" and "KeyboardInterrupt" in ended["exc"]
+
+
+REOPEN_INSIDE_A_FLUSH = """
+import os, signal, sys
+from workers.runtime.access import ACCESS, AccessLog, reopen_logs
+
+path = sys.argv[1]
+ACCESS.log = log = AccessLog(path)
+signal.signal(signal.SIGUSR1, lambda signum, frame: reopen_logs())
+log.write("127.0.0.1:1", "tcp://127.0.0.1:2", 1, 0.5, 10, 20, "before", "-")
+os.rename(path, path + ".1")
+with log.lock:  # where flush takes its lines: the USR1 handler can run in there
+    signal.raise_signal(signal.SIGUSR1)
+log.write("127.0.0.1:1", "tcp://127.0.0.1:2", 1, 0.5, 10, 20, "after", "-")
+log.close()
+"""
+
+
+def test_a_reopen_that_interrupts_a_flush_does_not_wait_for_it_and_loses_no_line(
+    tmp_path: Path,
+) -> None:
+    """USR1's handler reopens the access log in the main thread, between two bytecodes of
+    whatever ran there: inside ``flush``, it waited for the lock that flush held, forever.
+    Found in fork mode (each request child runs flush once, before the interpreter has
+    specialized it, and a check for signals falls inside the lock): a child stuck on a futex,
+    holding its worker's graceful stop for the whole --graceful-timeout. The test puts the
+    signal in that window on purpose."""
+    path = tmp_path / "access.log"
+    done = subprocess.run([sys.executable, "-c", REOPEN_INSIDE_A_FLUSH, str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=10)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "after" in path.read_text()
+    rotated = tmp_path / "access.log.1"
+    both = lines(path) + (lines(rotated) if rotated.exists() else [])
+    assert len(both) == 2 and "before" in "".join(both)

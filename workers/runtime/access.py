@@ -82,12 +82,20 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
-        # The lines so far, taken off the front of the one list that writers append to:
-        # swapping in a new list lost the lines that a thread-mode thread appended to the
-        # old one after it was taken (``write`` holds it while it formats).
         with self.lock:
-            lines = self.lines[:]
-            del self.lines[: len(lines)]
+            lines = self._take()
+        self._write(lines)
+
+    def _take(self) -> list[str]:
+        """The lines so far, taken off the front of the one list that writers append to
+        (the caller holds the lock): swapping in a new list lost the lines that a thread-mode
+        thread appended to the old one after it was taken (``write`` holds it while it
+        formats)."""
+        lines = self.lines[:]
+        del self.lines[: len(lines)]
+        return lines
+
+    def _write(self, lines: list[str]) -> None:
         if not lines:
             return
         data = ("\n".join(lines) + "\n").encode(errors="backslashreplace")
@@ -102,13 +110,28 @@ class AccessLog:
 
     def reopen(self) -> bool:
         """Open the path afresh (False: the log is stderr); raises OSError when it cannot, and
-        writing goes on to the old file."""
+        writing goes on to the old file.
+
+        USR1's handler calls this in the main thread, between two bytecodes of whatever ran
+        there, maybe ``flush`` holding the lock: waiting for it there waited forever (a
+        fork-mode request child hung so). So the lines so far go to the old file only when
+        the lock is free; else the flush under way writes them, to the new file. And the new
+        file takes the place of the old one on the same fd (``dup2``): a flush interrupted
+        between reading ``self.fd`` and its write never writes to a closed fd, nor to
+        another file that got its number."""
         if self.fd == 2:
             return False
-        self.flush()
+        if self.lock.acquire(blocking=False):
+            try:
+                lines = self._take()
+            finally:
+                self.lock.release()
+            self._write(lines)
         fd = self._open()
-        old, self.fd = self.fd, fd
-        os.close(old)
+        try:
+            os.dup2(fd, self.fd, inheritable=False)
+        finally:
+            os.close(fd)
         return True
 
     def _open(self) -> int:
