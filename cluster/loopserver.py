@@ -241,6 +241,13 @@ class LoopServer:
                 self.selector.unregister(self.sock)
             self.paused_until = None
 
+    def listen_again(self) -> None:
+        """Accept again after ``stop_listening`` (an upgrade's new master died after it took
+        the socket over: we serve it again)."""
+        if not self.listening:
+            self.listening = True
+            self.selector.register(self.sock, selectors.EVENT_READ, self.on_accept)
+
     def close_connections(self) -> None:
         """Drop every connection and stop listening (the socket itself stays open)."""
         for conn in list(self.conns.values()):

@@ -620,9 +620,8 @@ class Master:
         how = exits.describe(code)
         successor.close()
         if successor.state != BOOTING:
-            if code != 0 and self.stop is not None:  # our workers are on their way out
-                log.error("upgrade: the new master %d %s after the handover; nothing serves "
-                          "once this master has stopped", successor.pid, how)  # fmt: skip
+            if code != 0 and self.stop is not None and self.stop.reason.startswith("handover"):
+                self.take_back(successor.pid, how)
             else:
                 log.info("upgrade: the new master %d %s", successor.pid, how)
             return
@@ -632,6 +631,43 @@ class Master:
         else:
             log.error("upgrade failed: new master %d %s; still serving", successor.pid, how)
         pidfile.move_aside(self.config.pidfile, to_old=False)
+
+    def take_back(self, successor_pid: int, how: str) -> None:
+        """The new master died after it said ready, while we still finish our requests: serve
+        again rather than leave the host with nothing once we exit. The stop is called off;
+        our workers, told to stop with it, finish and go as retiring ones, and new ones take
+        their places (``manage_workers``); the pidfile, the control socket and the health
+        endpoint come back to us, and systemd hears our pid again. (The listeners never left:
+        we held them all along.)"""
+        log.error("upgrade: the new master %d %s after the handover; taking the host back: "
+                  "new workers start, the stopping ones finish", successor_pid, how)  # fmt: skip
+        self.successor = None
+        self.stop = None
+        current = self.current
+        for worker in self.gens.workers():  # they have had their TERM, with the stop
+            worker.retiring = worker.retiring or (
+                f"replaced by generation {current.number} (the upgrade fell through)"
+                if current is not None else "the upgrade fell through")  # fmt: skip
+        pidfile.move_aside(self.config.pidfile, to_old=False)
+        if self.health_server is not None:
+            self.health_server.listen_again()
+        if self.control is not None:
+            self.take_back_control()
+        self.notifier.send(READY=1, MAINPID=self.pid, STATUS=self.status_line())
+
+    def take_back_control(self) -> None:
+        """The control socket's path names the dead new master's socket: bind ours there
+        again (the file of the one we had was replaced by the new master's)."""
+        assert self.control is not None
+        path = self.control.path
+        self.control.close()  # its file is gone already: close() removes only our own
+        self.control = None
+        try:
+            sock = open_control(path, taking_over=True)
+        except ClusterError as err:
+            log.error("%s; this master runs without its control socket", err)
+            return
+        self.control = ControlServer(sock, self.selector, path, self.dispatch)
 
     def watch_successor(self, now: float) -> None:
         successor = self.successor

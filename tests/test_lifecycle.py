@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import Events, LoadConfig, Result, run
-from tests.conftest import read_all, read_line, stream_roundtrip, tcp_connect
+from tests.conftest import cluster_env, read_all, read_line, stream_roundtrip, tcp_connect
 from tests.procs import alive, children, every, holds_for, sample_until, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -618,26 +621,47 @@ def test_a_late_new_master_is_one_failed_upgrade_in_the_log(start_cluster, tmp_p
     assert stream_roundtrip(tcp_connect(cluster.address()), b"still") == b"still"
 
 
-def test_a_new_master_killed_after_the_handover_is_an_error_in_the_old_masters_log(
-    start_cluster,
+def test_a_new_master_killed_after_the_handover_hands_the_host_back_to_the_old_one(
+    start_cluster, tmp_path: Path
 ) -> None:
     """The new master said ready, the old one drains a long request, and the new one is
-    killed: the old one cannot go back (its workers are stopping), so once it exits nothing
-    serves. That was an INFO line; it is an error that says so."""
-    cluster = start_cluster("testapps:Gate", "-w", "1", "-b", "127.0.0.1:0")
+    killed: nothing would serve once the old one exited. The old one takes the host back
+    instead (an error line says why): new workers serve, the stopping one finishes its
+    request, and the pidfile, the control socket and the health endpoint are its own again."""
+    pidfile, control = tmp_path / "m.pid", tmp_path / "m.ctl"
+    cluster = start_cluster("testapps:Gate", "-w", "1", "-b", "127.0.0.1:0", "--pidfile",
+                            str(pidfile), "--control", str(control), "--health",
+                            "tcp://127.0.0.1:0")  # fmt: skip
+    health = int(cluster.wait_log(r"health on tcp://127\.0\.0\.1:(\d+)").group(1))
     busy = tcp_connect(cluster.address(), timeout=30)
     assert read_line(busy).startswith(b"started")  # the old worker is in a request
     cluster.signal(signal.SIGUSR2)
     new_pid = int(cluster.wait_log(r"upgrade: started new master (\d+)").group(1))
     cluster.adopt(new_pid)
     cluster.wait_log(rf"upgrade: the new master {new_pid} is ready; stopping gracefully")
-    cluster.adopt(new_pid)
     os.kill(new_pid, signal.SIGKILL)
     cluster.wait_log(rf"\[ERROR\] upgrade: the new master {new_pid} killed by SIGKILL after "
-                     r"the handover; nothing serves once this master has stopped")  # fmt: skip
+                     r"the handover; taking the host back")  # fmt: skip
+    fresh = tcp_connect(cluster.address(), timeout=30)  # a new worker of the old master
+    assert read_line(fresh).startswith(b"started")
+    fresh.sendall(b"finish\n")
+    assert read_line(fresh).startswith(b"done")
+    fresh.close()
     busy.sendall(b"finish\n")
-    assert read_line(busy).startswith(b"done")  # the old worker still finishes its request
+    assert read_line(busy).startswith(b"done")  # the stopping worker finished its request
     busy.close()
+    assert pidfile.read_text().strip() == str(cluster.pid)
+    assert not Path(str(pidfile) + ".oldbin").exists()
+    status = subprocess.run([sys.executable, "-m", "cluster", "ctl", "--control", str(control),
+                             "status"], env=cluster_env(), capture_output=True, text=True,
+                            timeout=20, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert status.returncode == 0 and str(cluster.pid) in status.stdout, status
+    with tcp_connect(("127.0.0.1", health), timeout=10) as sock:  # ours again, not dropped
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = read_all(sock).partition(b"\r\n\r\n")
+    assert head.split()[1] == b"200" and json.loads(body)["pid"] == cluster.pid, (head, body)
+    assert alive(cluster.pid)
+    cluster.signal(signal.SIGTERM)
     assert cluster.wait_exit(timeout=15) == 0
 
 
