@@ -371,8 +371,9 @@ class Master:
                 self.end_delay()
             elif not self.begin_delay(reason):
                 self.begin_stop(graceful=True, reason=reason)
-        elif stop.graceful and stop.reason.startswith("handover"):
+        elif stop.graceful and stop.handover:
             stop.reason = command.origin or "asked"  # the operator's own first stop: still graceful
+            stop.handover = False
             log.info("already stopping gracefully after the handover; a second stop is quick")
         elif stop.graceful:
             self.begin_stop(graceful=False, reason=command.origin or "asked")
@@ -610,7 +611,8 @@ class Master:
         successor.close_pipe()
         if said == "ready":
             log.info("upgrade: the new master %d is ready; stopping gracefully", successor.pid)
-            self.begin_stop(graceful=True, reason=f"handover to new master {successor.pid}")
+            self.begin_stop(graceful=True, reason=f"handover to new master {successor.pid}",
+                            handover=True)  # fmt: skip
 
     def on_successor_exit(self) -> None:
         successor = self.successor
@@ -620,7 +622,7 @@ class Master:
         how = exits.describe(code)
         successor.close()
         if successor.state != BOOTING:
-            if code != 0 and self.stop is not None and self.stop.reason.startswith("handover"):
+            if code != 0 and self.stop is not None and self.stop.handover:
                 self.take_back(successor.pid, how)
             else:
                 log.info("upgrade: the new master %d %s", successor.pid, how)
@@ -643,11 +645,9 @@ class Master:
                   "new workers start, the stopping ones finish", successor_pid, how)  # fmt: skip
         self.successor = None
         self.stop = None
-        current = self.current
+        why = f"replaced by generation {self.current.number} (the upgrade fell through)"
         for worker in self.gens.workers():  # they have had their TERM, with the stop
-            worker.retiring = worker.retiring or (
-                f"replaced by generation {current.number} (the upgrade fell through)"
-                if current is not None else "the upgrade fell through")  # fmt: skip
+            worker.retiring = worker.retiring or why
         pidfile.move_aside(self.config.pidfile, to_old=False)
         if self.health_server is not None:
             self.health_server.listen_again()
@@ -1006,8 +1006,9 @@ class Master:
         }  # fmt: skip
 
     # ----------------------------------------------------------------- stopping
-    def begin_stop(self, graceful: bool, reason: str) -> None:
-        """Signal every worker: TERM lets in-flight requests finish, QUIT ends them now."""
+    def begin_stop(self, graceful: bool, reason: str, handover: bool = False) -> None:
+        """Signal every worker: TERM lets in-flight requests finish, QUIT ends them now.
+        ``handover``: the stop an upgrade's new master asked for by saying ready."""
         if self.stop and not self.stop.graceful:
             return  # a quick stop is already under way
         self.delay = None  # a quick stop cuts a drain delay short; a graceful one ends it
@@ -1015,7 +1016,7 @@ class Master:
             self.app_check.cancel()
             self.app_check = None
             log.info("reload abandoned: stopping during the app's check")
-        if reason.startswith("handover") and self.health_server is not None:
+        if handover and self.health_server is not None:
             self.health_server.stop_listening()  # the new master answers; ours finish
         successor = self.successor
         if successor is not None and successor.state == BOOTING:
@@ -1023,7 +1024,8 @@ class Master:
             self.forget_successor_fds(successor)
             log.info("stopping during the upgrade: leaving the new master %d to take over",
                      successor.pid)  # fmt: skip
-        self.stop = Stop(graceful, self.config.graceful_timeout, time.monotonic(), reason)
+        self.stop = Stop(graceful, self.config.graceful_timeout, time.monotonic(), reason,
+                         handover)  # fmt: skip
         self.notifier.send(STOPPING=1, STATUS=f"{'graceful' if graceful else 'quick'} stop")
         workers = list(self.gens.workers())
         log.info("%s stop (%s): %s, up to %.1fs", "graceful" if graceful else "quick",

@@ -24,9 +24,14 @@ NUDGE_EVERY = 1.0  # seconds between the graceful stop's reminders to cut idle c
 class Stop:
     """One stop under way: how (``graceful``), why (``reason``, for the log), and until when."""
 
-    def __init__(self, graceful: bool, grace: float, now: float, reason: str) -> None:
+    def __init__(self, graceful: bool, grace: float, now: float, reason: str,
+                 handover: bool = False) -> None:  # fmt: skip
         self.graceful = graceful
         self.reason = reason
+        # The stop an upgrade's new master asked for by saying ready, and nobody else since:
+        # a second stop of the operator's is quick, and a new master that dies meanwhile
+        # gets the host back (``Master.take_back``).
+        self.handover = handover
         self.deadline = now + (grace + MARGIN if graceful else QUICK_STOP_GRACE)
         self.killed = False  # the deadline passed and the survivors were sent KILL
         self.nudge_at = now + NUDGE_EVERY  # graceful: ask the workers to cut idle connections
