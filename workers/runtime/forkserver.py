@@ -51,7 +51,7 @@ from functools import partial
 from typing import Any
 
 from workers.runtime.access import reopen_logs
-from workers.runtime.client import ClientSocket, ListeningSocket
+from workers.runtime.client import ListeningSocket
 from workers.runtime.context import CURRENT
 from workers.runtime.lifecycle import Lifecycle, set_parent_death_signal
 from workers.runtime.quickfork import REFUSALS
@@ -342,7 +342,7 @@ def serve_forks(
     # the app): we may always skip the interpreter's repairs.
     fork, refusals = partial(quick_fork, single_threaded=True), REFUSALS
     dumps, loads = marshal.dumps, marshal.loads
-    hold, release = hold_reopens, release_reopens
+    hold, release, adopt = hold_reopens, release_reopens, ListeningSocket.adopt
     live: set[int] = set()  # our children not yet reaped
     pass_reopens_on(live)
     exits: list[int] = []  # reaped, not yet reported
@@ -377,7 +377,8 @@ def serve_forks(
                     send(dumps((FORKED, 0, exits)))
                     exits = []
                     continue
-                request: Any = adopt(server, fd, deadline)
+                # rebuilt around our copy of the worker's fd, with the same deadline
+                request: Any = adopt(server.socket, fd, deadline)  # type: ignore[attr-defined]
             else:
                 request = (datagram, server.socket)  # type: ignore[attr-defined]
             children.next_lane = lane  # the child's lane (finish_request sets CURRENT.lane)
@@ -474,12 +475,6 @@ def _fd_of(ancillary: list[tuple[int, int, bytes]]) -> int:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(data) >= 4:
             return int.from_bytes(data[:4], sys.byteorder)
     return -1
-
-
-def adopt(server: BaseServer, fd: int, deadline: float) -> ClientSocket:
-    """The worker's connection, rebuilt around our copy of its fd, as the listener's
-    ``accept()`` made it (with the same request deadline)."""
-    return ListeningSocket.adopt(server.socket, fd, deadline)  # type: ignore[attr-defined]
 
 
 def _finish(live: set[int]) -> None:
