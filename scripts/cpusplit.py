@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab import start  # noqa: E402
-from cluster.procfs import stat_fields  # noqa: E402
+from cluster.procfs import children, stat_fields  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 # After the comm field of /proc/PID/stat: minflt, cminflt at 7, 8; utime..cstime at 11..14.
@@ -46,19 +46,11 @@ def lasting(root: int) -> dict[int, str]:
     for _ in range(LASTING_DEPTH):
         below = []
         for parent in frontier:
-            for n, pid in enumerate(sorted(_children(parent))):
+            for n, pid in enumerate(sorted(children(parent))):
                 names[pid] = f"{n}" if parent == root else f"{names[parent]}/{n}"
                 below.append(pid)
         frontier = below
     return names
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
 
 
 def counters(pid: int) -> list[int] | None:
