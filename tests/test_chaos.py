@@ -86,8 +86,10 @@ def assert_lost_nothing(ran: Ran) -> None:
 
 
 def test_hup_ttin_ttou_lose_nothing_and_plot(chaos: Callable[..., Ran], tmp_path: Path) -> None:
+    """Ticks at 0.5, 1 and 1.5 s (a signal takes no time: none is skipped), and the load
+    runs 0.5 s past the last."""
     png = tmp_path / "chaos.png"
-    ran = chaos("--actions", "hup,ttin,ttou", "--every", "1", "--duration", "4",
+    ran = chaos("--actions", "hup,ttin,ttou", "--every", "0.5", "--duration", "2",
                 "--plot", str(png))  # fmt: skip
     assert_lost_nothing(ran)
     assert ran.labels[:3] == ["HUP sent", "TTIN sent", "TTOU sent"]
@@ -96,9 +98,10 @@ def test_hup_ttin_ttou_lose_nothing_and_plot(chaos: Callable[..., Ran], tmp_path
 
 def test_usr2_follows_the_new_master(chaos: Callable[..., Ran]) -> None:
     """One round: the upgrade waits up to an interval for the old master, so under load the
-    ticks it overran are skipped; the duration leaves room for the two actions after it."""
+    ticks it overran are skipped; the duration leaves room for the two actions after it (the
+    upgrade, sent at 2 s, may take 3 s; it takes 0.5 s on an idle machine)."""
     ran = chaos("--actions", "hup,usr2,ttin,ttou", "--rounds", "1", "--every", "1",
-                "--duration", "9")  # fmt: skip
+                "--duration", "7")  # fmt: skip
     assert_lost_nothing(ran)
     initial, final = ran.masters
     assert final != initial, ran.out
@@ -108,7 +111,7 @@ def test_usr2_follows_the_new_master(chaos: Callable[..., Ran]) -> None:
 
 
 def test_kill_idle_is_reported_and_allowed(chaos: Callable[..., Ran]) -> None:
-    ran = chaos("--actions", "kill-idle", "--every", "1", "--duration", "3", "--seed", "1")
+    ran = chaos("--actions", "kill-idle", "--every", "0.5", "--duration", "1.5", "--seed", "1")
     assert ran.code == 0, ran.out + ran.err
     kills = [label for label in ran.labels if label.startswith("KILL worker")]
     assert len(kills) == ran.data["chaos"]["taken"]["kill-idle"] >= 2, ran.labels
@@ -125,7 +128,7 @@ def test_errors_fail_a_graceful_run_on_an_attached_cluster(
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         port = closed.getsockname()[1]
         ran = chaos("--pid", str(cluster.pid), "--target", f"tcp://127.0.0.1:{port}",
-                    "--actions", "ttin,ttou", "--duration", "2.5")  # fmt: skip
+                    "--actions", "ttin,ttou", "--every", "0.5", "--duration", "1.5")  # fmt: skip
     assert ran.code == 1 and ran.data["errors"]["refused"] > 0, ran.out + ran.err
     assert "verdict     FAIL" in ran.out and ran.masters == (cluster.pid, cluster.pid)
     cluster.wait_log("pool target is now 1 worker")  # TTOU after TTIN, on this master
