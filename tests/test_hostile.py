@@ -109,7 +109,7 @@ def test_sync_ten_silent_clients_against_two_workers_delay_no_reply_past_half_a_
     address = cluster.address()
     silent = silent_clients(address, 10)
     try:
-        good = GoodClient(address, time.monotonic() + 2.0)
+        good = GoodClient(address, time.monotonic() + 1.0, period=0.05)
         good.run()
         assert len(good.samples) >= 10
         assert good.worst() <= 0.5, good.samples
@@ -122,7 +122,7 @@ def test_silent_unix_clients_wait_in_the_room_and_are_cut_at_the_request_timeout
     start_cluster, tmp_path
 ) -> None:
     path = str(tmp_path / "s.sock")
-    cluster = start_cluster("echo", "-w", "1", "-b", f"unix:{path}", "--request-timeout", "1")
+    cluster = start_cluster("echo", "-w", "1", "-b", f"unix:{path}", "--request-timeout", "0.5")
     silent = silent_clients(path, 5)
     try:
         # The one sync worker is free for a client that speaks, all along.
@@ -134,7 +134,7 @@ def test_silent_unix_clients_wait_in_the_room_and_are_cut_at_the_request_timeout
         for sock in silent:  # ...and the silent ones are closed at their deadline
             sock.settimeout(5)
             assert sock.recv(10) == b""
-        cluster.wait_log("cut client .*sent nothing within --request-timeout 1s")
+        cluster.wait_log("cut client .*sent nothing within --request-timeout 0.5s")
     finally:
         for sock in silent:
             sock.close()
@@ -143,10 +143,11 @@ def test_silent_unix_clients_wait_in_the_room_and_are_cut_at_the_request_timeout
 def test_sync_drippers_are_cut_at_the_request_timeout_and_service_recovers_in_time(
     start_cluster,
 ) -> None:
-    """10 drip clients, 2 workers, ``--request-timeout 1``: each dripper holds a worker for 1 s
-    at most, so the queue of them is gone after 1 x 10 / 2 s, and replies are back under
-    0.5 s within 1 x 10 / 2 + 2 = 7 s of the attack's start. Each cut is logged once."""
-    timeout, drippers, workers = 1.0, 10, 2
+    """10 drip clients (a byte every 0.2 s), 2 workers, ``--request-timeout 0.5``: each dripper
+    holds a worker for 0.5 s at most, so the queue of them is gone after 0.5 x 10 / 2 s, and
+    replies are back under 0.5 s within 0.5 x 10 / 2 + 2 = 4.5 s of the attack's start. Each
+    cut is logged once."""
+    timeout, drippers, workers = 0.5, 10, 2
     cluster = start_cluster("http-hello", "-w", str(workers), "-b", "127.0.0.1:0",
                             "--request-timeout", str(timeout), "--access-log", "-")  # fmt: skip
     address = cluster.address()
@@ -180,12 +181,12 @@ def test_thread_mode_serves_well_behaved_clients_through_drip_and_silent_attacks
                             "-b", "127.0.0.1:0")  # fmt: skip
     address = cluster.address()
     start = time.monotonic()
-    attack = [Dripper(address, 0.2, until=start + 3) for _ in range(10)]
+    attack = [Dripper(address, 0.2, until=start + 1.2) for _ in range(10)]
     for dripper in attack:
         dripper.start()
     silent = silent_clients(address, 10)
     try:
-        good = GoodClient(address, start + 2.0)
+        good = GoodClient(address, start + 1.0, period=0.05)
         good.run()
         assert len(good.samples) >= 10
         assert good.worst() <= 0.5, good.samples
@@ -287,7 +288,7 @@ def test_a_worker_near_its_fd_limit_logs_one_line_per_episode(start_cluster) -> 
     resource.prlimit(worker, resource.RLIMIT_NOFILE, (used + 4, hard))
     socks: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:  # clients come and go, some always waiting
             sock = tcp_connect(address)
             sock.sendall(b"x\n")
