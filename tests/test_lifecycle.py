@@ -54,6 +54,9 @@ TARGETS = {
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_ten_hups_under_load_lose_nothing(start_cluster, tmp_path: Path, name: str) -> None:
+    """Ten HUPs 0.3 s apart under load, from its first second to 1 s before its end. Each one
+    starts a generation of its own: on 2 cores busy with three copies of this test, all ten
+    did, none folded into the next (at 0.2 s apart some do)."""
     flags, connect = TARGETS[name]
     flags = [f.format(tmp=tmp_path) for f in flags]
     cluster = start_cluster("echo", "-w", "2", "--graceful-timeout", "30", *flags)
@@ -61,7 +64,7 @@ def test_ten_hups_under_load_lose_nothing(start_cluster, tmp_path: Path, name: s
     first = set(cluster.workers())
     events, flowing = Events(), threading.Event()
     load, results = load_in_background(
-        LoadConfig(uri, duration=6.5, concurrency=4, connect=connect, timeout=5.0), events, flowing
+        LoadConfig(uri, duration=4.7, concurrency=4, connect=connect, timeout=5.0), events, flowing
     )
     assert flowing.wait(10), "the load never started"
 
@@ -69,7 +72,7 @@ def test_ten_hups_under_load_lose_nothing(start_cluster, tmp_path: Path, name: s
         cluster.signal(signal.SIGHUP)
         events.mark(f"HUP {n + 1}")
 
-    every(0.5, 10, hup)
+    every(0.3, 10, hup)
     load.join(60)
     assert_no_errors(results[0])
     assert len(results[0].events) == 10
