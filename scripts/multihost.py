@@ -30,7 +30,7 @@ How it goes:
 5. **The plot**: per-host requests per second (from each cluster's ``--metrics``, sampled
    four times a second) and the client's errors, with every step marked.
 6. **Cleanup**, always (the end, a failure, Ctrl-C, TERM): every process we started ended by
-   its pid (TERM, then KILL), orphans reaped (we are their subreaper), namespaces deleted.
+   its pid (INT, then KILL), orphans reaped (we are their subreaper), namespaces deleted.
 
 Exit codes: 0 the scenario passed; 1 it failed (the summary says which check); 2 usage;
 3 it cannot run here (no HAProxy and no way to install it): one line saying why.
@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster import pidfile
+from cluster import ctl, pidfile
 from cluster.procfs import alive, become_subreaper, descendants, reap_if_ours
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,12 +196,13 @@ class Processes:
         self.pids.add(pid)
 
     def end_all(self) -> None:
-        """TERM to what we started (a master stops its own workers), KILL after 5 s to
-        whatever is left of them and of what they started, then reap."""
+        """INT to what we started (a master's quick stop: it stops its own workers without
+        the --drain-delay a TERM would wait out; HAProxy stops as on TERM), KILL after 5 s
+        to whatever is left of them and of what they started, then reap."""
         everyone = set(self.pids)
         for pid in list(everyone):
             everyone.update(descendants(pid))
-        for sig, pids, wait in ((signal.SIGTERM, set(self.pids), 5.0),
+        for sig, pids, wait in ((signal.SIGINT, set(self.pids), 5.0),
                                 (signal.SIGKILL, everyone, 5.0)):  # fmt: skip
             for pid in pids:
                 if alive(pid):
@@ -291,7 +292,16 @@ class Host:
     def pid(self) -> int | None:
         return pidfile.read(str(self.pidfile))
 
+    def status(self) -> dict:
+        """The master's status from its control socket, asked in this process (polled while
+        waiting: a ``cluster ctl`` process per look would cost a Python start each)."""
+        try:
+            return ctl.ask(str(self.control), {"cmd": "status"}, timeout=2)
+        except (ctl.Unreachable, ValueError):
+            return {}
+
     def ask(self, *args: str) -> dict:
+        """``cluster ctl --json ARGS``, as the operator types it."""
         done = subprocess.run([sys.executable, "-m", "cluster", "ctl", "--control",
                                str(self.control), "--json", *args], capture_output=True,
                               text=True, timeout=20, cwd=ROOT)  # fmt: skip
@@ -303,7 +313,7 @@ class Host:
         def ready() -> bool:
             if not alive(pid):
                 raise Failed(f"host {self.name}: master {pid} exited; see {self.log}")
-            status = self.ask("status")
+            status = self.status()
             return status.get("pid") == pid and status.get("health", {}).get("state") == "ready"
 
         wait_until(ready, timeout, f"host {self.name} to be ready")
