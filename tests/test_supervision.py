@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.mark.parametrize("mode", ["sync", "thread"])
 def test_hung_worker_is_dumped_and_replaced(start_cluster, mode: str) -> None:
-    cluster = start_cluster("testapps:Hang", "-w", "2", "-k", mode, "--timeout", "2",
+    cluster = start_cluster("testapps:Hang", "-w", "2", "-k", mode, "--timeout", "1",
                             "-b", "127.0.0.1:0")  # fmt: skip
     before = set(cluster.workers())
     hung = tcp_connect(cluster.address())
@@ -43,7 +43,7 @@ def test_hung_worker_is_dumped_and_replaced(start_cluster, mode: str) -> None:
     assert victim in before and match.group(2) == client
     wait_for(lambda: not alive(victim) and len(set(cluster.workers()) - before) == 1, 6,
              "the hung worker replaced")  # fmt: skip
-    assert time.monotonic() - started < 4.5  # replaced within about 4 s of the request start
+    assert time.monotonic() - started < 3.5  # timeout, a scan, the KILL grace, and slack
     cluster.wait_log("in hang_forever")  # faulthandler's dump names the handler's function
     with hung:
         hung.settimeout(5)
@@ -55,7 +55,7 @@ def test_hung_worker_is_dumped_and_replaced(start_cluster, mode: str) -> None:
 
 
 def test_fork_mode_kills_the_hung_child_not_the_worker(start_cluster) -> None:
-    cluster = start_cluster("testapps:Hang", "-w", "1", "-k", "fork", "--timeout", "2",
+    cluster = start_cluster("testapps:Hang", "-w", "1", "-k", "fork", "--timeout", "1",
                             "-b", "127.0.0.1:0")  # fmt: skip
     (worker,) = cluster.workers()
     hung = tcp_connect(cluster.address())
@@ -185,7 +185,7 @@ def test_scoreboard_shows_busy_then_idle() -> None:
 def test_idle_master_barely_uses_cpu(start_cluster) -> None:
     cluster = start_cluster("echo", "-w", "2", "-b", "127.0.0.1:0")
     before, started = own_cpu(cluster.pid), time.monotonic()
-    holds_for(lambda: alive(cluster.pid), 3, "the master")
+    holds_for(lambda: alive(cluster.pid), 2, "the master")
     used = own_cpu(cluster.pid) - before
     assert used / (time.monotonic() - started) < 0.02  # generous; the tight figure: bench
 
