@@ -105,7 +105,7 @@ def test_workers_killed_from_outside_are_replaced_at_once(start_cluster) -> None
             short_since.clear()
 
     results = []
-    config = LoadConfig(cluster.uris[0], duration=5.0, concurrency=4, connect="per-request",
+    config = LoadConfig(cluster.uris[0], duration=4.3, concurrency=4, connect="per-request",
                         timeout=5.0)  # fmt: skip
     load = threading.Thread(target=lambda: results.append(run(config, events=Events())))
     load.start()
@@ -157,16 +157,16 @@ def test_a_crashing_slot_backs_off_while_the_others_serve(start_cluster) -> None
 
 def test_a_stopped_idle_worker_is_found_dumped_and_replaced(start_cluster) -> None:
     """SIGSTOP the only worker: its heartbeat stops; within the watchdog interval
-    (--timeout 2) plus a scan and the KILL grace, it is named, killed and replaced."""
-    cluster = start_cluster("echo", "-w", "1", "--timeout", "2", "-b", "127.0.0.1:0")
+    (--timeout 1) plus a scan and the KILL grace, it is named, killed and replaced."""
+    cluster = start_cluster("echo", "-w", "1", "--timeout", "1", "-b", "127.0.0.1:0")
     (stopped,) = cluster.workers()
     os.kill(stopped, signal.SIGSTOP)
     started = time.monotonic()
     match = cluster.wait_log(rf"worker {stopped} \(slot 0\): no heartbeat for [\d.]+s while "
-                             r"idle \(watchdog interval 2s\); dumping its stack", timeout=10)  # fmt: skip
+                             r"idle \(watchdog interval 1s\); dumping its stack", timeout=10)  # fmt: skip
     assert match
     wait_for(lambda: (w := cluster.workers()) and stopped not in w, 10, "a new worker")
-    assert time.monotonic() - started < 2 + 0.5 + 1 + 2  # interval, scan, grace, slack
+    assert time.monotonic() - started < 1 + 0.25 + 1 + 2  # interval, scan, grace, slack
     assert stream_roundtrip(tcp_connect(cluster.address()), b"back") == b"back"
 
 
@@ -183,9 +183,9 @@ def test_a_worker_stopped_while_its_request_waits_for_the_client_is_replaced(
 ) -> None:
     """SIGSTOP a worker whose request is waiting for its client's next bytes: that wait is
     progress to the scoreboard, and a stopped worker beats no heartbeat, so only the kernel
-    tells (state T). Within the watchdog interval (--timeout 2) and a scan, it is named,
+    tells (state T). Within the watchdog interval (--timeout 1) and a scan, it is named,
     killed and replaced, and a new client is served."""
-    cluster = start_cluster("echo", "-w", "1", "-k", mode, "--timeout", "2",
+    cluster = start_cluster("echo", "-w", "1", "-k", mode, "--timeout", "1",
                             "-b", "127.0.0.1:0")  # fmt: skip
     (stopped,) = cluster.workers()
     held = tcp_connect(cluster.address())
@@ -197,7 +197,7 @@ def test_a_worker_stopped_while_its_request_waits_for_the_client_is_replaced(
     cluster.wait_log(rf"worker {stopped} \(slot 0\): stopped \(SIGSTOP\) for [\d.]+s in the "
                      r"middle of a request", timeout=10)  # fmt: skip
     wait_for(lambda: (w := cluster.workers()) and stopped not in w, 10, "a new worker")
-    assert time.monotonic() - started < 2 + 1 + 1 + 2  # interval, scan, grace, slack
+    assert time.monotonic() - started < 1 + 0.5 + 1 + 2  # interval, scan, grace, slack
     held.close()
     assert stream_roundtrip(tcp_connect(cluster.address()), b"back") == b"back"
 
@@ -207,7 +207,7 @@ def test_a_busy_worker_under_load_is_not_taken_for_silent(start_cluster) -> None
     that beats its heartbeat; its moving request count keeps the watchdog quiet."""
     cluster = start_cluster("echo", "-w", "1", "--timeout", "1", "-b", "127.0.0.1:0")
     workers = cluster.workers()
-    config = LoadConfig(cluster.uris[0], duration=2.2, concurrency=4, connect="per-request")
+    config = LoadConfig(cluster.uris[0], duration=1.5, concurrency=4, connect="per-request")
     result = run(config, events=Events())
     assert result.requests > 1000 and result.error_count == 0
     assert cluster.workers() == workers and "no heartbeat" not in cluster.log
@@ -234,7 +234,7 @@ def read_http_reply(sock) -> bytes:
 
 @pytest.mark.parametrize("mode", ["sync", "thread", "fork"])
 def test_timeout_spares_a_kept_alive_client_that_keeps_asking(start_cluster, mode: str) -> None:
-    """--timeout 1, and one connection with a request every 10 ms for 2.5 s: every reply
+    """--timeout 1, and one connection with a request every 10 ms for 1.5 s: every reply
     comes, the worker is never taken for hung (each reply takes microseconds; the rest is
     waiting for the client). Before, the connection's age was the request's."""
     cluster = start_cluster("http-hello", "-w", "1", "-k", mode, "--timeout", "1",
@@ -247,8 +247,8 @@ def test_timeout_spares_a_kept_alive_client_that_keeps_asking(start_cluster, mod
         replies.append(read_http_reply(sock))
 
     with tcp_connect(cluster.address()) as sock:
-        every(0.01, 220, ask)  # one request every 10 ms, on one connection, for 2.2 s
-    assert len(replies) == 220 and all(r.endswith(b"Hello, world!\n") for r in replies)
+        every(0.01, 150, ask)  # one request every 10 ms, on one connection, for 1.5 s
+    assert len(replies) == 150 and all(r.endswith(b"Hello, world!\n") for r in replies)
     assert "no progress" not in cluster.log and children(cluster.pid) == workers
 
 
@@ -481,7 +481,10 @@ def test_a_thousand_worker_restarts_leave_the_master_flat(start_cluster) -> None
     """--max-requests 1: every request recycles its worker. After 50 restarts to warm up and
     1000 more, the master holds the same fds and at most 1 MiB more memory. (Both measures
     are taken when the master is not in the middle of a spawn: once, one was taken between a
-    fork and its pidfd_open, and the test saw a leak that was not there.)"""
+    fork and its pidfd_open, and the test saw a leak that was not there.) The count is the
+    property's: the master's RSS grows by some 500 KiB over its first 500 restarts and then
+    stays (measured to 2000), so a leak of 1 KiB a restart stands out past the 1 MiB bound only
+    over about a thousand."""
     cluster = start_cluster("echo", "-w", "2", "--max-requests", "1", "-b", "127.0.0.1:0")
     address = cluster.address()
 
@@ -573,12 +576,12 @@ def test_a_graceful_stop_under_steady_load_serves_what_was_queued_and_ends(start
     the workers serve what was queued when the TERM came, then leave: exit 0, well before
     --graceful-timeout."""
     cluster = start_cluster("echo", "-w", "2", "--graceful-timeout", "10", "-b", "127.0.0.1:0")
-    config = LoadConfig(cluster.uris[0], duration=2.5, concurrency=4, connect="per-request",
+    config = LoadConfig(cluster.uris[0], duration=2.0, concurrency=4, connect="per-request",
                         timeout=5.0)  # fmt: skip
     load = threading.Thread(target=lambda: run(config, events=Events()))
     load.start()
     try:
-        holds_for(lambda: alive(cluster.pid), 1.0, "the master, under load")
+        holds_for(lambda: alive(cluster.pid), 0.5, "the master, under load")
         started = time.monotonic()
         cluster.signal(signal.SIGTERM)
         assert cluster.wait_exit(timeout=15) == 0
