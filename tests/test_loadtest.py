@@ -585,7 +585,8 @@ def serve() -> Iterator[Callable[[type[socketserver.BaseRequestHandler]], str]]:
     def start(handler: type[socketserver.BaseRequestHandler]) -> str:
         server = Server(("127.0.0.1", 0), handler)
         servers.append(server)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # Polling every 20 ms, not socketserver's 0.5 s: shutdown() waits for the next poll.
+        threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
         host, port = server.server_address
         return f"{host}:{port}"
 
@@ -753,7 +754,9 @@ def read_pty(fd: int, proc: subprocess.Popen, timeout: float) -> bytes:
 @pytest.mark.parametrize("quiet", [False, True])
 def test_live_progress_on_a_terminal(quiet: bool, tmp_path: Path) -> None:
     master, slave = pty.openpty()
-    options = "-d 2.3 --rate 200 --max-errors 1000000000" + (" --quiet" if quiet else "")
+    # Two progress ticks to show (at 1 and 2 s); quiet, one tick to keep to itself is enough.
+    duration = "1.3" if quiet else "2.3"
+    options = f"-d {duration} --rate 200 --max-errors 1000000000" + (" --quiet" if quiet else "")
     args = [*COMMAND, f"unix:{tmp_path}/nobody.sock", *options.split()]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
     os.close(slave)
