@@ -331,7 +331,7 @@ def test_a_killed_full_worker_resets_no_client_it_had_not_started(start_cluster,
     waiting = tcp_connect(("127.0.0.1", port), timeout=20)
     wait_for(lambda: accept_queue_length(port) == 1, 5, "the third connection queued")
     os.kill(worker, signal.SIGTERM)  # it drains: the queued one must stay queued
-    holds_for(lambda: accept_queue_length(port) == 1, 1.0, "the third connection queued")
+    holds_for(lambda: accept_queue_length(port) == 1, 0.5, "the third connection queued")
     os.kill(worker, signal.SIGKILL)
     with waiting:
         line = read_line(waiting)

@@ -62,7 +62,7 @@ def test_hup_moves_sync_to_thread_16_and_back_under_load(start_cluster, tmp_path
     config.write_text(f'workers = 2\nworker_class = "sync"\n{binds}\n')
     cluster = start_cluster("testapps:Slow", "--config", str(config))
     slow, echo = cluster.address(), cluster.uris[1]
-    load, results = load_in_background(echo, 5.0)
+    load, results = load_in_background(echo, 4.0)  # the three reloads take 2-3 s
     steps = [('worker_class = "thread"\nthreads = 16', 16), ('worker_class = "thread"\nthreads = 4', 4),
              ('worker_class = "sync"', 0)]  # fmt: skip
     for generation, (settings, threads) in enumerate(steps, start=2):
