@@ -125,6 +125,7 @@ def test_the_handler_access_log_and_status_see_the_client_the_header_names(
     wait_for(logged, 10, "the access log to name the original clients")
 
 
+@pytest.mark.slow
 def test_a_silent_proxy_holds_no_worker_and_a_header_may_come_in_pieces_but_whole_in_3s(
     start_cluster,
 ) -> None:

@@ -85,6 +85,7 @@ def assert_lost_nothing(ran: Ran) -> None:
     assert ran.data["chaos"]["problems"] == [] and "verdict     PASS" in ran.out
 
 
+@pytest.mark.slow
 def test_hup_ttin_ttou_lose_nothing_and_plot(chaos: Callable[..., Ran], tmp_path: Path) -> None:
     """Ticks at 0.5, 1 and 1.5 s (a signal takes no time: none is skipped), and the load
     runs 0.5 s past the last."""
@@ -96,6 +97,7 @@ def test_hup_ttin_ttou_lose_nothing_and_plot(chaos: Callable[..., Ran], tmp_path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_usr2_follows_the_new_master(chaos: Callable[..., Ran]) -> None:
     """One round: the upgrade waits up to an interval for the old master, so under load the
     ticks it overran are skipped; the duration leaves room for the two actions after it (the

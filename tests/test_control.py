@@ -71,6 +71,7 @@ def test_ctl_status_table_has_a_row_per_worker(controlled) -> None:
     assert all(uri in result.stdout for uri in cluster.uris)
 
 
+@pytest.mark.slow
 def test_ctl_scale_and_reload_under_load(controlled) -> None:
     cluster, path = controlled
     results: list = []
@@ -137,6 +138,7 @@ def test_ctl_stop_stops_gracefully(controlled) -> None:
     assert not path.exists()  # removed at exit
 
 
+@pytest.mark.slow
 def test_bad_clients_get_an_error_or_are_dropped_and_the_master_serves_on(controlled) -> None:
     cluster, path = controlled
     assert json.loads(ask(path, b"{not json\n"))["error"].startswith("bad JSON")

@@ -86,6 +86,7 @@ def test_process_limit_fork_failures_are_survived_and_the_pool_fills_later(
     assert cluster.wait_exit() == 0
 
 
+@pytest.mark.slow
 def test_workers_killed_from_outside_are_replaced_at_once(start_cluster) -> None:
     """20 kill -9s, 0.2 s apart, of any worker, under load with 4 workers: sampled every
     50 ms, the pool is never below 3 live workers for more than 0.5 s, and only requests in
@@ -252,6 +253,7 @@ def test_timeout_spares_a_kept_alive_client_that_keeps_asking(start_cluster, mod
     assert "no progress" not in cluster.log and children(cluster.pid) == workers
 
 
+@pytest.mark.slow
 def test_a_spinning_handler_is_still_dumped_and_killed(start_cluster) -> None:
     cluster = start_cluster("testapps:Hang", "-w", "1", "--timeout", "1", "-b", "127.0.0.1:0")
     (worker,) = cluster.workers()
@@ -315,6 +317,7 @@ def accept_queue_length(port: int) -> int:
     raise AssertionError(f"no listener on port {port}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["thread", "fork"])
 def test_a_killed_full_worker_resets_no_client_it_had_not_started(start_cluster, mode) -> None:
     """A worker whose threads (or children) are all busy leaves the next connection in the
@@ -477,6 +480,7 @@ def master_fds_and_rss(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), rss
 
 
+@pytest.mark.slow
 def test_a_thousand_worker_restarts_leave_the_master_flat(start_cluster) -> None:
     """--max-requests 1: every request recycles its worker. After 50 restarts to warm up and
     1000 more, the master holds the same fds and at most 1 MiB more memory. (Both measures

@@ -53,6 +53,7 @@ def handler_threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task")) - 1
 
 
+@pytest.mark.slow
 def test_hup_moves_sync_to_thread_16_and_back_under_load(start_cluster, tmp_path: Path) -> None:
     """A real HUP with a config file whose mode and threads change: the new generation's
     scoreboard has the lanes its mode needs, so 16 concurrent requests on a 16-thread
@@ -92,6 +93,7 @@ def lanes_by_generation(server) -> dict[int, tuple[str, int]]:
     return {w["generation"]: (w["mode"], w["lanes"]) for w in server.status()["workers"]}
 
 
+@pytest.mark.slow
 def test_library_reload_changes_mode_and_status_shows_each_generations_lanes(
     served, tmp_path: Path
 ) -> None:

@@ -140,6 +140,7 @@ def test_silent_unix_clients_wait_in_the_room_and_are_cut_at_the_request_timeout
             sock.close()
 
 
+@pytest.mark.slow
 def test_sync_drippers_are_cut_at_the_request_timeout_and_service_recovers_in_time(
     start_cluster,
 ) -> None:

@@ -52,6 +52,7 @@ TARGETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_ten_hups_under_load_lose_nothing(start_cluster, tmp_path: Path, name: str) -> None:
     """Ten HUPs 0.3 s apart under load, from its first second to 1 s before its end. Each one
@@ -238,6 +239,7 @@ def test_ttin_ttou_within_max_workers(start_cluster) -> None:
     assert count() == 2
 
 
+@pytest.mark.slow
 def test_adaptive_pool_grows_under_a_burst_and_shrinks_after(start_cluster) -> None:
     """A burst of 2 slow requests: the pool grows past them (1 -> 2 -> 4, a step a second),
     then, with no request left, retires one idle worker a second. (Each step costs a
@@ -261,6 +263,7 @@ def test_adaptive_pool_grows_under_a_burst_and_shrinks_after(start_cluster) -> N
     assert "adaptive:" in cluster.log
 
 
+@pytest.mark.slow
 def test_usr2_upgrade_under_load(start_cluster, tmp_path: Path) -> None:
     pidfile = tmp_path / "m.pid"
     cluster = start_cluster("echo", "-w", "2", "-b", "127.0.0.1:0", "--pidfile", str(pidfile))

@@ -465,6 +465,7 @@ TRANSPORTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRANSPORTS))
 def test_echo_on_each_transport(
     name: str, start_cluster: Callable[..., Any], loadtest_cli: Callable[..., Ran], tmp_path: Path

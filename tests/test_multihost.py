@@ -20,6 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 SCRIPT = ROOT / "scripts" / "multihost.py"
 
 
+@pytest.mark.slow
 def test_hosts_behind_haproxy_lose_nothing_but_a_killed_hosts_in_flight(tmp_path: Path) -> None:
     out = tmp_path / "multihost.json"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--short", "--json", str(out)],

@@ -25,6 +25,7 @@ from workers.runtime import modes
 pytestmark = pytest.mark.timeout(90)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "thread"])
 def test_hung_worker_is_dumped_and_replaced(start_cluster, mode: str) -> None:
     cluster = start_cluster("testapps:Hang", "-w", "2", "-k", mode, "--timeout", "1",
@@ -54,6 +55,7 @@ def test_hung_worker_is_dumped_and_replaced(start_cluster, mode: str) -> None:
     assert stream_roundtrip(tcp_connect(cluster.address()), b"after\n") == b"after\n"
 
 
+@pytest.mark.slow
 def test_fork_mode_kills_the_hung_child_not_the_worker(start_cluster) -> None:
     cluster = start_cluster("testapps:Hang", "-w", "1", "-k", "fork", "--timeout", "1",
                             "-b", "127.0.0.1:0")  # fmt: skip
@@ -104,6 +106,7 @@ def test_worker_boot_failure_stops_with_exit_3(start_cluster) -> None:
     assert "workers cannot boot" in cluster.log
 
 
+@pytest.mark.slow
 def test_crash_loop_forks_at_a_bounded_rate(start_cluster) -> None:
     cluster = start_cluster("testapps:Crash", "-w", "1", "--log-level", "debug",
                             "-b", "127.0.0.1:0")  # fmt: skip
