@@ -40,13 +40,17 @@ CHECK_PERIOD = 0.05  # how often holds_for re-checks its condition
 SAMPLE_PERIOD = 0.001  # how often a sampler thread reads /proc
 
 
-def sample_until(done: threading.Event, sample: Callable[[], None]) -> threading.Thread:
-    """Start a thread that calls ``sample()`` every millisecond until ``done`` is set."""
+def sample_until(
+    done: threading.Event, sample: Callable[[], None], period: float = SAMPLE_PERIOD
+) -> threading.Thread:
+    """Start a thread that calls ``sample()`` every ``period`` (a millisecond) until ``done``
+    is set. A millisecond catches a transient; a coarser look at a longer property costs
+    less CPU beside the load it watches."""
 
     def loop() -> None:
         while not done.is_set():
             sample()
-            time.sleep(SAMPLE_PERIOD)
+            time.sleep(period)
 
     thread = threading.Thread(target=loop)
     thread.start()
