@@ -19,7 +19,7 @@ from tests.conftest import (
     unix_connect,
     unix_dgram_roundtrip,
 )
-from tests.procs import alive, children, state, wait_for, zombies_of
+from tests.procs import alive, children, state, tcp_listener, wait_for, zombies_of
 from workers.runtime import modes
 
 pytestmark = pytest.mark.timeout(60)
@@ -263,8 +263,5 @@ def test_a_saturated_listener_does_not_starve_another(start_cluster) -> None:
 
 def accept_queue_empty(address: tuple[str, int]) -> bool:
     """No connection waits in the accept queue of our listener on 127.0.0.1:PORT."""
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[1] == f"0100007F:{address[1]:04X}":
-            return int(fields[4].split(":")[1], 16) == 0
-    return False
+    found = tcp_listener(address[1])
+    return found is not None and found[0] == 0

@@ -18,7 +18,16 @@ import pytest
 from cluster.procfs import stat_state
 from loadtest import Events, LoadConfig, run
 from tests.conftest import Cluster, read_all, read_line, stream_roundtrip, tcp_connect
-from tests.procs import alive, children, every, holds_for, sample_until, state, wait_for
+from tests.procs import (
+    accept_queue_length,
+    alive,
+    children,
+    every,
+    holds_for,
+    sample_until,
+    state,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -309,14 +318,6 @@ def test_thread_mode_request_cut_at_the_graceful_timeout_is_logged_and_exits_1(
 
 
 # ------------------------------------------------------------------ a full worker holds nothing
-def accept_queue_length(port: int) -> int:
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[1] == f"0100007F:{port:04X}":
-            return int(fields[4].split(":")[1], 16)
-    raise AssertionError(f"no listener on port {port}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["thread", "fork"])
 def test_a_killed_full_worker_resets_no_client_it_had_not_started(start_cluster, mode) -> None:

@@ -20,8 +20,7 @@ import time
 import pytest
 
 from tests.conftest import read_line, tcp_connect, udp_roundtrip, unix_dgram_roundtrip
-from tests.procs import alive, children, wait_for
-from tests.test_modes import accept_queue_length
+from tests.procs import accept_queue_length, alive, children, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

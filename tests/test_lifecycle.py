@@ -17,7 +17,7 @@ import pytest
 
 from loadtest import Events, LoadConfig, Result, run
 from tests.conftest import cluster_env, read_all, read_line, stream_roundtrip, tcp_connect
-from tests.procs import alive, children, every, holds_for, sample_until, wait_for
+from tests.procs import alive, children, every, holds_for, sample_until, tcp_listener, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -422,11 +422,8 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
 
 def masters_serving(port: int) -> list[int]:
     """Pids of the cluster masters that hold a listener on 127.0.0.1:``port``."""
-    inode = None
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and fields[1] == f"0100007F:{port:04X}":
-            inode = fields[9]
+    found = tcp_listener(port)
+    inode = found[1] if found else None
     found = []
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:

@@ -15,6 +15,7 @@ import pytest
 from tests.apps.testapps import Gate, Pid
 from tests.conftest import read_line, stream_roundtrip, tcp_connect
 from tests.procs import (
+    accept_queue_length,
     alive,
     children,
     descendants,
@@ -27,16 +28,6 @@ from tests.procs import (
 from workers.runtime import modes
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def accept_queue_length(port: int) -> int:
-    """Connections the kernel holds in the accept queue of our listener on 127.0.0.1:``port``."""
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        fields = line.split()
-        local, st, queues = fields[1], fields[3], fields[4]
-        if st == "0A" and local == f"0100007F:{port:04X}":
-            return int(queues.split(":")[1], 16)
-    raise AssertionError(f"no listener on port {port}")
 
 
 def started_pid(sock: socket.socket) -> int:
