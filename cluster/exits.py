@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
-from workers.runtime.spec import EXIT_FORK_SERVER_KILLED, SELF_INFLICTED
+from workers.runtime.spec import SELF_INFLICTED
 
 MAX_BOOT_FAILURES = 3  # workers of the first generation dying before ready, in a row: give up
 
@@ -50,9 +50,7 @@ class Verdict:
 
 
 def killed_from_outside(exitcode: int | None) -> bool:
-    """A signal from outside ended it, or (fork mode) its fork server, and so the worker."""
-    if exitcode == EXIT_FORK_SERVER_KILLED:
-        return True
+    """A signal from outside ended it."""
     return exitcode is not None and exitcode < 0 and -exitcode not in SELF_INFLICTED
 
 
@@ -88,6 +86,4 @@ def describe(exitcode: int | None) -> str:
             return f"killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             return f"killed by signal {-exitcode}"
-    if exitcode == EXIT_FORK_SERVER_KILLED:
-        return f"exited with code {exitcode} (its fork server was killed)"
     return f"exited with code {exitcode}"

@@ -17,8 +17,8 @@ workers, when nginx is installed (the near-physical limit on this machine).
 Reference rows with no framework at all (``scripts/bare_server.py``): two forked processes
 that call the same handler class straight after ``accept()``, or fork a child per connection
 for it. What they reach is the ceiling for any Python server running that handler here. A
-third forks per connection with our fork server's modules imported (``--carry``, HTTP only):
-the ceiling for a fork server of that size.
+third forks per connection with our fork-mode worker's modules imported (``--carry``, HTTP
+only): the ceiling for a forking process of that size.
 
 Workloads: HTTP hello with keep-alive and with a connection per request (wrk, or our own
 loadtest when wrk is missing); raw TCP echo of 64 bytes, persistent and per request; UDP echo
@@ -192,23 +192,22 @@ def stdlib_row(kind_name: str) -> Row:
     return Row(f"stdlib {label[kind_name]}", start, kinds, peer=True)
 
 
-# What a fork-mode worker's fork server has imported (the master's modules and the worker
-# runtime, inherited): the bare fork loop carrying them pays for their size in every fork.
-CARRIED_BY_OUR_FORK_SERVER = (
-    "cluster.cli,cluster.master,workers.runtime.entry,workers.runtime.modes,"
-    "workers.runtime.forkserver,setproctitle"
+# What a fork-mode worker has imported (the master's modules and the worker runtime,
+# inherited): the bare fork loop carrying them pays for their size in every fork.
+CARRIED_BY_OUR_FORK_WORKER = (
+    "cluster.cli,cluster.master,workers.runtime.entry,workers.runtime.modes,setproctitle"
 )
 
 
 def bare_row(mode: str, carrying: bool = False) -> Row:
     """A reference with no framework: see scripts/bare_server.py. ``carrying``: the fork loop
-    with our fork server's imports loaded (and unused), HTTP only: what fork mode would cost
+    with our fork-mode worker's imports loaded (and unused), HTTP only: what fork mode would cost
     if our own code around the fork cost nothing."""
 
     def start(kind: str) -> Running:
         transport = "udp" if kind == UDP_ECHO else "tcp"
         app = "http-hello" if kind == HTTP else "echo"
-        carry = ["--carry", CARRIED_BY_OUR_FORK_SERVER] if carrying else []
+        carry = ["--carry", CARRIED_BY_OUR_FORK_WORKER] if carrying else []
         return _start_logged([sys.executable, str(ROOT / "scripts" / "bare_server.py"), mode,
                               transport, app, *carry], "listening on")  # fmt: skip
 
@@ -709,9 +708,7 @@ def one_line(err: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------ profiles
-# "fork server": fork mode's fork server rather than its worker (the forking happens there).
-FORK_SERVER = "fork server"
-PROFILE_MODES = ("sync", "thread", "fork", FORK_SERVER)
+PROFILE_MODES = ("sync", "thread", "fork")
 PROFILE_RATE = 200  # samples per second
 PROFILE_TOP = 15
 
@@ -748,7 +745,6 @@ WAITS = {
     "Condition.wait": "a lock (threading)",
     "Thread._wait_for_tstate_lock": "a thread to end (threading)",
     "serve.<locals>.room": "a request child to exit (--max-children)",
-    "ForkServer._receive": "the fork server's answer (the fork)",
 }
 
 
@@ -843,23 +839,17 @@ def profile_mode(mode: str, seconds: float) -> Profile:
     spy = py_spy()
     if spy is None:
         return Profile(mode, seconds, [], Measured(0, 0, 0), problem="py-spy is not installed")
-    running = cluster_row("fork" if mode == FORK_SERVER else mode).start(HTTP)
+    running = cluster_row(mode).start(HTTP)
     out = tempfile.NamedTemporaryFile(prefix="bench-profile-", suffix=".txt", delete=False)
     out.close()
     try:
         worker = procfs.children(running.proc.pid)[0]
-        # A fork-mode worker's one child is its fork server (the request children are the
-        # fork server's). Its waits and its work share one frame (its loop calls poll), so
-        # no wait can be told apart there: --idle would only add samples of that frame.
-        idle = ["--idle"]
-        if mode == FORK_SERVER:
-            worker, idle = procfs.children(worker)[0], []
         url = f"http://{running.host}:{running.port}/"
         load = Background(lambda: http_load(url, CLOSE_CONNECTIONS, seconds + 2))
         load.start()
         time.sleep(0.5)  # let the load reach its pace before sampling
         args = [spy, "record", "--pid", str(worker), "--duration", str(round(seconds)),
-                "--rate", str(PROFILE_RATE), "--format", "raw", "--nolineno", *idle, "-o", out.name]  # fmt: skip
+                "--rate", str(PROFILE_RATE), "--format", "raw", "--nolineno", "--idle", "-o", out.name]  # fmt: skip
         before, started = procfs.usage(worker).cpu, time.monotonic()
         done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
         cpu = 100 * (procfs.usage(worker).cpu - before) / (time.monotonic() - started)
@@ -881,8 +871,7 @@ def profile_table(found: Profile, top: int = 8) -> str:
     at_work = sum(count for _, count in working) or 1
     waits = ", ".join(f"{WAITS[w]} {100 * n / every:.0f}%" for w, n in waiting.most_common())
     own, _ = self_and_total(working)
-    process = "fork server" if found.mode == FORK_SERVER else "worker"
-    lines = [f"**{found.mode}**: {found.load.rps:,.0f} req/s during the profile, the {process} at "
+    lines = [f"**{found.mode}**: {found.load.rps:,.0f} req/s during the profile, the worker at "
              f"{found.cpu:.0f}% of a core; {found.samples:,} samples of its threads, "
              f"{100 * at_work / every:.0f}% at work" + (f"; waiting for {waits}" if waits else "")
              + ".", "", "| own time, of the samples at work | function (file) |", "| --- | --- |"]  # fmt: skip
@@ -899,10 +888,8 @@ def profiles_section(modes: list[str], seconds: float, directory: Path | None) -
              "every thread. A sample whose innermost frame is a known wait (for a connection, a "
              "request, a lock, a child) counts as waiting; the others are at work. Own time: "
              "the samples taken in that function (its Python, or a system call it made). Fork "
-             "mode: the worker, then its fork server (its waits in poll and its own work "
-             "share one frame, `serve_forks`, whose figure counts both), not the request "
-             "children (following every child with `--subprocesses` slowed the worker "
-             "20-fold). The top "
+             "mode: the worker, which forks, not the request children (following every "
+             "child with `--subprocesses` slowed the worker 20-fold). The top "
              f"{PROFILE_TOP} by own and by total time: `docs/profiles/MODE.txt`."]  # fmt: skip
     for mode in modes:
         found = profile_mode(mode, seconds)
@@ -913,9 +900,8 @@ def profiles_section(modes: list[str], seconds: float, directory: Path | None) -
         parts.append(profile_table(found))
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-            label = "fork mode's fork server" if mode == FORK_SERVER else f"{mode} mode, the worker"
-            (directory / f"{mode.replace(' ', '-')}.txt").write_text(
-                f"py-spy, {label}, {found.load.rps:,.0f} req/s, at {found.cpu:.0f}% "
+            (directory / f"{mode}.txt").write_text(
+                f"py-spy, {mode} mode, the worker, {found.load.rps:,.0f} req/s, at {found.cpu:.0f}% "
                 f"of a core, {time.strftime('%Y-%m-%d')} (made by scripts/bench.py; the outer "
                 f"frames every sample shares left out)\n\n{profile_summary(found.stacks)}\n"
             )
@@ -1220,8 +1206,8 @@ def main() -> int:
             f"Machine: {machine()}. HTTP client: {client}; echo clients: our loadtest with "
             f"{CLIENT_THREADS} processes; both share the cores with the servers. Three rows are "
             "references, not servers: `scripts/bare_server.py`, the same handler called by two "
-            "forked processes with no framework around it (the third with our fork server's "
-            "modules imported and unused)."
+            "forked processes with no framework around it (the third with our fork-mode "
+            "worker's modules imported and unused)."
         )
         target = Path(args.write)
         previous = target.read_text() if target.exists() else ""

@@ -5,15 +5,15 @@ whole tree's total (``scripts/ab.py``) hides.
     python scripts/cpusplit.py 'bare|.|@scripts/bare_server.py fork tcp http-hello'
 
 The spec is ``scripts/ab.py``'s ``NAME|TREE|ARGS``. For every process alive through the whole
-window (the master, each worker, a fork-mode worker's fork server; a fork loop's parents), it
-prints per request, over all the requests served: its own user and system CPU and minor page
-faults, and those of the children it collected meanwhile (a fork server's, or a bare fork
-loop's, request children; the kernel folds a reaped child's times into its parent). Env:
-DUR=5 seconds, CONNS=16, CLOSE=1 for connection-per-request.
+window (the master, each worker; a fork loop's parents), it prints per request, over all the
+requests served: its own user and system CPU and minor page faults, and those of the
+children it collected meanwhile (a fork-mode worker's, or a bare fork loop's, request
+children; the kernel folds a reaped child's times into its parent). Env: DUR=5 seconds,
+CONNS=16, CLOSE=1 for connection-per-request.
 
-Why per process: fork mode's cost is spread over three kinds of process (the worker that
-accepts and hands off, the fork server that forks, the children), and each has its own
-reason to cost what it does (docs/benchmarks-notes.md, "the floor of fork mode").
+Why per process: fork mode's cost is spread over two kinds of process (the worker that
+accepts and forks, the children), and each has its own reason to cost what it does
+(docs/benchmarks-notes.md, "the floor of fork mode").
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # After the comm field of /proc/PID/stat: minflt, cminflt at 7, 8; utime..cstime at 11..14.
 MINFLT, CMINFLT, UTIME, STIME, CUTIME, CSTIME = 7, 8, 11, 12, 13, 14
 # Processes this many levels below the root live through the window; deeper ones are
-# request children (a fork server's, at depth 3), which their parent's totals take in.
-LASTING_DEPTH = 2
+# request children (a worker's, at depth 2), which their parent's totals take in.
+LASTING_DEPTH = 1
 
 
 def lasting(root: int) -> dict[int, str]:

@@ -8,7 +8,7 @@ every child before it does anything, chiefly the ``os.register_at_fork`` hooks o
 loaded (``threading`` and ``logging`` have one). Every page that code writes is a
 copy-on-write fault in the child. Each line runs a fresh interpreter that imports the named
 modules, then forks, ``_exit``s and reaps a child 300 times, with ``os.fork()`` and with the
-fork server's ``quickfork`` (libc's fork, no at-fork hooks: ``workers.runtime.quickfork``),
+worker's ``quickfork`` (libc's fork, no at-fork hooks: ``workers.runtime.quickfork``),
 and reports the average cost and the child's page faults per fork. A second table adds
 resident memory to our process: the cost of a fork and an exit grows with it.
 """

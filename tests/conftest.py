@@ -25,7 +25,6 @@ from tests.procs import (
     become_subreaper,
     children,
     descendants,
-    is_fork_server,
     kill_all,
     reap_if_ours,
     state,
@@ -156,11 +155,11 @@ class Cluster:
         raise AssertionError(f"no {kind} listener in {self.uris}")
 
     def workers(self) -> list[int]:
-        """Every process under the master but fork-mode fork servers (teardown ends them
-        too): its workers, a fork-mode worker's request children, a new master's tree."""
+        """Every process under the master: its workers, a fork-mode worker's request
+        children, a new master's tree."""
         pids = descendants(self.pid)
         self.seen_pids.update(pids)
-        return [pid for pid in pids if not is_fork_server(pid)]
+        return pids
 
     def adopt(self, pid: int) -> None:
         """End ``pid`` too at teardown (a new master an upgrade started)."""

@@ -99,25 +99,9 @@ def accept_queue_length(port: int) -> int:
     return found[0]
 
 
-FORK_SERVER_TITLE = b"cluster: fork server"
-
-
-def is_fork_server(pid: int) -> bool:
-    """A fork-mode worker's fork server (``workers.runtime.forkserver``), by its title."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().startswith(FORK_SERVER_TITLE)
-    except OSError:
-        return False
-
-
 def request_children(worker: int) -> list[int]:
-    """A fork-mode worker's request children: those of its fork server (or its own, for a
-    library server that forks in the worker)."""
-    found: list[int] = []
-    for child in children(worker):
-        found.extend(children(child) if is_fork_server(child) else [child])
-    return found
+    """A fork-mode worker's request children: it has no other."""
+    return children(worker)
 
 
 def zombies_of(pid: int) -> list[int]:

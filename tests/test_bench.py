@@ -127,7 +127,7 @@ def test_budgets_table_is_computed_from_the_measured_cells() -> None:
 
 def test_budgets_judge_the_lean_issue_fork_targets_against_the_loop_carrying_our_imports() -> None:
     """Fork mode at 1.0x the stdlib and 0.9x the bare loop: the reference for what is within
-    reach is the bare loop carrying our fork server's imports (the size every fork copies)."""
+    reach is the bare loop carrying our fork-mode worker's imports (the size every fork copies)."""
 
     def cell(rps: float, server: float, client: float) -> bench.Cell:
         return bench.Cell([rps], 0, [server], [client], [0.0])

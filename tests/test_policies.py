@@ -40,8 +40,6 @@ def facts(**kw: object) -> exits.ExitFacts:
         ({"exitcode": -6}, exits.CRASHED, True),  # its own abort()
         ({"exitcode": 1, "lived": 0.5}, exits.CRASHED, True),
         ({"exitcode": 0, "lived": 500.0}, exits.CRASHED, True),  # an exit nobody asked for
-        # fork mode: a signal from outside ended its fork server, and the worker with it
-        ({"exitcode": exits.EXIT_FORK_SERVER_KILLED}, exits.KILLED, False),
     ],
 )
 def test_what_an_exit_means(given: dict, kind: str, crash: bool) -> None:

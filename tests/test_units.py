@@ -395,12 +395,12 @@ def test_an_event_of_a_socket_an_earlier_handler_closed_is_dropped_not_raised() 
 
 
 @pytest.mark.parametrize("family", ["tcp4", "tcp6", "unix"])
-def test_an_accepted_or_adopted_connection_names_its_family_and_type_as_the_stdlib_does(
+def test_an_accepted_connection_names_its_family_and_type_as_the_stdlib_does(
     family: str, tmp_path: Path
 ) -> None:
     """``ListeningSocket`` builds each connection from the C type's plain numbers (the
     properties' enum conversions cost 3 microseconds an accept): a handler must still see
-    the stdlib's enums, and fork mode's fork server the same, for a connection it adopts."""
+    the stdlib's enums."""
     if family == "unix":
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(tmp_path / "s"))
@@ -416,15 +416,12 @@ def test_an_accepted_or_adopted_connection_names_its_family_and_type_as_the_stdl
         client.connect(listener.getsockname())
         conn, _ = listener.accept()
         accepted.append(conn)
-        adopted = ListeningSocket.adopt(listener, os.dup(conn.fileno()), 0.0)
-        accepted.append(adopted)
-        for sock in (conn, adopted):
-            assert type(sock) is ClientSocket
-            assert sock.family is listener.family and isinstance(sock.family, socket.AddressFamily)
-            assert sock.type is socket.SOCK_STREAM
-            assert sock.proto == listener.proto
+        assert type(conn) is ClientSocket
+        assert conn.family is listener.family and isinstance(conn.family, socket.AddressFamily)
+        assert conn.type is socket.SOCK_STREAM
+        assert conn.proto == listener.proto
         client.sendall(b"ping")
-        assert adopted.recv(4) == b"ping"
+        assert conn.recv(4) == b"ping"
     finally:
         for sock in (*accepted, client, listener):
             sock.close()

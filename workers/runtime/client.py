@@ -272,18 +272,8 @@ class ListeningSocket(socket.socket):
         return sock, address
 
     @staticmethod
-    def adopt(listener: socket.socket, fd: int, deadline: float) -> ClientSocket:
-        """A connection around ``fd``, accepted on ``listener`` by another process (fork
-        mode's worker, for its fork server), as ``accept()`` makes it."""
-        sock = ListeningSocket.client_class(_family(listener), _type(listener),
-                                            _proto(listener), fileno=fd)  # fmt: skip
-        ListeningSocket.prepare(sock, deadline)
-        return sock
-
-    @staticmethod
     def prepare(sock: ClientSocket, deadline: float) -> None:
-        """A new connection's state: no lane yet, its request's deadline (also for a
-        connection handed to fork mode's fork server, which rebuilds it around its fd)."""
+        """A new connection's state: no lane yet, its request's deadline."""
         sock._io, sock._at, sock.between = _SPARE, 0, False
         sock._deadline = deadline
         if type(sock) is CountingClientSocket:

@@ -56,12 +56,10 @@ def _load_libc_fork() -> Callable[[], int] | None:
 _libc_fork = _load_libc_fork()
 
 
-def fork(single_threaded: bool = False) -> int:
+def fork() -> int:
     """Like ``os.fork()``: 0 in the child, the child's pid in the parent, OSError if the
-    kernel refuses (EAGAIN under RLIMIT_NPROC, ENOMEM). ``single_threaded``: the caller
-    knows it has one thread (the fork server: threads do not survive the fork that made it,
-    and it runs no code of the app), which saves looking."""
-    if _libc_fork is None or not single_threaded and threading.active_count() != 1:
+    kernel refuses (EAGAIN under RLIMIT_NPROC, ENOMEM)."""
+    if _libc_fork is None or threading.active_count() != 1:
         return os.fork()
     pid = _libc_fork()
     if pid < 0:
@@ -81,7 +79,7 @@ def _after_fork_in_child() -> None:
 
 class Refusals:
     """Whether the kernel refused our last fork for a request: one log line per episode,
-    naming the worker (``ROLE.pid``, also in its fork server, which does the forking)."""
+    naming the worker (``ROLE.pid``)."""
 
     refused = False
 

@@ -26,9 +26,6 @@ from workers.servers import BaseServer
 
 EXIT_BOOT_ERROR = 3  # the master treats this exit code as "the app cannot boot"
 EXIT_CUT = 65  # a graceful stop had to cut requests short: the master's stop then exits 1
-# A fork-mode worker whose fork server a signal from outside ended (kill -9, the OOM killer):
-# the master replaces it at once, as a worker killed so, without backoff.
-EXIT_FORK_SERVER_KILLED = 66
 # Signals a process raises against itself when it fails: a crash, not a kill from outside.
 SELF_INFLICTED = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
                             signal.SIGABRT, signal.SIGSYS, signal.SIGTRAP})  # fmt: skip

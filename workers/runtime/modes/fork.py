@@ -1,13 +1,22 @@
 """``fork``: ``ForkingMixIn`` semantics: one child per request, at most ``max_children`` alive
-at once per worker, reaped by pid before each fork, waited for on a graceful stop.
+at once per worker, reaped by pid, waited for on a graceful stop.
 
 The worker applies ``--timeout`` to each child itself (``kills_own_overdue``): a hung request
 costs its child, and the worker with its other children lives on.
+
+The worker forks its children itself. Until the sixth session on issue 14 a small fork
+server, forked from the worker at boot, forked them for it, so that the pages the worker
+writes per request would not be copied on write under every live child. Measured side by
+side (``scripts/ab.py``, 3 runs of 5-6 rounds), the worker forking itself spent 4-7% less
+CPU a request and served 4-9% more: the hand-off (a message, two wake-ups and an answer
+per request) had come to cost more than the copies it saved, once ``gc.freeze()`` in the
+master and libc's fork (``quickfork``) had made the worker's own fork cheap. One process
+per worker less is also less memory, and one failure less to handle.
 """
 
 from __future__ import annotations
 
-import errno
+import _signal
 import logging
 import os
 import select
@@ -16,24 +25,16 @@ import time
 
 from workers.mixins import ForkingMixIn
 from workers.runtime.accept import AcceptLoop, dispatch, log_access
-from workers.runtime.access import ACCESS
+from workers.runtime.access import ACCESS, reopen_logs
 from workers.runtime.client import CONNECTIONS, ClientSocket
 from workers.runtime.context import CURRENT, Context, make_server
 from workers.runtime.escalation import Escalation, overdue, stalled_for
-from workers.runtime.forkserver import (
-    ForkedChildren,
-    ForkServer,
-    hold_reopens,
-    pass_reopens_on,
-    release_reopens,
-    serves_all,
-)
 from workers.runtime.lifecycle import set_parent_death_signal
 from workers.runtime.mode import Binding, Mode
 from workers.runtime.quickfork import REFUSALS
 from workers.runtime.quickfork import fork as quick_fork
 from workers.runtime.scoreboard import WorkerSlot
-from workers.runtime.spec import EXIT_FORK_SERVER_KILLED, PARENT_CHECK_INTERVAL
+from workers.runtime.spec import PARENT_CHECK_INTERVAL
 from workers.servers import BaseServer
 
 log = logging.getLogger("cluster.worker")
@@ -43,19 +44,7 @@ class WorkerForkingMixIn(ForkingMixIn):
     """``ForkingMixIn`` whose children die with the worker that forked them, and whose
     refused forks cost the request, one log line per episode, and no traceback."""
 
-    forker: ForkServer | None = None  # the worker's fork server; None: fork here
-
     def process_request(self, request: object, client_address: object) -> None:
-        forker = self.forker
-        if forker is not None:  # the worker: the fork server forks, we keep the books
-            children = self.active_children
-            pid = forker.hand_off(self, request, client_address, children.next_lane)
-            if pid:
-                children.add(pid)
-                self.close_request(request)
-            else:  # refused (it said so in the log) or gone: the client hears the end
-                self.shutdown_request(request)
-            return
         hold_reopens()  # a USR1 waits until the child is in active_children (its child
         try:  # releases it in finish_request)
             super().process_request(request, client_address)
@@ -67,7 +56,7 @@ class WorkerForkingMixIn(ForkingMixIn):
             release_reopens()
         REFUSALS.forked()
 
-    def fork_child(self) -> int:  # a worker without a fork server forks for itself
+    def fork_child(self) -> int:
         return quick_fork()
 
     def finish_request(self, request: object, client_address: object) -> None:
@@ -80,7 +69,7 @@ class WorkerForkingMixIn(ForkingMixIn):
         set_parent_death_signal(signal.SIGKILL, os.getppid())
         release_reopens()  # held across the fork (hold_reopens): a USR1 sent since comes now
         children = self.active_children
-        if isinstance(children, (Children, ForkedChildren)):
+        if isinstance(children, Children):
             CURRENT.lane = children.next_lane  # this child's errors count in its lane
             if isinstance(request, ClientSocket):
                 request.attach(children.slot.doubles, children.slot.io_index(children.next_lane))
@@ -95,7 +84,7 @@ class WorkerForkingMixIn(ForkingMixIn):
         if ACCESS.log is None:
             return
         children = self.active_children
-        ours = isinstance(children, (Children, ForkedChildren))
+        ours = isinstance(children, Children)
         lane = children.next_lane if ours else 0
         started = children.slot.lanes[lane].started if ours else 0.0
         log_access(self, request, client_address, time.monotonic() - started)
@@ -141,10 +130,23 @@ class Children(set):
         self.client_of.pop(pid, None)
         self.escalation.forget(pid)
 
+    def reap(self) -> None:
+        """Collect the children that have exited, by pid, never blocking: a full worker
+        must still put down an overdue child meanwhile (``ForkingMixIn.collect_children``
+        would wait for an exit). By pid, as ``ForkingMixIn`` does: ``waitpid(-1)`` would
+        also take the exit of a process the app started in the worker."""
+        for pid in tuple(self):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # collected elsewhere: its status is not ours
+                done = pid
+            if done:
+                self.discard(pid)
+
     def kill_overdue(self) -> None:
         now = time.monotonic()
         for pid in self.escalation.due(now):
-            _signal(pid, signal.SIGKILL)
+            _send(pid, signal.SIGKILL)
         for pid, lane in list(self.lane_of.items()):
             record = self.slot.lanes[lane]
             if pid in self.escalation or not overdue(record.started, now, self.timeout,
@@ -156,11 +158,11 @@ class Children(set):
                 stalled_for(record.started, record.io, now), self.timeout,
             )  # fmt: skip
             for signum in self.escalation.begin(pid, now):
-                _signal(pid, signum)
+                _send(pid, signum)
 
     def kill_all(self) -> None:
         for pid in self:
-            _signal(pid, signal.SIGKILL)
+            _send(pid, signal.SIGKILL)
 
     def tell_all(self, signum: int) -> None:
         """Pass a stop (TERM) or a keep-alive cut (URG) on: each child cuts its own
@@ -169,31 +171,54 @@ class Children(set):
         if os.getpid() != self.owner:
             return
         for pid in self:
-            _signal(pid, signum)
+            _send(pid, signum)
 
 
-def _signal(pid: int, signum: int) -> None:
+def _send(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
 
 
-def start_fork_server(servers: list[BaseServer], context: Context) -> ForkServer | None:
-    """The worker's fork server, started; None if the kernel refuses the process (a pids
-    cgroup or RLIMIT_NPROC at its cap): the worker then forks its children itself, rather
-    than fail its boot again and again while it could serve (its own forks for requests
-    are refused as long as the cap holds, with one line for the episode)."""
-    forker = ForkServer(servers, context.lifecycle, context.slot, context.spec.timeout)
-    try:
-        forker.start()
-    except OSError as err:
-        if err.errno not in (errno.EAGAIN, errno.ENOMEM):
-            raise
-        log.warning("worker %d cannot fork its fork server: %s; it forks its request "
-                    "children itself", os.getpid(), err.strerror)  # fmt: skip
-        return None
-    return forker
+# USR1 waits while a request child is forked and until its pid is in the table the handler
+# below reads: one that came between the fork and the record reached every child but the
+# newest, which went on writing to the rotated file. The child unblocks it first thing
+# (``release_reopens``), and then gets any USR1 sent to it meanwhile. (``_signal``'s own
+# function: ``signal.pthread_sigmask`` turns the old mask into enums, a dozen Python calls
+# a request whose pages the worker then writes under every live child.)
+REOPEN_HELD = (signal.SIGUSR1,)
+
+
+def hold_reopens() -> None:
+    _signal.pthread_sigmask(signal.SIG_BLOCK, REOPEN_HELD)
+
+
+def release_reopens() -> None:
+    _signal.pthread_sigmask(signal.SIG_UNBLOCK, REOPEN_HELD)
+
+
+def pass_reopens_on(live: set[int]) -> None:
+    """USR1 (reopen the logs) reaches our live children too: each writes to the files it
+    was forked with, so the child of a long kept-alive connection would go on writing to
+    the rotated file for as long as it lives. They are told first, and reopen in silence;
+    we say it, once, as before."""
+    before = signal.getsignal(signal.SIGUSR1)
+    me = os.getpid()
+
+    def handler(number: int, frame: object) -> None:
+        if os.getpid() != me:  # a request child, forked with this handler
+            reopen_logs()
+            return
+        for pid in list(live):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:  # exiting, not reaped yet
+                pass
+        if callable(before):
+            before(number, frame)
+
+    signal.signal(signal.SIGUSR1, handler)
 
 
 def serve(bindings: list[Binding], context: Context) -> None:
@@ -210,49 +235,24 @@ def serve(bindings: list[Binding], context: Context) -> None:
     for server in servers:
         server.active_children = children
     lifecycle.on_signal = children.tell_all
+    pass_reopens_on(children)  # USR1 must reach the children already running
 
-    forker = start_fork_server(servers, context) if serves_all(servers) else None
-    for server in servers:
-        server.forker = forker
-    if forker is None:  # our own children: USR1 must reach those already running
-        pass_reopens_on(children)
-
-    def reap(woken: bool = False) -> None:
-        """Free the lanes of exited children: those the fork server reaped, or ours, by pid,
-        when a SIGCHLD said one exited. The fork server's reports come with its answers, or
-        on their own with a wake-up: only after one (``woken``) is there a need to look. A
-        fork server that died took its children with it (their parent-death signal): the
-        worker stops at once, and the master replaces it."""
-        if forker is not None:
-            for pid in forker.exited(look=woken):
-                children.discard(pid)
-            if lifecycle.children_exited:
-                lifecycle.children_exited = False
-                forker.reap()
-            if forker.gone:
-                for pid in list(children):  # their parent-death signal: none is left to wait for
-                    children.discard(pid)
-                if lifecycle.running:
-                    lifecycle.running, lifecycle.quick = False, True
-                    # The master reports it as the failure it is, or as the kill from outside.
-                    context.exit_code = (EXIT_FORK_SERVER_KILLED if forker.killed_from_outside()
-                                         else 1)  # fmt: skip
-        elif lifecycle.children_exited:
+    def reap() -> None:
+        """Free the lanes of the children that exited, when a SIGCHLD said some did."""
+        if lifecycle.children_exited:
             lifecycle.children_exited = False
-            servers[0].collect_children()
+            children.reap()
 
     def on_wake() -> None:
-        reap(woken=True)
+        reap()
         children.kill_overdue()
 
     def wait_for_exits() -> None:
-        """Sleep until a child exits (or a second passes); the fork server, which reaps
-        them, must still answer meanwhile (``keep_answering``)."""
+        """Sleep until a child exits (or a second passes), then reap and put down the
+        overdue: a full worker, or one stopping, still applies ``--timeout``."""
         select.select([lifecycle.wake_r], [], [], PARENT_CHECK_INTERVAL)
         lifecycle.drain_wakeups()
         on_wake()
-        if forker is not None:
-            forker.keep_answering(time.monotonic())
 
     def room(deadline: float = float("inf")) -> bool:
         """Below ``max_children`` now, or once a child exits (by ``deadline``, while we run).
@@ -262,7 +262,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
         one resets nobody waiting. Woken by SIGCHLD through the wakeup pipe, and at least
         once a second, so overdue children are still killed meanwhile."""
         reap()
-        if lifecycle.quick:  # nothing more to take: no drain, no fork server to hand it to
+        if lifecycle.quick:  # nothing more to take: no drain
             return False
         while len(children) >= lanes:
             if not lifecycle.running and deadline == float("inf") or time.monotonic() > deadline:
@@ -295,13 +295,8 @@ def serve(bindings: list[Binding], context: Context) -> None:
             server.socket.close()
         if lifecycle.quick:  # they would die with us (PDEATHSIG); say so at once
             children.kill_all()
-        elif forker is None:  # graceful: every request runs to its end
-            servers[0].collect_children(blocking=True)
-        else:
-            while children and not forker.gone:
-                wait_for_exits()
-        if forker is not None:
-            forker.stop(lifecycle.quick)
+        while children and not lifecycle.quick:  # graceful: every request runs to its end,
+            wait_for_exits()  # and one past --timeout is still put down
 
 
 MODE = Mode(

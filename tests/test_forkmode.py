@@ -1,11 +1,13 @@
-"""fork mode's fork server (``workers.runtime.forkserver``) and the fork it uses
-(``workers.runtime.quickfork``): who forks the request children, what a child still gets
-from the interpreter, and what a failing fork server costs (its worker, never the service)."""
+"""fork mode's worker, which forks its request children itself, and the fork it uses
+(``workers.runtime.quickfork``): who forks and reaps the children, what a child still gets
+from the interpreter, and what a refused fork, a full worker's hung child or a log rotation
+costs (that request at most, never the worker)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +19,15 @@ from tests.conftest import (
     closed_unanswered,
     cluster_env,
     read_all,
+    read_line,
     stream_roundtrip,
     tcp_connect,
+    unix_dgram_roundtrip,
 )
-from tests.procs import alive, children, gone, is_fork_server, request_children, state, wait_for
+from tests.procs import alive, children, gone, request_children, state, wait_for
 from tests.test_modes import finish, started_pid
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def fork_server_of(worker: int) -> int:
-    found = wait_for(lambda: [pid for pid in children(worker) if is_fork_server(pid)], 10,
-                     f"worker {worker}'s fork server")  # fmt: skip
-    return found[0]
 
 
 def parent_of(pid: int) -> int:
@@ -37,73 +35,31 @@ def parent_of(pid: int) -> int:
         return int(fh.read().rsplit(")", 1)[1].split()[1])
 
 
-def test_request_children_are_forked_by_the_worker_s_fork_server(start_cluster) -> None:
+def test_request_children_are_forked_and_reaped_by_their_worker(start_cluster) -> None:
     cluster = start_cluster("testapps:Gate", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0")
     (worker,) = cluster.workers()
-    server = fork_server_of(worker)
-    assert children(worker) == [server]
+    assert children(worker) == []  # no helper process: the worker forks for itself
     with tcp_connect(cluster.address()) as first, tcp_connect(cluster.address()) as second:
         pids = [started_pid(first), started_pid(second)]
-        assert [parent_of(pid) for pid in pids] == [server, server]
-        assert sorted(request_children(worker)) == sorted(pids)
+        assert [parent_of(pid) for pid in pids] == [worker, worker]
+        assert sorted(children(worker)) == sorted(pids)
         finish(first)
         finish(second)
-    wait_for(lambda: not request_children(worker), 10, "both children reaped")
-    assert state(server) == "S" and children(worker) == [server]
-
-
-def test_a_killed_fork_server_stops_its_worker_and_the_master_replaces_it(start_cluster) -> None:
-    cluster = start_cluster("testapps:Gate", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0")
-    (worker,) = cluster.workers()
-    server = fork_server_of(worker)
-    busy = tcp_connect(cluster.address())
-    child = started_pid(busy)
-    os.kill(server, signal.SIGKILL)
-    wait_for(lambda: gone(child), 5, "its request child, gone with it (parent-death signal)")
-    wait_for(lambda: gone(worker), 10, "the worker stopped")
-    cluster.wait_log(rf"worker {worker}: its fork server {server} .*; stopping")
-    # A kill from outside, as for a killed worker: replaced at once, no backoff.
-    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 66 \(its fork "
-                     r"server was killed\) after \d+ requests, [\d.]+s old \(killed\); "
-                     "replacing it now")  # fmt: skip
-    (replacement,) = wait_for(lambda: [pid for pid in cluster.workers() if pid != worker], 10,
-                              "a new worker")  # fmt: skip
-    assert fork_server_of(replacement) != server
-    with tcp_connect(cluster.address()) as sock:
-        assert parent_of(started_pid(sock)) == fork_server_of(replacement)
-        finish(sock)
-    with busy:
-        busy.settimeout(5)
-        assert busy.recv(100) == b""  # the killed request's client hears the end
-
-
-def test_a_stopped_fork_server_is_killed_and_its_worker_replaced(start_cluster) -> None:
-    """SIGSTOP: the worker waits for its fork server's answer at most --timeout (here 2 s),
-    then kills it and stops; that request is closed, the next ones are served."""
-    cluster = start_cluster("echo", "-w", "1", "-k", "fork", "--timeout", "2",
-                            "-b", "127.0.0.1:0")  # fmt: skip
-    (worker,) = cluster.workers()
-    server = fork_server_of(worker)
-    os.kill(server, signal.SIGSTOP)
-    assert closed_unanswered(cluster.address(), b"lost\n")  # after --timeout: 2 s
-    cluster.wait_log(rf"its fork server {server} did not answer within 2s \(killed\); stopping")
-    wait_for(lambda: gone(server) and gone(worker), 10, "the stopped fork server and its worker")
-    # Put down by its worker, not killed from outside: a failure, with the backoff of one.
-    cluster.wait_log(rf"worker {worker} \(slot 0\) died: exited with code 1 after .*\(crashed\)")
-    assert stream_roundtrip(tcp_connect(cluster.address(), timeout=10), b"next\n") == b"next\n"
+    wait_for(lambda: not children(worker), 10, "both children reaped (no zombie left)")
+    assert state(worker) == "S"
 
 
 def test_a_refused_fork_closes_that_request_and_the_worker_serves_on_once_it_can(
     pids_cgroup: Path,  # first: the cgroup outlives the cluster
     start_cluster,
 ) -> None:
-    """The fork server alone in a pids cgroup capped at 1 process: its forks fail with
-    EAGAIN. That request's client sees its connection closed, one line says so, and once the
-    cap is raised the next request is served and one line says that too."""
+    """The worker alone in a pids cgroup capped at 1 process: its forks fail with EAGAIN.
+    That request's client sees its connection closed, one line says so, and once the cap is
+    raised the next request is served and one line says that too."""
     cluster = start_cluster("echo", "-w", "1", "-k", "fork", "-b", "127.0.0.1:0")
     (worker,) = cluster.workers()
     (pids_cgroup / "pids.max").write_text("1")
-    (pids_cgroup / "cgroup.procs").write_text(str(fork_server_of(worker)))
+    (pids_cgroup / "cgroup.procs").write_text(str(worker))
     for n in range(3):
         assert closed_unanswered(cluster.address(), b"refused %d" % n)
     cluster.wait_log(
@@ -114,6 +70,45 @@ def test_a_refused_fork_closes_that_request_and_the_worker_serves_on_once_it_can
     assert stream_roundtrip(tcp_connect(cluster.address()), b"served") == b"served"
     cluster.wait_log(rf"worker {worker} forks for requests again")
     assert children(cluster.pid) == [worker] and alive(worker)
+    assert "Traceback" not in cluster.log
+
+
+def test_a_full_worker_puts_down_its_hung_child_and_serves_on(start_cluster) -> None:
+    """Every lane busy (``--max-children 1``) with a request that hangs: the worker, waiting
+    for a free lane, still applies ``--timeout`` to the child, and the connection queued
+    behind it is served by the same worker."""
+    cluster = start_cluster("testapps:Hang", "-w", "1", "-k", "fork", "--max-children", "1",
+                            "--timeout", "2", "-b", "127.0.0.1:0")  # fmt: skip
+    (worker,) = cluster.workers()
+    hung = tcp_connect(cluster.address())
+    hung.sendall(b"hang\n")
+    (child,) = wait_for(lambda: children(worker), 5, "the hung request's child")
+    queued = tcp_connect(cluster.address(), timeout=20)
+    queued.sendall(b"queued\n")
+    cluster.wait_log(rf"request child {child} \(client .*\) made no progress", timeout=8)
+    wait_for(lambda: gone(child), 8, "the hung child put down")
+    with queued:
+        assert read_line(queued) == b"queued\n"
+    with hung:
+        hung.settimeout(5)
+        assert read_all(hung) == b""
+    assert alive(worker) and cluster.workers() == [worker]
+
+
+def test_a_graceful_stop_puts_down_a_hung_child_past_timeout(start_cluster) -> None:
+    """TERM while a request child hangs: the worker, waiting for its children to finish,
+    still applies ``--timeout``, so the stop ends once the hung child is put down, long
+    before ``--graceful-timeout``."""
+    cluster = start_cluster("testapps:Hang", "-w", "1", "-k", "fork", "--timeout", "2",
+                            "--graceful-timeout", "60", "-b", "127.0.0.1:0")  # fmt: skip
+    (worker,) = cluster.workers()
+    with tcp_connect(cluster.address()) as hung:
+        hung.sendall(b"hang\n")
+        (child,) = wait_for(lambda: children(worker), 5, "the hung request's child")
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait_exit(timeout=20) is not None
+    assert f"request child {child} " in cluster.log
+    assert "stop timed out" not in cluster.log
 
 
 def boom_logging_to_a_file(start_cluster, tmp_path: Path) -> tuple[object, Path, int]:
@@ -127,15 +122,14 @@ def boom_logging_to_a_file(start_cluster, tmp_path: Path) -> tuple[object, Path,
     return cluster, main, port
 
 
-def test_usr1_reaches_the_fork_server_s_children(start_cluster, tmp_path: Path) -> None:
+def test_usr1_reaches_the_children_forked_after_it(start_cluster, tmp_path: Path) -> None:
     """Log rotation: a request child forked after the reopen writes to the new file."""
     cluster, main, port = boom_logging_to_a_file(start_cluster, tmp_path)
     main.rename(tmp_path / "main.log.1")
     cluster.signal(signal.SIGUSR1)
     (worker,) = cluster.workers()
-    server = fork_server_of(worker)
-    wait_for(lambda: main.exists() and f"worker {server} reopened" in main.read_text(), 10,
-             "the fork server's reopen")  # fmt: skip
+    wait_for(lambda: main.exists() and f"worker {worker} reopened" in main.read_text(), 10,
+             "the worker's reopen")  # fmt: skip
     assert stream_roundtrip(tcp_connect(("127.0.0.1", port)), b"boom\n") == b""
     wait_for(lambda: "RuntimeError: boom" in main.read_text(), 10, "the child's error, new file")
     assert "RuntimeError" not in (tmp_path / "main.log.1").read_text()
@@ -146,19 +140,39 @@ def test_usr1_reaches_the_children_already_running(start_cluster, tmp_path: Path
     forked before the reopen, writes its lines to the new file too, and says nothing of it."""
     cluster, main, port = boom_logging_to_a_file(start_cluster, tmp_path)
     (worker,) = cluster.workers()
-    server = fork_server_of(worker)
     with tcp_connect(("127.0.0.1", port)) as sock:
         sock.sendall(b"bo")  # half its line: its child is forked, and waits for the rest
         (child,) = wait_for(lambda: request_children(worker), 10, "its request child")
         main.rename(tmp_path / "main.log.1")
         cluster.signal(signal.SIGUSR1)
-        wait_for(lambda: main.exists() and f"worker {server} reopened" in main.read_text(), 10,
-                 "the fork server's reopen")  # fmt: skip
+        wait_for(lambda: main.exists() and f"worker {worker} reopened" in main.read_text(), 10,
+                 "the worker's reopen")  # fmt: skip
         sock.sendall(b"om\n")
         assert read_all(sock) == b""  # the handler raised: the connection ends
     wait_for(lambda: "RuntimeError: boom" in main.read_text(), 10, "the child's error, new file")
     assert "RuntimeError" not in (tmp_path / "main.log.1").read_text()
     assert f"worker {child} reopened" not in main.read_text()
+
+
+def test_datagrams_with_nowhere_to_answer_cost_no_traceback(start_cluster, tmp_path: Path) -> None:
+    """unix-dgram senders that never bound a name (no address to answer), or that are gone
+    by the time the reply goes out: each is the client's problem; the echo child says
+    nothing about it, and the next client is answered."""
+    path = str(tmp_path / "d.sock")
+    cluster = start_cluster("echo", "-w", "1", "-k", "fork", "-b", f"unix-dgram:{path}")
+    (worker,) = cluster.workers()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unbound:
+        for _ in range(3):
+            unbound.sendto(b"nowhere", path)
+    gone_path = str(tmp_path / "gone.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as leaving:
+        leaving.bind(gone_path)
+        leaving.sendto(b"gone", path)
+    os.unlink(gone_path)
+    reply = unix_dgram_roundtrip(path, b"next", str(tmp_path / "client.sock"))
+    assert reply == b"next"
+    wait_for(lambda: not request_children(worker), 5, "every child done (its log written)")
+    assert "Traceback" not in cluster.log
 
 
 # ------------------------------------------------------------------------------ quickfork
