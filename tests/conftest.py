@@ -334,8 +334,8 @@ def read_line(sock: socket.socket) -> bytes:
 
 
 SLOW_FIRST = ("test_multihost.py", "test_soak.py", "test_chaos.py", "test_faults.py",
-              "test_hostile.py", "test_lifecycle.py", "test_supervision.py", "test_control.py",
-              "test_generations.py", "test_access.py", "test_health.py")  # fmt: skip
+              "test_hostile.py", "test_lifecycle.py", "test_supervision.py", "test_forkmode.py",
+              "test_control.py", "test_generations.py", "test_access.py", "test_health.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list) -> None:
