@@ -46,7 +46,7 @@ from loadtest import (
     split_evenly,
     summarize,
 )
-from tests.procs import children, descendants, kill_all, reap_if_ours
+from tests.procs import alive, children, descendants, kill_all, reap_if_ours, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -750,6 +750,33 @@ def read_pty(fd: int, proc: subprocess.Popen, timeout: float) -> bytes:
         elif proc.poll() is not None:
             break
     return b"".join(chunks)
+
+
+def test_int_stops_a_run_and_reports_it_even_when_the_parent_ignored_int(tmp_path: Path) -> None:
+    """INT is how a run ends early (multihost stops its load so): it reports what it did and
+    writes its JSON, also when it was started with INT ignored, as a background job of a
+    non-interactive shell is (it ran its whole --duration then)."""
+    path, result = str(tmp_path / "silent.sock"), tmp_path / "r.json"
+    args = [*COMMAND, f"unix:{path}", "-d", "30", "--json", str(result)]
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        listener.settimeout(10)
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+        try:
+            conn, _ = listener.accept()  # a client's request: the run is under way
+            clients = descendants(proc.pid)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+            conn.close()
+        finally:
+            kill_all([proc.pid, *descendants(proc.pid)])
+            proc.wait(10)
+    assert "(interrupted)" in out, out + err
+    assert json.loads(result.read_text())["interrupted"] is True
+    wait_for(lambda: not any(map(alive, clients)), 5, "the client process to end")
 
 
 @pytest.mark.parametrize("quiet", [False, True])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -114,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"loadtest: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     live = not args.quiet and sys.stderr.isatty()
+    # INT (Ctrl-C) ends a run early with the report of what it did. A parent that ignores
+    # INT (a background job of a non-interactive shell does) passes SIG_IGN on, and Python
+    # then leaves it ignored: the run could not be stopped (multihost's load, for one).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = run(config, progress=terminal_progress(sys.stderr) if live else None)
     except UsageError as err:
