@@ -7,8 +7,9 @@ costs its child, and the worker with its other children lives on.
 The worker forks its children itself. Until the sixth session on issue 14 a small fork
 server, forked from the worker at boot, forked them for it, so that the pages the worker
 writes per request would not be copied on write under every live child. Measured side by
-side (``scripts/ab.py``, 3 runs of 5-6 rounds), the worker forking itself spent 4-7% less
-CPU a request and served 4-9% more: the hand-off (a message, two wake-ups and an answer
+side (``scripts/ab.py``, 3 runs of 5-6 rounds on a busy machine, one of 6 on a quiet one),
+the worker forking itself spent 4-7% (quiet: 12%) less CPU a request and served 4-9%
+(quiet: 14%) more: the hand-off (a message, two wake-ups and an answer
 per request) had come to cost more than the copies it saved, once ``gc.freeze()`` in the
 master and libc's fork (``quickfork``) had made the worker's own fork cheap. One process
 per worker less is also less memory, and one failure less to handle.
