@@ -9,9 +9,9 @@ counted, and the next line that goes out says how many were left unsaid.
 Per worker, not per process: in fork mode every request is a process of its own, and a
 budget that each child started afresh would let a flood of bad clients write a line each.
 So a worker's budgets live in its scoreboard slot (``share``, at boot), where its request
-children spend from the same ones; before that, and in processes
-without a slot, each ``RateLimitedLog`` keeps its own. Two processes spending at the same
-instant may both get the last line: a bound on the log's rate needs no lock.
+children spend from the same ones; before that, and in processes without a slot, each
+``RateLimitedLog`` keeps its own. Two processes spending at the same instant may both get
+the last line: a bound on the log's rate needs no lock.
 
 The decision (``allow``) is a pure function of a budget's state and the clock, for the tests.
 """

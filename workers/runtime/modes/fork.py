@@ -25,6 +25,7 @@ import signal
 import time
 
 from workers.mixins import ForkingMixIn
+from workers.mixins import _reap as reap_exited
 from workers.runtime.accept import AcceptLoop, dispatch, log_access
 from workers.runtime.access import ACCESS, reopen_logs
 from workers.runtime.client import CONNECTIONS, ClientSocket
@@ -132,17 +133,10 @@ class Children(set):
         self.escalation.forget(pid)
 
     def reap(self) -> None:
-        """Collect the children that have exited, by pid, never blocking: a full worker
-        must still put down an overdue child meanwhile (``ForkingMixIn.collect_children``
-        would wait for an exit). By pid, as ``ForkingMixIn`` does: ``waitpid(-1)`` would
-        also take the exit of a process the app started in the worker."""
-        for pid in tuple(self):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # collected elsewhere: its status is not ours
-                done = pid
-            if done:
-                self.discard(pid)
+        """Collect the children that have exited, never blocking: a full worker must still
+        put down an overdue child meanwhile (``ForkingMixIn.collect_children`` would wait
+        for an exit). By pid, with ``ForkingMixIn``'s own step (``discard`` frees each lane)."""
+        reap_exited(self, os.WNOHANG)
 
     def kill_overdue(self) -> None:
         now = time.monotonic()
@@ -166,9 +160,9 @@ class Children(set):
             _send(pid, signal.SIGKILL)
 
     def tell_all(self, signum: int) -> None:
-        """Pass a stop (TERM) or a keep-alive cut (URG) on: each child cuts its own
-        connection if it is idle between requests. (Not from a child: its copy of this table
-        names its siblings.)"""
+        """Pass a stop (TERM), a keep-alive cut (URG) or a reopen of the logs (USR1) on:
+        each child cuts its own connection if it is idle between requests, or reopens its
+        files. (Not from a child: its copy of this table names its siblings.)"""
         if os.getpid() != self.owner:
             return
         for pid in self:
@@ -199,23 +193,18 @@ def release_reopens() -> None:
     _signal.pthread_sigmask(signal.SIG_UNBLOCK, REOPEN_HELD)
 
 
-def pass_reopens_on(live: set[int]) -> None:
+def pass_reopens_on(children: Children) -> None:
     """USR1 (reopen the logs) reaches our live children too: each writes to the files it
     was forked with, so the child of a long kept-alive connection would go on writing to
     the rotated file for as long as it lives. They are told first, and reopen in silence;
     we say it, once, as before."""
     before = signal.getsignal(signal.SIGUSR1)
-    me = os.getpid()
 
     def handler(number: int, frame: object) -> None:
-        if os.getpid() != me:  # a request child, forked with this handler
+        if os.getpid() != children.owner:  # a request child, forked with this handler
             reopen_logs()
             return
-        for pid in list(live):
-            try:
-                os.kill(pid, signal.SIGUSR1)
-            except ProcessLookupError:  # exiting, not reaped yet
-                pass
+        children.tell_all(signal.SIGUSR1)
         if callable(before):
             before(number, frame)
 
@@ -296,8 +285,9 @@ def serve(bindings: list[Binding], context: Context) -> None:
             server.socket.close()
         if lifecycle.quick:  # they would die with us (PDEATHSIG); say so at once
             children.kill_all()
-        while children and not lifecycle.quick:  # graceful: every request runs to its end,
-            wait_for_exits()  # and one past --timeout is still put down
+        else:  # graceful: every request runs to its end, and one past --timeout is put down
+            while children:
+                wait_for_exits()
 
 
 MODE = Mode(
