@@ -71,11 +71,10 @@ class WorkerForkingMixIn(ForkingMixIn):
         set_parent_death_signal(signal.SIGKILL, os.getppid())
         release_reopens()  # held across the fork (hold_reopens): a USR1 sent since comes now
         children = self.active_children
-        if isinstance(children, Children):
-            CURRENT.lane = children.next_lane  # this child's errors count in its lane
-            if isinstance(request, ClientSocket):
-                request.attach(children.slot.doubles, children.slot.io_index(children.next_lane))
-                CONNECTIONS.add(request)
+        # CURRENT.lane, where this child's errors count, came with the fork (``fork_one``).
+        if isinstance(children, Children) and isinstance(request, ClientSocket):
+            request.attach(children.slot.doubles, children.slot.io_index(children.next_lane))
+            CONNECTIONS.add(request)
         try:
             super().finish_request(request, client_address)
         finally:
@@ -264,7 +263,7 @@ def serve(bindings: list[Binding], context: Context) -> None:
         context.counted()
         children.client = client
         lane = children.next_lane = children.free_lanes[-1]
-        CURRENT.lane = lane  # what verify_request counts in: no live child writes it now
+        CURRENT.lane = lane  # what verify_request counts in, and (inherited) the child
         children.next_listener = server.listener_index
         context.slot.begin(lane, client, server.listener_index)  # the child writes into it
         forked = len(children)
